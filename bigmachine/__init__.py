@@ -1,0 +1,28 @@
+"""bigmachine: spread one Python program over many machines.
+
+    import bigmachine as bm
+
+    @bm.service
+    class Sampler:
+        def sample(self, n): ...
+
+    with bm.start() as b:
+        m, = b.start(1, services={"Sampler": Sampler()})
+        m.call("Sampler.sample", 10**6)
+"""
+from ._cluster import B, current, start
+from ._dispatch import cancelled
+from ._machine import Machine, State
+from ._service import service
+from ._version import __version__
+from .backends import Process, System
+from .backends.inprocess import InProcess
+from .backends.local import Local
+from .errors import AuthError, Error, MachineLost, ProtocolError, RemoteError
+
+__all__ = [
+    "B", "Machine", "State", "System", "Process", "Local", "InProcess",
+    "start", "current", "service", "cancelled",
+    "Error", "RemoteError", "MachineLost", "AuthError", "ProtocolError",
+    "__version__",
+]

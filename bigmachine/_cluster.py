@@ -1,0 +1,231 @@
+"""B: a bigmachine session. It starts, tracks, keeps alive and stops machines."""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import logging
+import threading
+import time
+import weakref
+from typing import Any, Optional
+
+from ._auth import Credentials
+from ._connection import Connection
+from ._machine import Machine, State
+from ._node import Node, current_node, set_default
+from ._serialize import dumps
+from ._service import check_services
+from ._wire import KIND_PING
+from .backends import System
+from .errors import Error, MachineLost
+
+log = logging.getLogger("bigmachine")
+
+_live: "weakref.WeakSet[B]" = weakref.WeakSet()
+
+
+class B:
+    """A bigmachine session: the machines it started and those it dialed.
+
+    Use it as a context manager, or call ``shutdown()`` (idempotent; also run
+    at interpreter exit).
+    """
+
+    def __init__(self, system: Optional[System] = None, *, _node: Optional[Node] = None,
+                 **options: Any):
+        from .backends.local import Local
+
+        self._machines: dict[str, Machine] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._counter = 0
+        self.machine: Optional[Machine] = None  # on a machine: its own handle
+        if _node is not None:  # a machine's own B
+            self.system = None
+            self.node = _node
+            return
+        self.system = system if system is not None else Local()
+        if options:
+            self.system.configure(**options)
+        self.node = Node(Credentials.generate(), "driver", user_timeout=self.system.lost_after)
+        self.node.b = self
+        self.node.start_thread()
+        self.node.on_connection_lost.append(self._on_connection_lost)
+        set_default(self.node)
+        self._keepalive = self.node.run_sync(self._start_keepalive())
+        _live.add(self)
+
+    @classmethod
+    def _for_machine(cls, node: Node) -> "B":
+        b = cls(_node=node)
+        b.machine = Machine(node, node.addr, name=node.name, state=State.RUNNING)
+        return b
+
+    def __repr__(self) -> str:
+        return f"<B {len(self._machines)} machines{' shut down' if self._closed else ''}>"
+
+    def __enter__(self) -> "B":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # ---- machines ------------------------------------------------------------
+
+    def start(self, n: int, services: dict, timeout: Optional[float] = None) -> list[Machine]:
+        """Start n machines with these services; return them once all are RUNNING.
+
+        services maps names to instances of @bigmachine.service classes; each
+        instance is pickled and shipped. If any machine fails to start, all of
+        this batch are stopped and the first failure's cause is raised.
+        """
+        if self.system is None:
+            raise Error("machines cannot start machines; call start() in the driver")
+        if self._closed:
+            raise Error("this session is shut down")
+        if not isinstance(n, int) or n < 1:
+            raise Error(f"cannot start {n!r} machines: n must be a positive int")
+        check_services(services)
+        if "Supervisor" in services:
+            raise Error("the service name 'Supervisor' is reserved")
+        dumps(services)  # fail here, before any process starts, if they cannot be pickled
+        timeout = timeout if timeout is not None else self.system.start_timeout
+        with self._lock:
+            names = [f"m{self._counter + i}" for i in range(n)]
+            self._counter += n
+        launched = self.system.launch(self.node.creds, names, timeout)
+        machines = []
+        for name, proc in zip(names, launched):
+            m = Machine(self.node, proc.addr, name=name, owned=True)
+            m.process = proc
+            machines.append(m)
+            with self._lock:
+                self._machines[m.addr] = m
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(n, 16)) as pool:
+            futures = [pool.submit(self._boot, m, services, timeout) for m in machines]
+            errors = [f.exception() for f in futures]
+        failed = [e for e in errors if e is not None]
+        if failed:
+            self._stop_machines(machines)
+            raise failed[0]
+        return machines
+
+    def _boot(self, m: Machine, services: dict, timeout: float) -> None:
+        try:
+            conn = m._connect_now(timeout)
+            from . import _rpc
+            _rpc.call(conn, "Supervisor.register", (services,), {"lease": self.system.lease}, timeout)
+        except BaseException as exc:
+            m._set_state(State.STOPPED, exc)
+            raise
+        m._set_state(State.RUNNING)
+
+    def machines(self) -> list[Machine]:
+        """All machines of this session: started and dialed."""
+        with self._lock:
+            return list(self._machines.values())
+
+    def dial(self, addr: str) -> Machine:
+        """A handle on the machine at addr ("host:port"), which this session does not own.
+
+        The connection is made on first use; no keepalives are sent to it.
+        """
+        with self._lock:
+            m = self._machines.get(addr)
+            if m is None or m.state == State.STOPPED and not m.owned:
+                m = self._machines[addr] = Machine(self.node, addr, state=State.RUNNING)
+            return m
+
+    # ---- keepalives -----------------------------------------------------------
+
+    async def _start_keepalive(self) -> Any:
+        return self.node.loop.create_task(self._keepalive_loop())
+
+    async def _keepalive_loop(self) -> None:
+        import asyncio
+
+        period, lost_after = self.system.keepalive_period, self.system.lost_after
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for m in self.machines():
+                conn = m._conn
+                if not m.owned or conn is None or conn.closed:
+                    continue
+                if now - conn.last_recv > lost_after:
+                    conn._fail(MachineLost(m.addr, f"no reply to keepalives for {lost_after:g} s"))
+                    continue
+                if m.process is not None and not m.process.alive():
+                    conn._fail(MachineLost(m.addr, f"its process exited ({m.process.describe_exit()})"))
+                    continue
+                try:
+                    conn.send_control(KIND_PING, 0, int(now * 1e6))
+                except MachineLost:
+                    pass
+
+    def _on_connection_lost(self, conn: Connection) -> None:
+        m = self._machines.get(getattr(conn, "addr_key", None) or "")
+        if m is not None and m._conn is conn:
+            err = conn.error
+            if m.process is not None and not m.process.alive(0.05):
+                err = MachineLost(m.addr, f"its process exited ({m.process.describe_exit()})")
+            m._set_state(State.STOPPED, err)
+
+    # ---- shutdown -------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop the machines this session owns, then its own IO. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self.system is not None:
+            self._stop_machines([m for m in self.machines() if m.owned])
+            self.system.shutdown()
+        self.node.close()
+        if current_node() is self.node:
+            set_default(None)
+        _live.discard(self)
+
+    def _stop_machines(self, machines: list[Machine]) -> None:
+        def stop(m: Machine) -> None:
+            conn = m._conn
+            if conn is not None and not conn.closed and m.state != State.STOPPED:
+                try:
+                    from . import _rpc
+                    _rpc.call(conn, "Supervisor.shutdown", (), {}, 1.0)
+                except Exception:
+                    pass  # it is stopped below either way
+            if m.process is not None:
+                m.process.stop(timeout=3.0)
+            m._set_state(State.STOPPED, MachineLost(m.addr, "the session shut it down"))
+
+        if machines:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(machines), 16)) as pool:
+                list(pool.map(stop, machines))
+
+
+def start(system: Optional[System] = None, **options: Any) -> B:
+    """Start a bigmachine session on system (default: bigmachine.Local()).
+
+    options are passed to the system's configure() (for example
+    keepalive_period or lost_after).
+    """
+    return B(system, **options)
+
+
+def current() -> B:
+    """The B of the calling code: a machine's own B inside a service, else the driver's."""
+    node = current_node()
+    if node is None or node.b is None:
+        raise Error("no bigmachine session: call bigmachine.start() first")
+    return node.b
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for b in list(_live):
+        try:
+            b.shutdown()
+        except Exception:
+            log.exception("shutting down %r at exit", b)

@@ -1,0 +1,436 @@
+"""One authenticated TCP connection carrying many calls in both directions.
+
+The connection belongs to one event loop (its node's IO loop), which reads the
+socket and decodes frames (``_wire.Decoder``), writing bulk data straight into
+its final buffers. Writes may come from any thread: when nothing is queued the
+caller's thread writes the frames itself (no thread hop); otherwise they join
+a per-stream queue that the loop drains round-robin, one frame at a time, so a
+small call is never stuck behind a large transfer.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Any, Callable, Optional
+
+from . import _buffers, _wire
+from ._wire import (KIND_CANCEL, KIND_CREDIT, KIND_GOAWAY, KIND_MSG, KIND_PING,
+                    KIND_PONG, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY,
+                    MTYPE_REQUEST, WireError)
+from .errors import Error, MachineLost, ProtocolError
+
+log = logging.getLogger("bigmachine.connection")
+
+IOV_MAX = 1024
+MAX_IN_FLIGHT = 10_000          # outgoing calls in flight per connection
+MAX_QUEUED = 64 << 20           # bytes queued for writing before senders wait
+READS_PER_WAKEUP = 16
+
+
+def configure_socket(sock: socket.socket, user_timeout: float) -> None:
+    """Low latency, and a bound on how long a silent peer can hold a call."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(user_timeout / 3)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+class Waiter:
+    """Delivers items from the IO loop to one consumer, sync or async.
+
+    The producer (the IO loop) calls ``put``; a thread consumer blocks in
+    ``get`` on a plain lock (the cheapest cross-thread wake-up), an asyncio
+    consumer awaits ``aget`` on its own loop.
+    """
+
+    __slots__ = ("items", "lock", "loop", "future", "io_loop")
+
+    def __init__(self, io_loop: asyncio.AbstractEventLoop):
+        self.items: deque = deque()
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.future: Optional[asyncio.Future] = None
+        self.io_loop = io_loop
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        fut = self.future
+        if fut is not None:
+            self.future = None
+            if self.loop is self.io_loop:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                self.loop.call_soon_threadsafe(_wake, fut)
+        elif self.lock.locked():
+            try:
+                self.lock.release()
+            except RuntimeError:
+                pass
+
+    def get(self, timeout: Optional[float]) -> Any:
+        while not self.items:
+            if not self.lock.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+                if not self.items:
+                    raise TimeoutError
+        return self.items.popleft()
+
+    async def aget(self) -> Any:
+        while not self.items:
+            self.loop = asyncio.get_running_loop()
+            fut = self.loop.create_future()
+            self.future = fut
+            if self.items:  # put() ran before the future was visible
+                self.future = None
+                break
+            await fut
+        return self.items.popleft()
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Gate:
+    """Counts calls in flight; callers beyond the limit wait their turn."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition(threading.Lock())
+        self.async_waiters: deque = deque()
+
+    def acquire(self, timeout: Optional[float]) -> None:
+        with self.cond:
+            if self.used >= self.limit:
+                if not self.cond.wait_for(lambda: self.used < self.limit, timeout):
+                    raise TimeoutError("too many calls in flight")
+            self.used += 1
+
+    async def aacquire(self) -> None:
+        while True:
+            with self.cond:
+                if self.used < self.limit:
+                    self.used += 1
+                    return
+                loop = asyncio.get_running_loop()
+                fut = loop.create_future()
+                self.async_waiters.append((loop, fut))
+            await fut
+
+    def release(self) -> None:
+        with self.cond:
+            self.used -= 1
+            self.cond.notify()
+            while self.async_waiters:
+                loop, fut = self.async_waiters.popleft()
+                if not fut.done():
+                    loop.call_soon_threadsafe(_wake, fut)
+                    break
+
+
+class _Outgoing:
+    """A message being written: its frames, and where the writer is in them."""
+
+    __slots__ = ("units", "index", "offset", "nbytes")
+
+    def __init__(self, units: list, nbytes: int):
+        self.units = units
+        self.index = 0
+        self.offset = 0  # bytes of units[index] already written
+        self.nbytes = nbytes
+
+
+class Connection:
+    """A multiplexed connection. Create it on its IO loop after the handshake."""
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, peer: str,
+                 initiator: bool, on_request: Callable, on_close: Callable,
+                 max_in_flight: int = MAX_IN_FLIGHT, max_queued: int = MAX_QUEUED,
+                 max_message: int = _wire.MAX_MESSAGE):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = loop
+        self.peer = peer
+        self.on_request = on_request      # (conn, sid, mflags, segments) on the loop
+        self.on_close = on_close          # (conn) once, on the loop
+        self.decoder = _wire.Decoder(alloc=_buffers.aligned, max_message=max_message,
+                                     max_pending=max(max_message, 4 * max_message))
+        # Our calls use odd ids if we connected, even ones if we accepted.
+        self._parity = 1 if initiator else 0
+        self._sids = itertools.count(2 - self._parity, 2)
+        self.loop_thread = threading.get_ident()
+        self.calls: dict[int, Waiter] = {}       # our calls awaiting replies
+        self.incoming: dict[int, Any] = {}       # calls we serve, for cancel and credit
+        self._cancelled_early: set[int] = set()
+        self.gate = Gate(max_in_flight)
+        self.max_queued = max_queued
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._async_drained: list = []
+        self._streams: OrderedDict[int, deque] = OrderedDict()
+        self._queued = 0
+        self._writer_armed = False
+        self.error: Optional[BaseException] = None
+        self.closed = False
+        self.last_recv = time.monotonic()
+        self.pong_at = 0.0
+        sock.setblocking(False)
+        loop.add_reader(self.fd, self._on_readable)
+
+    def __repr__(self) -> str:
+        return f"<Connection to {self.peer}{' closed' if self.closed else ''}>"
+
+    # ---- outgoing calls -------------------------------------------------
+
+    def new_call(self) -> tuple[int, Waiter]:
+        """Register a call; its replies are delivered to the returned Waiter."""
+        if self.closed:
+            raise self.error
+        sid = next(self._sids)
+        if sid > _wire.MAX_STREAM_ID:
+            raise Error("stream ids exhausted on this connection; dial again")
+        waiter = Waiter(self.loop)
+        self.calls[sid] = waiter
+        if self.closed:  # lost the race with _fail
+            self.calls.pop(sid, None)
+            raise self.error
+        return sid, waiter
+
+    def cancel(self, sid: int) -> None:
+        """Forget our call sid and tell the peer to stop working on it."""
+        if self.calls.pop(sid, None) is not None and not self.closed:
+            self.send_control(KIND_CANCEL, sid)
+
+    # ---- writing ----------------------------------------------------------
+
+    def send_control(self, kind: int, sid: int, value: int = 0) -> None:
+        frame = _wire.control_frame(kind, sid, value)
+        self._enqueue(sid, [[frame]], len(frame))
+
+    def send(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> None:
+        """Send a message; off the IO loop, waits while too much is queued."""
+        units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
+        if self._enqueue(sid, units, nbytes) and threading.get_ident() != self.loop_thread:
+            with self._lock:
+                while self._queued > self.max_queued and not self.closed:
+                    self._drained.wait(1.0)
+
+    async def asend(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> None:
+        """Send a message from a coroutine; awaits while too much is queued."""
+        units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
+        if self._enqueue(sid, units, nbytes):
+            loop = asyncio.get_running_loop()
+            while True:
+                with self._lock:
+                    if self._queued <= self.max_queued or self.closed:
+                        return
+                    fut = loop.create_future()
+                    self._async_drained.append((loop, fut))
+                await fut
+
+    def _enqueue(self, sid: int, units: list, nbytes: int) -> bool:
+        """Write now if nothing is queued, else queue. Returns True if over the cap."""
+        with self._lock:
+            if self.closed:
+                raise self.error
+            out = _Outgoing(units, nbytes)
+            if not self._streams:
+                try:
+                    if self._write(out):
+                        return False
+                except OSError as exc:
+                    self.loop.call_soon_threadsafe(self._fail, MachineLost(self.peer, f"write failed: {exc}"))
+                    raise MachineLost(self.peer, f"write failed: {exc}") from exc
+            queue = self._streams.get(sid)
+            if queue is None:
+                self._streams[sid] = queue = deque()
+            queue.append(out)
+            self._queued += out.nbytes
+            if not self._writer_armed:
+                self._writer_armed = True
+                self.loop.call_soon_threadsafe(self._arm_writer)
+            return self._queued > self.max_queued
+
+    def _arm_writer(self) -> None:
+        if not self.closed:
+            self.loop.add_writer(self.fd, self._on_writable)
+
+    def _write(self, out: _Outgoing, one_unit: bool = False) -> bool:
+        """Write as much of out as the socket takes. True when all is written."""
+        sock = self.sock
+        while out.index < len(out.units):
+            unit = out.units[out.index]
+            if out.offset:
+                unit = _skip(unit, out.offset)
+            while unit:
+                batch = unit[:IOV_MAX]
+                try:
+                    n = sock.sendmsg(batch)
+                except (BlockingIOError, InterruptedError):
+                    return False
+                out.offset += n
+                unit = _skip(unit, n)
+            out.index += 1
+            out.offset = 0
+            if one_unit:
+                break
+        return out.index >= len(out.units)
+
+    def _on_writable(self) -> None:
+        """Drain queued messages round-robin by stream, one frame at a time."""
+        with self._lock:
+            try:
+                while self._streams:
+                    sid, queue = next(iter(self._streams.items()))
+                    out = queue[0]
+                    before = out.index
+                    done = self._write(out, one_unit=True)
+                    if out.index == before:  # socket full
+                        break
+                    if done:
+                        queue.popleft()
+                        self._queued -= out.nbytes
+                        if not queue:
+                            del self._streams[sid]
+                            continue
+                    self._streams.move_to_end(sid)
+            except OSError as exc:
+                self.loop.call_soon(self._fail, MachineLost(self.peer, f"write failed: {exc}"))
+                return
+            if self._queued <= self.max_queued:
+                self._drained.notify_all()
+                for loop, fut in self._async_drained:
+                    loop.call_soon_threadsafe(_wake, fut)
+                self._async_drained.clear()
+            if not self._streams:
+                self._writer_armed = False
+                self.loop.remove_writer(self.fd)
+
+    # ---- reading ----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        decoder = self.decoder
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                n = self.sock.recv_into(decoder.get_buffer())
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(MachineLost(self.peer, f"read failed: {exc}"))
+                return
+            if n == 0:
+                self._fail(MachineLost(self.peer, "connection closed by peer"))
+                return
+            self.last_recv = time.monotonic()
+            try:
+                events = decoder.buffer_updated(n)
+            except WireError as exc:
+                log.warning("closing connection to %s: malformed frame: %s", self.peer, exc)
+                err = ProtocolError(f"malformed frame from {self.peer}: {exc}")
+                err.__cause__ = exc
+                self._fail(err)
+                return
+            for event in events:
+                self._on_event(event)
+                if self.closed:
+                    return
+
+    def _on_event(self, event: tuple) -> None:
+        kind, sid = event[0], event[1]
+        if kind == KIND_MSG:
+            mtype = event[2]
+            if mtype == MTYPE_REQUEST:
+                if sid & 1 == self._parity:
+                    self._fail(ProtocolError(f"{self.peer} sent a request on our stream id {sid}"))
+                elif sid in self._cancelled_early:
+                    self._cancelled_early.discard(sid)
+                else:
+                    self.on_request(self, sid, event[3], event[4])
+                return
+            waiter = self.calls.get(sid)
+            if waiter is None:
+                return  # a late reply to a call we gave up on
+            if mtype in (MTYPE_REPLY, MTYPE_ERROR, MTYPE_END):
+                del self.calls[sid]
+            waiter.put((mtype, event[4]))
+        elif kind == KIND_CANCEL:
+            served = self.incoming.get(sid)
+            if served is not None:
+                served.cancel()
+            elif sid in self.decoder.open_streams:
+                self._cancelled_early.add(sid)
+        elif kind == KIND_CREDIT:
+            served = self.incoming.get(sid)
+            if served is not None:
+                served.credit(event[2])
+        elif kind == KIND_PING:
+            self.send_control(KIND_PONG, 0, event[2])
+        elif kind == KIND_PONG:
+            self.pong_at = time.monotonic()
+        elif kind == KIND_GOAWAY:
+            self._fail(MachineLost(self.peer, "peer shut down"))
+
+    # ---- failure and close ------------------------------------------------
+
+    def fail(self, error: BaseException) -> None:
+        """Close the connection from any thread, failing everything on it."""
+        if threading.get_ident() == self.loop_thread:
+            self._fail(error)
+        else:
+            try:
+                self.loop.call_soon_threadsafe(self._fail, error)
+            except RuntimeError:
+                self._fail(error)  # the loop is gone; nothing else will touch us
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.error = error
+            self._streams.clear()
+            self._queued = 0
+            self._drained.notify_all()
+            for loop, fut in self._async_drained:
+                loop.call_soon_threadsafe(_wake, fut)
+            self._async_drained.clear()
+        try:
+            self.loop.remove_reader(self.fd)
+            self.loop.remove_writer(self.fd)
+        except (ValueError, RuntimeError):
+            pass
+        self.decoder.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        calls, self.calls = self.calls, {}
+        for waiter in calls.values():
+            waiter.put((None, error))
+        for served in list(self.incoming.values()):
+            served.cancel()
+        self.on_close(self)
+
+
+def _skip(unit: list, n: int) -> list:
+    """The buffers of unit after its first n bytes."""
+    i = 0
+    while n:
+        size = memoryview(unit[i]).nbytes
+        if n < size:
+            return [memoryview(unit[i])[n:]] + unit[i + 1:]
+        n -= size
+        i += 1
+    return unit[i:]

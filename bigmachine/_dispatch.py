@@ -1,0 +1,204 @@
+"""Serving calls: run the requested method and send its reply or stream.
+
+Requests arrive on the IO loop. Sync methods and generators run in the
+node's thread pool and send their replies from there; coroutines and async
+generators run as tasks on the IO loop. A cancel from the caller cancels the
+task, or sets the flag that ``bigmachine.cancelled()`` reports to sync code.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Optional
+
+from ._connection import Connection
+from ._serialize import dump_exception, dumps, loads
+from ._service import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, Registry
+from ._wire import MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY
+from .errors import Error, MachineLost
+
+# Items a stream may send ahead of what the caller has consumed.
+STREAM_WINDOW = 64
+
+_local = threading.local()
+
+
+def cancelled() -> bool:
+    """True if the caller of the method running in this thread gave up on it.
+
+    Long-running sync methods may poll this and return early; async methods
+    are cancelled outright (they see CancelledError).
+    """
+    served = getattr(_local, "served", None)
+    return served is not None and served.cancelled
+
+
+class Served:
+    """A call this node is serving: cancellation and stream credit."""
+
+    __slots__ = ("conn", "sid", "cancelled", "task", "credits", "cond", "wakeup")
+
+    def __init__(self, conn: Connection, sid: int):
+        self.conn = conn
+        self.sid = sid
+        self.cancelled = False
+        self.task: Optional[asyncio.Task] = None
+        self.credits = STREAM_WINDOW
+        self.cond = threading.Condition(threading.Lock())
+        self.wakeup: Optional[asyncio.Future] = None
+
+    def cancel(self) -> None:
+        """On the IO loop: the caller gave up (or the connection closed)."""
+        self.cancelled = True
+        if self.task is not None:
+            self.task.cancel()
+        self._notify()
+
+    def credit(self, n: int) -> None:
+        with self.cond:
+            self.credits += n
+        self._notify()
+
+    def _notify(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+    def take_credit(self) -> bool:
+        """Thread side: wait for room to send one more item; False if cancelled."""
+        with self.cond:
+            while self.credits <= 0 and not self.cancelled and not self.conn.closed:
+                self.cond.wait(1.0)
+            self.credits -= 1
+            return not (self.cancelled or self.conn.closed)
+
+    async def atake_credit(self) -> None:
+        while self.credits <= 0:
+            self.wakeup = asyncio.get_running_loop().create_future()
+            await self.wakeup
+        self.credits -= 1
+
+
+class Dispatcher:
+    """Runs requests against a registry, in an executor or on the IO loop."""
+
+    def __init__(self, registry: Registry, executor: Any, loop: asyncio.AbstractEventLoop):
+        self.registry = registry
+        self.executor = executor
+        self.loop = loop
+
+    def on_request(self, conn: Connection, sid: int, mflags: int, segments: list) -> None:
+        """On the IO loop: start serving one request."""
+        served = Served(conn, sid)
+        try:
+            method, args, kwargs = loads(segments)
+            fn, kind = self.registry.lookup(method)
+            if bool(mflags & MFLAG_STREAM) != (kind in (GENERATOR, ASYNC_GENERATOR)):
+                how = "stream" if mflags & MFLAG_STREAM else "call"
+                raise Error(f"cannot {how} {method}: it is a {kind} method; use "
+                            f"{'call' if how == 'stream' else 'stream'} instead")
+        except BaseException as exc:
+            _send(conn, sid, MTYPE_ERROR, dump_exception(exc))
+            return
+        conn.incoming[sid] = served
+        if kind == SYNC:
+            self.executor.submit(_run_sync, served, fn, args, kwargs)
+        elif kind == GENERATOR:
+            self.executor.submit(_run_generator, served, fn, args, kwargs)
+        elif kind == ASYNC:
+            served.task = self.loop.create_task(_run_async(served, fn, args, kwargs))
+        else:
+            served.task = self.loop.create_task(_run_async_generator(served, fn, args, kwargs))
+
+
+def _send(conn: Connection, sid: int, mtype: int, message: tuple) -> None:
+    try:
+        conn.send(sid, mtype, 0, *message)
+    except MachineLost:
+        pass  # the caller is gone; there is no one to tell
+
+
+def _reply(result: Any, mtype: int = MTYPE_REPLY) -> tuple[int, tuple]:
+    """(mtype, message) for a result, or an error message if it cannot be pickled."""
+    try:
+        return mtype, dumps(result)
+    except Error as exc:
+        return MTYPE_ERROR, dump_exception(exc)
+
+
+def _run_sync(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
+    _local.served = served
+    try:
+        if served.cancelled:
+            return
+        try:
+            mtype, message = _reply(fn(*args, **kwargs))
+        except BaseException as exc:
+            mtype, message = MTYPE_ERROR, dump_exception(exc)
+        if not served.cancelled:
+            _send(served.conn, served.sid, mtype, message)
+    finally:
+        _local.served = None
+        served.conn.incoming.pop(served.sid, None)
+
+
+def _run_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
+    _local.served = served
+    gen = None
+    try:
+        gen = fn(*args, **kwargs)
+        for item in gen:
+            if not served.take_credit():
+                return
+            mtype, message = _reply(item, MTYPE_ITEM)
+            _send(served.conn, served.sid, mtype, message)
+            if mtype == MTYPE_ERROR:
+                return
+        _send(served.conn, served.sid, MTYPE_END, dumps(None))
+    except BaseException as exc:
+        if not served.cancelled:
+            _send(served.conn, served.sid, MTYPE_ERROR, dump_exception(exc))
+    finally:
+        if gen is not None:
+            gen.close()
+        _local.served = None
+        served.conn.incoming.pop(served.sid, None)
+
+
+async def _asend(conn: Connection, sid: int, mtype: int, message: tuple) -> None:
+    try:
+        await conn.asend(sid, mtype, 0, *message)
+    except MachineLost:
+        pass
+
+
+async def _run_async(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
+    try:
+        mtype, message = _reply(await fn(*args, **kwargs))
+    except asyncio.CancelledError:
+        return
+    except BaseException as exc:
+        mtype, message = MTYPE_ERROR, dump_exception(exc)
+    finally:
+        served.conn.incoming.pop(served.sid, None)
+    await _asend(served.conn, served.sid, mtype, message)
+
+
+async def _run_async_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
+    agen = fn(*args, **kwargs)
+    try:
+        async for item in agen:
+            await served.atake_credit()
+            mtype, message = _reply(item, MTYPE_ITEM)
+            await _asend(served.conn, served.sid, mtype, message)
+            if mtype == MTYPE_ERROR:
+                return
+        await _asend(served.conn, served.sid, MTYPE_END, dumps(None))
+    except asyncio.CancelledError:
+        return
+    except BaseException as exc:
+        await _asend(served.conn, served.sid, MTYPE_ERROR, dump_exception(exc))
+    finally:
+        await agen.aclose()
+        served.conn.incoming.pop(served.sid, None)

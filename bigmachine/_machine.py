@@ -1,0 +1,203 @@
+"""Machine: the caller's handle on one machine, its state and its calls."""
+from __future__ import annotations
+
+import asyncio
+import enum
+import threading
+import time
+from typing import Any, AsyncIterator, Iterator, Optional
+
+from . import _rpc
+from ._connection import Connection
+from ._node import Node, current_node
+from .errors import Error, MachineLost
+
+
+class State(enum.IntEnum):
+    """A machine's life: it only moves forward."""
+
+    STARTING = 1
+    RUNNING = 2
+    STOPPED = 3
+
+
+class Machine:
+    """A handle on a machine: call its services, watch its state.
+
+    ``call``/``stream`` work from any thread; ``acall``/``astream`` from any
+    running event loop. A handle pickled into an argument or reply arrives as
+    a usable handle on the same machine.
+    """
+
+    def __init__(self, node: Node, addr: str, name: Optional[str] = None, owned: bool = False,
+                 state: State = State.STARTING):
+        self._node = node
+        self.addr = addr
+        self.name = name or addr
+        self.owned = owned
+        self._state = state
+        self._err: Optional[BaseException] = None
+        self._cond = threading.Condition()
+        self._async_waiters: list = []
+        self._conn: Optional[Connection] = None
+        self.process: Any = None  # the system's handle on the machine's process, if owned
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.name} {self.addr} {self._state.name}>"
+
+    def __reduce__(self):
+        return (_dial, (self.addr,))
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def err(self) -> Optional[BaseException]:
+        """Why the machine stopped (None while it runs)."""
+        return self._err
+
+    def _set_state(self, state: State, err: Optional[BaseException] = None) -> None:
+        with self._cond:
+            if state <= self._state:
+                return
+            self._state = state
+            if state == State.STOPPED:
+                self._err = err
+            self._cond.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_resolve, fut)
+        if state == State.STOPPED and self._conn is not None:
+            self._conn.fail(err or MachineLost(self.addr, "stopped"))
+
+    def wait(self, state: State, timeout: Optional[float] = None) -> State:
+        """Block until the machine reaches state or a later one; return the state.
+
+        Raises TimeoutError if that does not happen within timeout seconds.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._state >= state, timeout):
+                raise TimeoutError(f"machine {self.name} still {self._state.name} after {timeout} s")
+            return self._state
+
+    async def await_state(self, state: State) -> State:
+        while self._state < state:
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            with self._cond:
+                if self._state >= state:
+                    break
+                self._async_waiters.append((loop, fut))
+            await fut
+        return self._state
+
+    # ---- connections -----------------------------------------------------
+
+    def _lost(self) -> MachineLost:
+        err = self._err
+        if isinstance(err, MachineLost):
+            lost = MachineLost(self.addr, err.reason)
+        else:
+            lost = MachineLost(self.addr, f"stopped: {err}" if err else "stopped")
+        lost.__cause__ = err
+        return lost
+
+    def _usable(self, conn: Optional[Connection]) -> bool:
+        return conn is not None and not conn.closed
+
+    def connection(self, timeout: Optional[float] = None) -> Connection:
+        conn = self._conn
+        if self._usable(conn) and self._state == State.RUNNING:
+            return conn
+        if self._state == State.STARTING:
+            self.wait(State.RUNNING, timeout)
+        return self._connect_now(timeout)
+
+    def _connect_now(self, timeout: Optional[float]) -> Connection:
+        if self._state == State.STOPPED:
+            raise self._lost()
+        conn = self._conn
+        if not self._usable(conn):
+            try:
+                conn = self._conn = self._node.connect(self.addr, timeout)
+            except MachineLost as exc:
+                self._set_state(State.STOPPED, exc)
+                raise
+        return conn
+
+    async def aconnection(self, timeout: Optional[float] = None) -> Connection:
+        conn = self._conn
+        if self._usable(conn) and self._state == State.RUNNING:
+            return conn
+        if self._state == State.STARTING:
+            await asyncio.wait_for(self.await_state(State.RUNNING), timeout)
+        if self._state == State.STOPPED:
+            raise self._lost()
+        conn = self._conn
+        if not self._usable(conn):
+            try:
+                conn = self._conn = await self._node.aconnect(self.addr, timeout)
+            except MachineLost as exc:
+                self._set_state(State.STOPPED, exc)
+                raise
+        return conn
+
+    # ---- calls ------------------------------------------------------------
+
+    def call(self, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+        """Call "Service.method" with the arguments and return its reply.
+
+        Waits for the machine to be RUNNING. Raises what the method raised (with
+        the remote traceback as its cause), MachineLost if the machine is gone,
+        or TimeoutError after timeout seconds (the remote work is cancelled).
+        """
+        return _rpc.call(self._checked(self.connection(timeout)), method, args, kwargs, timeout)
+
+    async def acall(self, method: str, *args: Any, timeout: Optional[float] = None,
+                    **kwargs: Any) -> Any:
+        """The asyncio form of call."""
+        conn = self._checked(await self.aconnection(timeout))
+        return await _rpc.acall(conn, method, args, kwargs, timeout)
+
+    def stream(self, method: str, *args: Any, timeout: Optional[float] = None,
+               **kwargs: Any) -> Iterator[Any]:
+        """Iterate over the items a generator method yields, as they arrive.
+
+        timeout bounds the wait for each item. Stopping early (break, close)
+        closes the generator on the machine.
+        """
+        return _rpc.stream(self._checked(self.connection(timeout)), method, args, kwargs, timeout)
+
+    async def astream(self, method: str, *args: Any, timeout: Optional[float] = None,
+                      **kwargs: Any) -> AsyncIterator[Any]:
+        """The asyncio form of stream."""
+        conn = self._checked(await self.aconnection(timeout))
+        async for item in _rpc.astream(conn, method, args, kwargs, timeout):
+            yield item
+
+    def _checked(self, conn: Connection) -> Connection:
+        if conn.closed:
+            raise self._lost() if self._state == State.STOPPED else MachineLost(self.addr, str(conn.error))
+        return conn
+
+    def info(self, timeout: Optional[float] = 10.0) -> dict:
+        """The machine's pid, host, versions and start time (Supervisor.info)."""
+        return self.call("Supervisor.info", timeout=timeout)
+
+    def stats(self, timeout: Optional[float] = 10.0) -> dict:
+        """The machine's memory, load, disk and open calls (Supervisor.stats)."""
+        return self.call("Supervisor.stats", timeout=timeout)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _dial(addr: str) -> Machine:
+    """Unpickle a Machine: a handle on addr in the receiving process's cluster."""
+    node = current_node()
+    if node is None or node.b is None:
+        raise Error(f"cannot rebuild a handle on machine {addr}: no bigmachine cluster here")
+    return node.b.dial(addr)

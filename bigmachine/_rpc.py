@@ -1,0 +1,170 @@
+"""Making calls: send a request on a connection and wait for its reply or stream.
+
+The blocking forms run entirely in the caller's thread except for the read of
+the reply, which the IO loop hands over with one lock release. Replies are
+unpickled in the caller's thread or loop, not on the IO loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator, Iterator, Optional
+
+from ._connection import Connection, Waiter
+from ._dispatch import STREAM_WINDOW
+from ._serialize import dumps, load_exception, loads
+from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
+from .errors import Error, MachineLost
+
+
+def encode_request(method: str, args: tuple, kwargs: dict) -> tuple[list, list]:
+    if not isinstance(method, str):
+        raise Error(f"method must be a 'Service.method' string, not {method!r}")
+    try:
+        return dumps((method, args, kwargs))
+    except Error as exc:
+        raise Error(f"cannot send {method}: {exc}") from exc.__cause__
+
+
+def _result(item: tuple) -> Any:
+    mtype, payload = item
+    if mtype == MTYPE_REPLY or mtype == MTYPE_ITEM:
+        return loads(payload)
+    if mtype == MTYPE_ERROR:
+        raise load_exception(payload)
+    if mtype is None:  # the connection failed; payload is why
+        raise _lost(payload)
+    raise AssertionError(f"unexpected message type {mtype}")
+
+
+def _lost(cause: BaseException) -> MachineLost:
+    addr = getattr(cause, "addr", "?")
+    err = MachineLost(addr, getattr(cause, "reason", None) or str(cause))
+    err.__cause__ = cause
+    return err
+
+
+def call(conn: Connection, method: str, args: tuple, kwargs: dict,
+         timeout: Optional[float]) -> Any:
+    """Blocking call; raises TimeoutError after timeout seconds (and cancels remotely)."""
+    message = encode_request(method, args, kwargs)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    conn.gate.acquire(timeout)
+    try:
+        sid, waiter = conn.new_call()
+        try:
+            conn.send(sid, MTYPE_REQUEST, 0, *message)
+            item = waiter.get(None if deadline is None else deadline - time.monotonic())
+        except TimeoutError:
+            conn.cancel(sid)
+            raise TimeoutError(f"{method} on {conn.peer} timed out after {timeout} s") from None
+        except BaseException:
+            conn.cancel(sid)
+            raise
+    finally:
+        conn.gate.release()
+    return _result(item)
+
+
+async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
+                timeout: Optional[float]) -> Any:
+    """The asyncio form of call; cancelling the awaiting task cancels the remote work."""
+    message = encode_request(method, args, kwargs)
+    await conn.gate.aacquire()
+    try:
+        sid, waiter = conn.new_call()
+        try:
+            await conn.asend(sid, MTYPE_REQUEST, 0, *message)
+            if timeout is None:
+                item = await waiter.aget()
+            else:
+                item = await asyncio.wait_for(waiter.aget(), timeout)
+        except asyncio.TimeoutError:
+            conn.cancel(sid)
+            raise TimeoutError(f"{method} on {conn.peer} timed out after {timeout} s") from None
+        except BaseException:
+            conn.cancel(sid)
+            raise
+    finally:
+        conn.gate.release()
+    return _result(item)
+
+
+class _StreamState:
+    """Credit bookkeeping for one stream on the caller's side."""
+
+    def __init__(self, conn: Connection, sid: int):
+        self.conn = conn
+        self.sid = sid
+        self.consumed = 0
+        self.done = False
+
+    def consumed_one(self) -> None:
+        self.consumed += 1
+        if self.consumed >= STREAM_WINDOW // 2:
+            self.conn.send_control(KIND_CREDIT, self.sid, self.consumed)
+            self.consumed = 0
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            self.conn.cancel(self.sid)
+
+
+def stream(conn: Connection, method: str, args: tuple, kwargs: dict,
+           timeout: Optional[float]) -> Iterator[Any]:
+    """Blocking iterator over a stream; timeout bounds the wait for each item."""
+    message = encode_request(method, args, kwargs)
+    conn.gate.acquire(timeout)
+    try:
+        sid, waiter = conn.new_call()
+        state = _StreamState(conn, sid)
+        try:
+            conn.send(sid, MTYPE_REQUEST, MFLAG_STREAM, *message)
+            while True:
+                try:
+                    item = waiter.get(timeout)
+                except TimeoutError:
+                    raise TimeoutError(f"{method} on {conn.peer}: no item within {timeout} s") from None
+                if item[0] == MTYPE_END:
+                    state.done = True
+                    return
+                if item[0] != MTYPE_ITEM:
+                    state.done = True
+                yield _result(item)
+                state.consumed_one()
+        finally:
+            state.close()
+    finally:
+        conn.gate.release()
+
+
+async def astream(conn: Connection, method: str, args: tuple, kwargs: dict,
+                  timeout: Optional[float]) -> AsyncIterator[Any]:
+    """The asyncio form of stream."""
+    message = encode_request(method, args, kwargs)
+    await conn.gate.aacquire()
+    try:
+        sid, waiter = conn.new_call()
+        state = _StreamState(conn, sid)
+        try:
+            await conn.asend(sid, MTYPE_REQUEST, MFLAG_STREAM, *message)
+            while True:
+                try:
+                    item = await asyncio.wait_for(waiter.aget(), timeout)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"{method} on {conn.peer}: no item within {timeout} s") from None
+                if item[0] == MTYPE_END:
+                    state.done = True
+                    return
+                if item[0] != MTYPE_ITEM:
+                    state.done = True
+                yield _result(item)
+                state.consumed_one()
+        finally:
+            state.close()
+    finally:
+        conn.gate.release()
+
+
+__all__ = ["call", "acall", "stream", "astream", "Waiter"]

@@ -1,0 +1,102 @@
+"""Turning call arguments, replies and exceptions into segments and back.
+
+A message is a list of segments: segment 0 is a pickle (protocol 5) stream,
+the rest are the out-of-band buffers it refers to, sent and received without
+copies. Plain pickle is tried first because it is fastest; cloudpickle is used
+where plain pickle fails (lambdas, local functions) or where the stream names
+``__main__`` (classes and functions of the driver's script, which a machine
+cannot import).
+"""
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from .errors import Error, RemoteError
+
+# A message carries its buffers as a list; short ones ride in-band so that a
+# message of many tiny arrays does not pay per-buffer framing.
+INBAND_MAX = 512
+
+
+def dumps(obj: Any) -> tuple[list, list]:
+    """Return (segments, readonly flags) for obj."""
+    buffers: list = []
+
+    def keep(buf: pickle.PickleBuffer):
+        if buf.raw().nbytes <= INBAND_MAX:
+            return True
+        buffers.append(buf)
+        return False
+
+    try:
+        main = pickle.dumps(obj, protocol=5, buffer_callback=keep)
+        if b"__main__" in main:
+            raise pickle.PicklingError("refers to __main__")
+    except Exception:
+        buffers.clear()
+        try:
+            main = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+        except Exception as exc:
+            raise Error(f"cannot pickle {_describe(obj)}: {exc}") from exc
+    segments = [main]
+    readonly = [False]
+    for buf in buffers:
+        raw = buf.raw()  # contiguous bytes view; non-contiguous arrays were copied by pickle
+        segments.append(raw)
+        readonly.append(raw.readonly)
+    return segments, readonly
+
+
+def loads(segments: list) -> Any:
+    """Rebuild the object from received segments, without copying buffers."""
+    return pickle.loads(segments[0], buffers=segments[1:])
+
+
+def _describe(obj: Any) -> str:
+    text = repr(obj)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+class _RemoteTraceback(Exception):
+    """Holds the remote traceback text so the usual printing shows it as the cause."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+def dump_exception(exc: BaseException) -> tuple[list, list]:
+    """Segments for an exception raised by a remote method, with its traceback."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    qualname = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        payload = cloudpickle.dumps(exc, protocol=5)
+        pickle.loads(payload)  # the type must survive the trip to be useful
+    except Exception:
+        payload = None
+    return dumps((payload, qualname, str(exc), text))
+
+
+def load_exception(segments: list) -> BaseException:
+    """Rebuild the remote exception with its traceback attached as the cause."""
+    payload, qualname, message, text = loads(segments)
+    exc: BaseException
+    try:
+        exc = pickle.loads(payload) if payload is not None else None
+    except Exception:
+        exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(qualname, message, text)
+    exc.__cause__ = _RemoteTraceback(text)
+    try:
+        exc.remote_traceback = text  # type: ignore[attr-defined]
+    except AttributeError:
+        pass  # a type with __slots__; the cause still carries the text
+    return exc

@@ -1,0 +1,130 @@
+"""The machine side: the built-in Supervisor service and the machine's lease.
+
+Every machine serves ``Supervisor``. The driver that owns the machine calls
+``Supervisor.register`` once to install the user's services (running their
+``init``); that connection becomes the owner. The owner's keepalives (PING
+frames, answered on the IO loop) renew the machine's lease; when the lease
+runs out or the owner's connection closes, the machine stops itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import resource
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Optional
+
+from ._version import __version__
+from ._connection import Connection
+from ._dispatch import _local as _dispatch_local
+from ._node import Node
+from ._service import service
+from .errors import Error
+
+log = logging.getLogger("bigmachine.supervisor")
+
+BOOT_TIMEOUT = 60.0  # how long a machine waits for its owner to register
+
+
+@service
+class Supervisor:
+    """Built-in service on every machine."""
+
+    def __init__(self, node: Node, lease: float, on_stop: Any):
+        self._node = node
+        self._lease = lease
+        self._on_stop = on_stop
+        self._owner: Optional[Connection] = None
+        self._started = time.time()
+        self._lock = threading.Lock()
+
+    def register(self, services: dict, lease: Optional[float] = None) -> None:
+        """Install services and run their init; the calling connection owns the machine."""
+        served = getattr(_dispatch_local, "served", None)
+        with self._lock:
+            if self._owner is not None:
+                raise Error("this machine already has an owner")
+            if lease is not None:
+                self._lease = lease
+            for name, inst in services.items():
+                self._node.registry.add(name, inst)
+            for name, inst in services.items():
+                init = getattr(inst, "init", None)
+                if callable(init):
+                    init(self._node.b.machine)
+            self._owner = served.conn if served is not None else None
+
+    def ping(self) -> str:
+        return "pong"
+
+    def info(self) -> dict:
+        return {
+            "name": self._node.name,
+            "addr": self._node.addr,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "python": platform.python_version(),
+            "bigmachine": __version__,
+            "started": self._started,
+            "services": sorted(self._node.registry.services),
+        }
+
+    def stats(self) -> dict:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        disk = shutil.disk_usage(tempfile.gettempdir())
+        return {
+            "maxrss_bytes": usage.ru_maxrss * 1024,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "loadavg": os.getloadavg(),
+            "disk_total": disk.total,
+            "disk_free": disk.free,
+            "open_calls": sum(len(c.incoming) for c in self._all_connections()),
+            "uptime": time.time() - self._started,
+        }
+
+    def shutdown(self, delay: float = 0.05) -> None:
+        """Stop this machine shortly after replying."""
+        threading.Timer(delay, self._on_stop, args=("shut down by its owner",)).start()
+
+    def _all_connections(self) -> list:
+        conns = list(self._node.connections.values())
+        if self._owner is not None:
+            conns.append(self._owner)
+        return conns
+
+    async def watchdog(self) -> None:
+        """Stop the machine when its owner goes away or stops renewing the lease."""
+        while True:
+            await asyncio.sleep(min(0.25, self._lease / 4))
+            owner = self._owner
+            now = time.monotonic()
+            if owner is None:
+                if time.time() - self._started > BOOT_TIMEOUT:
+                    self._on_stop(f"no owner registered within {BOOT_TIMEOUT} s")
+                    return
+            elif owner.closed:
+                self._on_stop("the owner's connection closed")
+                return
+            elif now - owner.last_recv > self._lease:
+                self._on_stop(f"lease expired: no keepalive for {self._lease} s")
+                return
+
+
+def start_machine(node: Node, lease: float, on_stop: Any, host: str = "127.0.0.1") -> str:
+    """Start serving on node: Supervisor, listener, watchdog. Returns the address."""
+    from ._cluster import B  # the machine's own B, for bigmachine.current()
+
+    node.start_thread()
+    supervisor = Supervisor(node, lease, on_stop)
+    node.registry.add("Supervisor", supervisor)
+    addr = node.run_sync(node.listen(host))
+    node.b = B._for_machine(node)
+    node.loop.call_soon_threadsafe(lambda: node.loop.create_task(supervisor.watchdog()))
+    return addr

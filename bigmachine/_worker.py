@@ -1,0 +1,85 @@
+"""The machine process: ``python -m bigmachine._worker``, started by a system.
+
+It reads its bootstrap from stdin (a JSON config line, then the cluster
+credentials), serves until its owner lets it go, and on the way out kills any
+processes its services left in its process group.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from ._auth import Credentials
+from ._node import Node
+from ._supervisor import start_machine
+
+
+def main() -> None:
+    stdin = sys.stdin.buffer
+    config = json.loads(stdin.readline())
+    creds = Credentials.decode(stdin.read(48))
+    sys.path[:] = config["sys_path"]
+    os.chdir(config["cwd"])
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    stopped = threading.Event()
+    reasons: list[str] = []
+
+    def on_stop(reason: str) -> None:
+        reasons.append(reason)
+        stopped.set()
+
+    node = Node(creds, config["name"])
+    addr = start_machine(node, config["lease"], on_stop)
+    os.write(config["status_fd"], addr.encode() + b"\n")
+    os.close(config["status_fd"])
+    if config.get("parent_pipe", True):
+        threading.Thread(target=_watch_parent, args=(stdin, on_stop), daemon=True).start()
+    stopped.wait()
+    if reasons and reasons[0] != "shut down by its owner":
+        print(f"machine {config['name']} stopping: {reasons[0]}", file=sys.stderr)
+    _exit(0)
+
+
+def _watch_parent(stdin, on_stop) -> None:
+    while stdin.read(65536):
+        pass
+    on_stop("the driver is gone")
+
+
+def _exit(code: int) -> None:
+    """Kill what we started, flush our output, and leave without waiting for threads."""
+    _kill_group()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def _kill_group() -> None:
+    me = os.getpid()
+    group = os.getpgrp()
+    if group != me:
+        return  # not our own group: leave others' processes alone
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            if os.getpgid(pid) == group:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Systems: the ways machines are launched. One module per system.
+
+A System launches machine processes and hands back a Process handle for
+each; the driver's B does the rest (connecting, registering services,
+keepalives) the same way for every system.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Optional
+
+from .._auth import Credentials
+from ..errors import Error
+
+
+class Process(ABC):
+    """A system's handle on one launched machine."""
+
+    addr: str
+
+    @abstractmethod
+    def alive(self, wait: float = 0.0) -> bool:
+        """True while the machine runs; waits up to `wait` seconds for it to end."""
+
+    @abstractmethod
+    def describe_exit(self) -> str:
+        """How the machine ended, for error messages."""
+
+    @abstractmethod
+    def stop(self, timeout: float) -> None:
+        """Wait up to timeout for the machine to end, then kill it; collect its output."""
+
+
+class System(ABC):
+    """How machines are launched, and the timing of their keepalives.
+
+    keepalive_period: seconds between the driver's keepalives.
+    lost_after: seconds without any reply before the driver declares a
+        machine lost (also the connection's TCP_USER_TIMEOUT).
+    lease: seconds a machine lives on without keepalives before it stops itself.
+    start_timeout: seconds b.start() waits for a machine to come up.
+    """
+
+    name = "system"
+    keepalive_period = 1.0
+    lost_after = 5.0
+    lease = 5.0
+    start_timeout = 60.0
+
+    def configure(self, **options: Any) -> None:
+        """Set timing options (keepalive_period, lost_after, lease, start_timeout)."""
+        for key, value in options.items():
+            if key not in ("keepalive_period", "lost_after", "lease", "start_timeout"):
+                raise Error(f"unknown option {key!r} for {type(self).__name__}")
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise Error(f"option {key} must be a positive number of seconds, not {value!r}")
+            setattr(self, key, float(value))
+
+    @abstractmethod
+    def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
+        """Launch one machine per name; return once each listens, with its address."""
+
+    def shutdown(self) -> None:
+        """Release what the system holds once the session's machines are stopped."""

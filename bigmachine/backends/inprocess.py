@@ -1,0 +1,55 @@
+"""InProcess: machines inside the driver process, for users' own unit tests.
+
+Each machine is a full node (its own IO loop thread, thread pool and
+listener on loopback) spoken to over real sockets, so code tested here runs
+the same protocol it will run on a cluster.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .._auth import Credentials
+from .._node import Node
+from .._supervisor import start_machine
+from . import Process, System
+
+
+class _InProcessMachine(Process):
+    def __init__(self, node: Node, addr: str):
+        self.node = node
+        self.addr = addr
+        self.reason = ""
+
+    def on_stop(self, reason: str) -> None:
+        self.reason = reason
+        self.node.close()
+
+    def alive(self, wait: float = 0.0) -> bool:
+        return not self.node.closed
+
+    def describe_exit(self) -> str:
+        return self.reason or "stopped"
+
+    def stop(self, timeout: float) -> None:
+        if not self.node.closed:
+            self.on_stop("stopped by the driver")
+
+
+class InProcess(System):
+    """Machines as nodes inside this process."""
+
+    name = "inprocess"
+
+    def __init__(self, **options: Any):
+        self.configure(**options)
+
+    def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
+        machines = []
+        for name in names:
+            node = Node(creds, name)
+            holder: list = []
+            addr = start_machine(node, self.lease, lambda why, h=holder: h[0].on_stop(why))
+            machine = _InProcessMachine(node, addr)
+            holder.append(machine)
+            machines.append(machine)
+        return machines

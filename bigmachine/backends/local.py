@@ -1,0 +1,176 @@
+"""Local: each machine is a child process of the driver on this host.
+
+The child runs the driver's interpreter with its sys.path and working
+directory. Its bootstrap (config, then the cluster credentials) arrives on
+stdin, never argv or the environment; stdin then stays open, and the machine
+exits at once when it closes, that is when the driver is gone. The child binds
+port 0 on loopback itself and reports its address on a status pipe, so there
+is no bind-then-close race. Its stdout and stderr are copied, line by line,
+to the driver's stderr prefixed with the machine's name.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+import bigmachine
+
+from .._auth import Credentials
+from ..errors import Error
+from . import Process, System
+
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(bigmachine.__file__)))
+
+
+class _LocalProcess(Process):
+    def __init__(self, name: str, popen: subprocess.Popen):
+        self.name = name
+        self.popen = popen
+        self.addr = ""
+        self.tail: collections.deque = collections.deque(maxlen=20)
+        self.pumps = [
+            threading.Thread(target=self._pump, args=(popen.stdout,), daemon=True,
+                             name=f"bigmachine-out-{name}"),
+            threading.Thread(target=self._pump, args=(popen.stderr,), daemon=True,
+                             name=f"bigmachine-err-{name}"),
+        ]
+        for t in self.pumps:
+            t.start()
+
+    def _pump(self, pipe: Any) -> None:
+        prefix = f"{self.name}: "
+        for raw in iter(pipe.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            self.tail.append(line.rstrip("\n"))
+            stream = sys.stderr
+            stream.write(prefix + (line if line.endswith("\n") else line + "\n"))
+            stream.flush()
+        pipe.close()
+
+    def alive(self, wait: float = 0.0) -> bool:
+        try:
+            self.popen.wait(wait) if wait else None
+        except subprocess.TimeoutExpired:
+            pass
+        return self.popen.poll() is None
+
+    def describe_exit(self) -> str:
+        code = self.popen.poll()
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit status {code}"
+
+    def stop(self, timeout: float) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.popen.wait(5)
+        self._close_stdin()
+        for t in self.pumps:
+            t.join(2)
+
+    def kill(self) -> None:
+        """SIGKILL the machine and everything in its process group."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _close_stdin(self) -> None:
+        try:
+            self.popen.stdin.close()
+        except (OSError, ValueError):
+            pass
+
+    def error(self, what: str) -> Error:
+        for t in self.pumps:
+            t.join(1)
+        lines = "\n".join(f"  {line}" for line in self.tail)
+        return Error(f"machine {self.name} {what} ({self.describe_exit()})"
+                     + (f"; its last output:\n{lines}" if lines else ""))
+
+
+class Local(System):
+    """Machines as child processes on this host, listening on loopback.
+
+    parent_pipe: machines exit as soon as the driver's process is gone (they
+    see their stdin close); False leaves only the keepalive lease (for tests).
+    """
+
+    name = "local"
+
+    def __init__(self, parent_pipe: bool = True, **options: Any):
+        self.parent_pipe = parent_pipe
+        self.configure(**options)
+
+    def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
+        procs = [self._spawn(creds, name) for name in names]
+        try:
+            for proc in procs:
+                proc.addr = self._await_addr(proc, timeout)
+        except BaseException:
+            for proc in procs:
+                proc.kill()
+                proc.stop(1)
+            raise
+        return procs
+
+    def _spawn(self, creds: Credentials, name: str) -> _LocalProcess:
+        status_r, status_w = os.pipe()
+        config = {
+            "name": name,
+            "sys_path": [p if p else os.getcwd() for p in sys.path],
+            "cwd": os.getcwd(),
+            "lease": self.lease,
+            "status_fd": status_w,
+            "parent_pipe": self.parent_pipe,
+        }
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"  # machine output reaches the driver as it is printed
+        env["PYTHONPATH"] = os.pathsep.join(
+            [_PACKAGE_PARENT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "bigmachine._worker"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=os.getcwd(), env=env, pass_fds=(status_w,), start_new_session=True)
+        finally:
+            os.close(status_w)
+        popen.stdin.write(json.dumps(config).encode() + b"\n" + creds.encode())
+        popen.stdin.flush()
+        proc = _LocalProcess(name, popen)
+        proc.status_fd = status_r  # type: ignore[attr-defined]
+        return proc
+
+    def _await_addr(self, proc: _LocalProcess, timeout: float) -> str:
+        fd = proc.status_fd  # type: ignore[attr-defined]
+        deadline = time.monotonic() + timeout
+        data = b""
+        try:
+            while not data.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    raise proc.error(f"did not start within {timeout:g} s")
+                chunk = os.read(fd, 256)
+                if not chunk:
+                    raise proc.error("exited before it was ready")
+                data += chunk
+                if len(data) > 256:
+                    raise proc.error("reported a malformed address")
+        finally:
+            os.close(fd)
+        return data.decode().strip()

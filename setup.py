@@ -1,0 +1,32 @@
+"""Build the Cython extensions. Everything else lives in pyproject.toml."""
+import os
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext as _build_ext
+
+EXTENSIONS = ["bigmachine._wire", "bigmachine._buffers"]
+
+
+class build_ext(_build_ext):
+    """Cythonize at build time so a checkout without generated .c files builds."""
+
+    def finalize_options(self):
+        from Cython.Build import cythonize  # imported here: a build requirement only
+
+        directives = {"language_level": "3", "embedsignature": True}
+        self.distribution.ext_modules[:] = cythonize(
+            self.distribution.ext_modules,
+            compiler_directives=directives,
+            annotate=bool(os.environ.get("BIGMACHINE_CYTHON_ANNOTATE")),
+            force=bool(os.environ.get("BIGMACHINE_CYTHON_ALWAYS")),
+        )
+        super().finalize_options()
+
+
+setup(
+    ext_modules=[
+        Extension(name, [name.replace(".", "/") + ".pyx"], extra_compile_args=["-O2"])
+        for name in EXTENSIONS
+    ],
+    cmdclass={"build_ext": build_ext},
+)
