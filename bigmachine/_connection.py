@@ -1,11 +1,13 @@
 """One authenticated TCP connection carrying many calls in both directions.
 
-The connection belongs to one event loop (its node's IO loop), which reads the
-socket and decodes frames (``_wire.Decoder``), writing bulk data straight into
-its final buffers. Writes may come from any thread: when nothing is queued the
-caller's thread writes the frames itself (no thread hop); otherwise they join
-a per-stream queue that the loop drains round-robin, one frame at a time, so a
-small call is never stuck behind a large transfer.
+A reader thread of the connection's own blocks in ``recv_into`` and decodes
+frames (``_wire.Decoder``), writing bulk data straight into its final buffers
+and waking callers directly; it never waits on an event loop, so a reply
+reaches its caller with one thread wake-up. Writes may come from any thread:
+when nothing is queued the caller's thread writes the frames itself (no thread
+hop); otherwise they join a per-stream queue that the node's IO loop drains
+round-robin, one frame at a time, so a small call is never stuck behind a
+large transfer.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ log = logging.getLogger("bigmachine.connection")
 IOV_MAX = 1024
 MAX_IN_FLIGHT = 10_000          # outgoing calls in flight per connection
 MAX_QUEUED = 64 << 20           # bytes queued for writing before senders wait
-READS_PER_WAKEUP = 16
 
 
 def configure_socket(sock: socket.socket, user_timeout: float) -> None:
@@ -47,31 +48,26 @@ def configure_socket(sock: socket.socket, user_timeout: float) -> None:
 class Waiter:
     """Delivers items from the IO loop to one consumer, sync or async.
 
-    The producer (the IO loop) calls ``put``; a thread consumer blocks in
+    The producer (the connection's reader) calls ``put``; a thread consumer blocks in
     ``get`` on a plain lock (the cheapest cross-thread wake-up), an asyncio
     consumer awaits ``aget`` on its own loop.
     """
 
-    __slots__ = ("items", "lock", "loop", "future", "io_loop")
+    __slots__ = ("items", "lock", "loop", "future")
 
-    def __init__(self, io_loop: asyncio.AbstractEventLoop):
+    def __init__(self) -> None:
         self.items: deque = deque()
         self.lock = threading.Lock()
         self.lock.acquire()
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.future: Optional[asyncio.Future] = None
-        self.io_loop = io_loop
 
     def put(self, item: Any) -> None:
         self.items.append(item)
         fut = self.future
         if fut is not None:
             self.future = None
-            if self.loop is self.io_loop:
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                self.loop.call_soon_threadsafe(_wake, fut)
+            self.loop.call_soon_threadsafe(_wake, fut)
         elif self.lock.locked():
             try:
                 self.lock.release()
@@ -163,14 +159,13 @@ class Connection:
         self.fd = sock.fileno()
         self.loop = loop
         self.peer = peer
-        self.on_request = on_request      # (conn, sid, mflags, segments) on the loop
-        self.on_close = on_close          # (conn) once, on the loop
+        self.on_request = on_request      # (conn, sid, mflags, segments), on the reader thread
+        self.on_close = on_close          # (conn), once, on whichever thread saw the failure
         self.decoder = _wire.Decoder(alloc=_buffers.aligned, max_message=max_message,
                                      max_pending=max(max_message, 4 * max_message))
         # Our calls use odd ids if we connected, even ones if we accepted.
         self._parity = 1 if initiator else 0
         self._sids = itertools.count(2 - self._parity, 2)
-        self.loop_thread = threading.get_ident()
         self.calls: dict[int, Waiter] = {}       # our calls awaiting replies
         self.incoming: dict[int, Any] = {}       # calls we serve, for cancel and credit
         self._cancelled_early: set[int] = set()
@@ -186,8 +181,10 @@ class Connection:
         self.closed = False
         self.last_recv = time.monotonic()
         self.pong_at = 0.0
-        sock.setblocking(False)
-        loop.add_reader(self.fd, self._on_readable)
+        sock.setblocking(True)  # the reader blocks; writers pass MSG_DONTWAIT
+        self.reader = threading.Thread(target=self._read_loop, daemon=True,
+                                       name=f"bigmachine-read-{peer}")
+        self.reader.start()
 
     def __repr__(self) -> str:
         return f"<Connection to {self.peer}{' closed' if self.closed else ''}>"
@@ -201,7 +198,7 @@ class Connection:
         sid = next(self._sids)
         if sid > _wire.MAX_STREAM_ID:
             raise Error("stream ids exhausted on this connection; dial again")
-        waiter = Waiter(self.loop)
+        waiter = Waiter()
         self.calls[sid] = waiter
         if self.closed:  # lost the race with _fail
             self.calls.pop(sid, None)
@@ -222,7 +219,7 @@ class Connection:
     def send(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> None:
         """Send a message; off the IO loop, waits while too much is queued."""
         units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
-        if self._enqueue(sid, units, nbytes) and threading.get_ident() != self.loop_thread:
+        if self._enqueue(sid, units, nbytes) and not self._in_loop():
             with self._lock:
                 while self._queued > self.max_queued and not self.closed:
                     self._drained.wait(1.0)
@@ -251,8 +248,9 @@ class Connection:
                     if self._write(out):
                         return False
                 except OSError as exc:
-                    self.loop.call_soon_threadsafe(self._fail, MachineLost(self.peer, f"write failed: {exc}"))
-                    raise MachineLost(self.peer, f"write failed: {exc}") from exc
+                    lost = MachineLost(self.peer, f"write failed: {exc}")
+                    threading.Thread(target=self._fail, args=(lost,), daemon=True).start()
+                    raise lost from exc
             queue = self._streams.get(sid)
             if queue is None:
                 self._streams[sid] = queue = deque()
@@ -262,6 +260,9 @@ class Connection:
                 self._writer_armed = True
                 self.loop.call_soon_threadsafe(self._arm_writer)
             return self._queued > self.max_queued
+
+    def _in_loop(self) -> bool:
+        return getattr(_thread_loop, "loop", None) is self.loop
 
     def _arm_writer(self) -> None:
         if not self.closed:
@@ -277,7 +278,7 @@ class Connection:
             while unit:
                 batch = unit[:IOV_MAX]
                 try:
-                    n = sock.sendmsg(batch)
+                    n = sock.sendmsg(batch, (), socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     return False
                 out.offset += n
@@ -308,6 +309,8 @@ class Connection:
                     self._streams.move_to_end(sid)
             except OSError as exc:
                 self.loop.call_soon(self._fail, MachineLost(self.peer, f"write failed: {exc}"))
+                self._writer_armed = False
+                self.loop.remove_writer(self.fd)
                 return
             if self._queued <= self.max_queued:
                 self._drained.notify_all()
@@ -320,32 +323,27 @@ class Connection:
 
     # ---- reading ----------------------------------------------------------
 
-    def _on_readable(self) -> None:
+    def _read_loop(self) -> None:
         decoder = self.decoder
-        for _ in range(READS_PER_WAKEUP):
-            try:
-                n = self.sock.recv_into(decoder.get_buffer())
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._fail(MachineLost(self.peer, f"read failed: {exc}"))
-                return
-            if n == 0:
-                self._fail(MachineLost(self.peer, "connection closed by peer"))
-                return
-            self.last_recv = time.monotonic()
-            try:
-                events = decoder.buffer_updated(n)
-            except WireError as exc:
-                log.warning("closing connection to %s: malformed frame: %s", self.peer, exc)
-                err = ProtocolError(f"malformed frame from {self.peer}: {exc}")
-                err.__cause__ = exc
-                self._fail(err)
-                return
-            for event in events:
-                self._on_event(event)
+        sock = self.sock
+        try:
+            while True:
+                n = sock.recv_into(decoder.get_buffer())
+                if n == 0:
+                    self._fail(MachineLost(self.peer, "connection closed by peer"))
+                    return
+                self.last_recv = time.monotonic()
+                for event in decoder.buffer_updated(n):
+                    self._on_event(event)
                 if self.closed:
                     return
+        except WireError as exc:
+            log.warning("closing connection to %s: malformed frame: %s", self.peer, exc)
+            err = ProtocolError(f"malformed frame from {self.peer}: {exc}")
+            err.__cause__ = exc
+            self._fail(err)
+        except OSError as exc:
+            self._fail(MachineLost(self.peer, f"read failed: {exc}"))
 
     def _on_event(self, event: tuple) -> None:
         kind, sid = event[0], event[1]
@@ -386,13 +384,7 @@ class Connection:
 
     def fail(self, error: BaseException) -> None:
         """Close the connection from any thread, failing everything on it."""
-        if threading.get_ident() == self.loop_thread:
-            self._fail(error)
-        else:
-            try:
-                self.loop.call_soon_threadsafe(self._fail, error)
-            except RuntimeError:
-                self._fail(error)  # the loop is gone; nothing else will touch us
+        self._fail(error)
 
     def _fail(self, error: BaseException) -> None:
         with self._lock:
@@ -407,21 +399,33 @@ class Connection:
                 loop.call_soon_threadsafe(_wake, fut)
             self._async_drained.clear()
         try:
-            self.loop.remove_reader(self.fd)
-            self.loop.remove_writer(self.fd)
-        except (ValueError, RuntimeError):
-            pass
-        self.decoder.close()
-        try:
-            self.sock.close()
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader
         except OSError:
             pass
+        try:
+            self.loop.call_soon_threadsafe(self._release_fd)
+        except RuntimeError:
+            self.sock.close()  # the loop is gone: nothing watches the fd
         calls, self.calls = self.calls, {}
         for waiter in calls.values():
             waiter.put((None, error))
         for served in list(self.incoming.values()):
             served.cancel()
         self.on_close(self)
+
+    def _release_fd(self) -> None:
+        if self._writer_armed:
+            self.loop.remove_writer(self.fd)
+            self._writer_armed = False
+        self.sock.close()
+
+
+_thread_loop = threading.local()  # .loop: the IO loop running on this thread, if any
+
+
+def mark_loop_thread(loop: asyncio.AbstractEventLoop) -> None:
+    """Record that loop runs on the calling thread (so sends there never block)."""
+    _thread_loop.loop = loop
 
 
 def _skip(unit: list, n: int) -> list:

@@ -1,8 +1,8 @@
 """Serving calls: run the requested method and send its reply or stream.
 
-Requests arrive on the IO loop. Sync methods and generators run in the
-node's thread pool and send their replies from there; coroutines and async
-generators run as tasks on the IO loop. A cancel from the caller cancels the
+Requests arrive on the connection's reader thread. Sync methods and
+generators run in the node's thread pool and send their replies from there;
+coroutines and async generators run as tasks on the node's IO loop. A cancel from the caller cancels the
 task, or sets the flag that ``bigmachine.cancelled()`` reports to sync code.
 """
 from __future__ import annotations
@@ -36,32 +36,42 @@ def cancelled() -> bool:
 class Served:
     """A call this node is serving: cancellation and stream credit."""
 
-    __slots__ = ("conn", "sid", "cancelled", "task", "credits", "cond", "wakeup")
+    __slots__ = ("conn", "sid", "cancelled", "task", "credits", "cond", "wakeup", "loop")
 
-    def __init__(self, conn: Connection, sid: int):
+    def __init__(self, conn: Connection, sid: int, loop: asyncio.AbstractEventLoop):
         self.conn = conn
         self.sid = sid
+        self.loop = loop
         self.cancelled = False
         self.task: Optional[asyncio.Task] = None
         self.credits = STREAM_WINDOW
-        self.cond = threading.Condition(threading.Lock())
+        self.cond: Optional[threading.Condition] = None  # made for streams only
         self.wakeup: Optional[asyncio.Future] = None
 
     def cancel(self) -> None:
-        """On the IO loop: the caller gave up (or the connection closed)."""
+        """From any thread: the caller gave up (or the connection closed)."""
         self.cancelled = True
-        if self.task is not None:
-            self.task.cancel()
+        self.loop.call_soon_threadsafe(self._cancel_task)
         self._notify()
 
+    def _cancel_task(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
     def credit(self, n: int) -> None:
+        if self.cond is None:
+            return  # not a stream
         with self.cond:
             self.credits += n
         self._notify()
 
     def _notify(self) -> None:
-        with self.cond:
-            self.cond.notify_all()
+        if self.cond is not None:
+            with self.cond:
+                self.cond.notify_all()
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
 
@@ -89,8 +99,8 @@ class Dispatcher:
         self.loop = loop
 
     def on_request(self, conn: Connection, sid: int, mflags: int, segments: list) -> None:
-        """On the IO loop: start serving one request."""
-        served = Served(conn, sid)
+        """On the connection's reader thread: start serving one request."""
+        served = Served(conn, sid, self.loop)
         try:
             method, args, kwargs = loads(segments)
             fn, kind = self.registry.lookup(method)
@@ -102,14 +112,23 @@ class Dispatcher:
             _send(conn, sid, MTYPE_ERROR, dump_exception(exc))
             return
         conn.incoming[sid] = served
+        if kind in (GENERATOR, ASYNC_GENERATOR):
+            served.cond = threading.Condition(threading.Lock())
         if kind == SYNC:
             self.executor.submit(_run_sync, served, fn, args, kwargs)
         elif kind == GENERATOR:
             self.executor.submit(_run_generator, served, fn, args, kwargs)
-        elif kind == ASYNC:
-            served.task = self.loop.create_task(_run_async(served, fn, args, kwargs))
         else:
-            served.task = self.loop.create_task(_run_async_generator(served, fn, args, kwargs))
+            run = _run_async if kind == ASYNC else _run_async_generator
+            self.loop.call_soon_threadsafe(_start_task, served, run, fn, args, kwargs)
+
+
+def _start_task(served: Served, run: Any, fn: Any, args: tuple, kwargs: dict) -> None:
+    """On the IO loop: run a coroutine method as a task, unless already cancelled."""
+    if served.cancelled:
+        served.conn.incoming.pop(served.sid, None)
+        return
+    served.task = served.loop.create_task(run(served, fn, args, kwargs))
 
 
 def _send(conn: Connection, sid: int, mtype: int, message: tuple) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from . import _auth
 from ._auth import Credentials
-from ._connection import Connection, configure_socket
+from ._connection import Connection, configure_socket, mark_loop_thread
 from ._dispatch import Dispatcher
 from ._service import Registry
 from .errors import AuthError, Error, MachineLost, ProtocolError
@@ -76,6 +76,7 @@ class Node:
 
         def run() -> None:
             self._enter()
+            mark_loop_thread(self.loop)
             asyncio.set_event_loop(self.loop)
             self.thread_id = threading.get_ident()
             self.loop.call_soon(ready.set)
