@@ -146,7 +146,7 @@ class Node:
                                   self._on_close))
 
     async def _server_handshake(self, sock: socket.socket) -> None:
-        hello = await _recv_exact(self.loop, sock, _auth.HELLO_SIZE)
+        hello = await _recv_exact(self.loop, sock, _auth.HELLO_SIZE, magic=True)
         reply, ok = _auth.server_reply(self.creds, hello)
         await self.loop.sock_sendall(sock, reply)
         if not ok:
@@ -257,8 +257,12 @@ class Node:
 
 
 async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int,
-                      host: str = "peer") -> bytes:
-    """Read exactly n bytes (n is ours, never the peer's)."""
+                      host: str = "peer", magic: bool = False) -> bytes:
+    """Read exactly n bytes (n is ours, never the peer's).
+
+    With magic, the bytes must start with the protocol magic: a peer speaking
+    anything else is refused as soon as its first bytes differ.
+    """
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -269,6 +273,9 @@ async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: i
                 raise AuthError(host, "the peer closed the connection during the handshake")
             raise AuthError(host, "handshake truncated")
         got += k
+        if magic and got <= len(_auth.MAGIC) + k and \
+                buf[:min(got, len(_auth.MAGIC))] != _auth.MAGIC[:min(got, len(_auth.MAGIC))]:
+            raise ProtocolError(f"not a bigmachine peer (it sent {bytes(buf[:min(got, 16)])!r})")
     return bytes(buf)
 
 
