@@ -13,6 +13,7 @@
 from ._cluster import B, current, start
 from ._dispatch import cancelled
 from ._machine import Machine, State
+from ._retry import retry
 from ._service import service
 from ._version import __version__
 from .backends import Process, System
@@ -22,7 +23,7 @@ from .errors import AuthError, Error, MachineLost, ProtocolError, RemoteError
 
 __all__ = [
     "B", "Machine", "State", "System", "Process", "Local", "InProcess",
-    "start", "current", "service", "cancelled",
+    "start", "current", "service", "cancelled", "retry",
     "Error", "RemoteError", "MachineLost", "AuthError", "ProtocolError",
     "__version__",
 ]

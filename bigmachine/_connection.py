@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import random
 import socket
 import threading
 import time
@@ -31,6 +33,34 @@ log = logging.getLogger("bigmachine.connection")
 IOV_MAX = 1024
 MAX_IN_FLIGHT = 10_000          # outgoing calls in flight per connection
 MAX_QUEUED = 64 << 20           # bytes queued for writing before senders wait
+
+
+class FaultInjector:
+    """Test-only: drop or truncate outgoing messages at random.
+
+    Enabled by the environment variable BIGMACHINE_FAULTS, e.g.
+    ``drop=0.005,truncate=0.01,seed=1`` (machines inherit it). A dropped
+    message is never written (its caller waits for its deadline); a truncated
+    one is written in part and then the connection is cut, as when a peer
+    dies mid-write.
+    """
+
+    def __init__(self, spec: str):
+        fields = dict(part.split("=", 1) for part in spec.split(",") if part)
+        self.drop = float(fields.get("drop", 0))
+        self.truncate = float(fields.get("truncate", 0))
+        self.rng = random.Random(int(fields["seed"]) + os.getpid() if "seed" in fields else None)
+
+    def choose(self) -> str:
+        x = self.rng.random()
+        if x < self.drop:
+            return "drop"
+        if x < self.drop + self.truncate:
+            return "truncate"
+        return ""
+
+
+FAULTS = FaultInjector(os.environ["BIGMACHINE_FAULTS"]) if os.environ.get("BIGMACHINE_FAULTS") else None
 
 
 def configure_socket(sock: socket.socket, user_timeout: float) -> None:
@@ -239,6 +269,8 @@ class Connection:
 
     def _enqueue(self, sid: int, units: list, nbytes: int) -> bool:
         """Write now if nothing is queued, else queue. Returns True if over the cap."""
+        if FAULTS is not None and self._inject(units):
+            return False
         with self._lock:
             if self.closed:
                 raise self.error
@@ -260,6 +292,23 @@ class Connection:
                 self._writer_armed = True
                 self.loop.call_soon_threadsafe(self._arm_writer)
             return self._queued > self.max_queued
+
+    def _inject(self, units: list) -> bool:
+        """Apply the fault injector to one message; True if it was consumed."""
+        fault = FAULTS.choose()
+        if fault == "drop":
+            return True
+        if fault == "truncate":
+            with self._lock:
+                if not self.closed:
+                    head = units[0]
+                    try:
+                        self.sock.sendmsg(_skip(head, 0)[:1], (), socket.MSG_DONTWAIT)
+                    except OSError:
+                        pass
+            self._fail(MachineLost(self.peer, "fault injected: truncated write"))
+            raise self.error
+        return False
 
     def _in_loop(self) -> bool:
         return getattr(_thread_loop, "loop", None) is self.loop
