@@ -19,6 +19,7 @@ import os
 import struct
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import AuthError, ProtocolError
 
@@ -41,10 +42,16 @@ class Credentials:
 
     cluster_id: bytes
     secret: bytes = field(repr=False)
+    ca: Any = field(default=None, repr=False, compare=False)  # driver only: a _tls.ClusterCA
 
     @classmethod
-    def generate(cls) -> "Credentials":
-        return cls(os.urandom(16), os.urandom(32))
+    def generate(cls, tls: bool = False) -> "Credentials":
+        """Fresh credentials; with tls, also the cluster's certificate authority."""
+        ca = None
+        if tls:
+            from ._tls import ClusterCA
+            ca = ClusterCA()
+        return cls(os.urandom(16), os.urandom(32), ca)
 
     def encode(self) -> bytes:
         """The bytes a new machine reads from its bootstrap pipe."""

@@ -47,7 +47,9 @@ class B:
         self.system = system if system is not None else Local()
         if options:
             self.system.configure(**options)
-        self.node = Node(Credentials.generate(), "driver", user_timeout=self.system.lost_after)
+        creds = Credentials.generate(tls=self.system.tls)
+        identity = creds.ca.issue("driver") if creds.ca is not None else None
+        self.node = Node(creds, "driver", user_timeout=self.system.lost_after, identity=identity)
         self.node.b = self
         self.node.start_thread()
         self.node.on_connection_lost.append(self._on_connection_lost)
@@ -183,9 +185,12 @@ class B:
             self._stop_machines([m for m in self.machines() if m.owned])
             self.system.shutdown()
         self.node.close()
-        if current_node() is self.node:
-            set_default(None)
         _live.discard(self)
+        if current_node() is self.node:
+            # Another session still running in this process becomes the default,
+            # so that Machines unpickled in its callers' threads stay usable.
+            others = [b for b in _live if b.system is not None and not b._closed]
+            set_default(others[-1].node if others else None)
 
     def _stop_machines(self, machines: list[Machine]) -> None:
         def stop(m: Machine) -> None:

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict, deque
@@ -184,8 +185,10 @@ class Connection:
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, peer: str,
                  initiator: bool, on_request: Callable, on_close: Callable,
                  max_in_flight: int = MAX_IN_FLIGHT, max_queued: int = MAX_QUEUED,
-                 max_message: int = _wire.MAX_MESSAGE):
+                 max_message: int = _wire.MAX_MESSAGE, tls: Any = None):
         self.sock = sock
+        self.tls = tls                    # a _tls.TLSChannel, or None for plain TCP
+        self._ciphertext = b""            # encrypted bytes not yet written
         self.fd = sock.fileno()
         self.loop = loop
         self.peer = peer
@@ -319,6 +322,8 @@ class Connection:
 
     def _write(self, out: _Outgoing, one_unit: bool = False) -> bool:
         """Write as much of out as the socket takes. True when all is written."""
+        if self.tls is not None:
+            return self._write_tls(out, one_unit)
         sock = self.sock
         while out.index < len(out.units):
             unit = out.units[out.index]
@@ -338,23 +343,47 @@ class Connection:
                 break
         return out.index >= len(out.units)
 
+    def _write_tls(self, out: _Outgoing, one_unit: bool) -> bool:
+        """Encrypt a frame at a time; ciphertext the socket did not take waits in _ciphertext."""
+        encrypted = False
+        while self._flush_ciphertext():
+            if out.index >= len(out.units):
+                return True
+            if one_unit and encrypted:
+                return False
+            self._ciphertext = memoryview(self.tls.encrypt(out.units[out.index]))
+            out.index += 1
+            encrypted = True
+        return False
+
+    def _flush_ciphertext(self) -> bool:
+        """Write pending ciphertext; True once none is left."""
+        while self._ciphertext:
+            try:
+                n = self.sock.send(self._ciphertext, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            self._ciphertext = self._ciphertext[n:]
+        return True
+
     def _on_writable(self) -> None:
         """Drain queued messages round-robin by stream, one frame at a time."""
         with self._lock:
             try:
+                if not self._flush_ciphertext():
+                    return
                 while self._streams:
                     sid, queue = next(iter(self._streams.items()))
                     out = queue[0]
                     before = out.index
-                    done = self._write(out, one_unit=True)
-                    if out.index == before:  # socket full
-                        break
-                    if done:
+                    if self._write(out, one_unit=True):
                         queue.popleft()
                         self._queued -= out.nbytes
                         if not queue:
                             del self._streams[sid]
                             continue
+                    elif out.index == before:  # the socket is full
+                        break
                     self._streams.move_to_end(sid)
             except OSError as exc:
                 self.loop.call_soon(self._fail, MachineLost(self.peer, f"write failed: {exc}"))
@@ -366,7 +395,7 @@ class Connection:
                 for loop, fut in self._async_drained:
                     loop.call_soon_threadsafe(_wake, fut)
                 self._async_drained.clear()
-            if not self._streams:
+            if not self._streams and not self._ciphertext:
                 self._writer_armed = False
                 self.loop.remove_writer(self.fd)
 
@@ -375,9 +404,15 @@ class Connection:
     def _read_loop(self) -> None:
         decoder = self.decoder
         sock = self.sock
+        tls = self.tls
         try:
             while True:
-                n = sock.recv_into(decoder.get_buffer())
+                if tls is None:
+                    n = sock.recv_into(decoder.get_buffer())
+                else:
+                    n = tls.read_into(sock, decoder.get_buffer())
+                    if tls.outgoing.pending:
+                        self._flush_tls_output()
                 if n == 0:
                     self._fail(MachineLost(self.peer, "connection closed by peer"))
                     return
@@ -391,8 +426,18 @@ class Connection:
             err = ProtocolError(f"malformed frame from {self.peer}: {exc}")
             err.__cause__ = exc
             self._fail(err)
-        except OSError as exc:
+        except (OSError, ssl.SSLError) as exc:
             self._fail(MachineLost(self.peer, f"read failed: {exc}"))
+
+    def _flush_tls_output(self) -> None:
+        """Queue ciphertext that reading produced, behind whatever is being written."""
+        with self._lock:
+            data = self.tls.pending_output()
+            if data and not self.closed:
+                self._ciphertext = memoryview(bytes(self._ciphertext) + data)
+                if not self._writer_armed:
+                    self._writer_armed = True
+                    self.loop.call_soon_threadsafe(self._arm_writer)
 
     def _on_event(self, event: tuple) -> None:
         kind, sid = event[0], event[1]

@@ -21,6 +21,7 @@ from ._auth import Credentials
 from ._connection import Connection, configure_socket, mark_loop_thread
 from ._dispatch import Dispatcher
 from ._service import Registry
+from ._tls import Identity, TLSChannel
 from .errors import AuthError, Error, MachineLost, ProtocolError
 
 log = logging.getLogger("bigmachine.node")
@@ -45,8 +46,11 @@ class Node:
     """IO loop, thread pool, services and connections of one cluster member."""
 
     def __init__(self, creds: Credentials, name: str, workers: Optional[int] = None,
-                 user_timeout: float = USER_TIMEOUT):
+                 user_timeout: float = USER_TIMEOUT, identity: Optional[Identity] = None):
         self.creds = creds
+        # With an identity, every connection (both ways) is TLS 1.3 with
+        # certificates of the cluster CA, and the handshake runs inside it.
+        self.tls_contexts = identity.contexts() if identity is not None else None
         self.name = name
         self.user_timeout = user_timeout
         self.registry = Registry()
@@ -54,7 +58,7 @@ class Node:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers or max(32, (os.cpu_count() or 1) * 4),
             thread_name_prefix=f"bigmachine-{name}", initializer=self._enter)
-        self.dispatcher = Dispatcher(self.registry, self.executor, self.loop)
+        self.dispatcher = Dispatcher(self.registry, self.executor, self.loop, self._enter)
         self.connections: dict[str, Connection] = {}
         self._connecting: dict[str, asyncio.Future] = {}
         self.listener: Optional[socket.socket] = None
@@ -134,8 +138,9 @@ class Node:
 
     async def _serve(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
+        tls = None
         try:
-            await asyncio.wait_for(self._server_handshake(sock), _auth.HANDSHAKE_TIMEOUT)
+            tls = await asyncio.wait_for(self._server_handshake(sock, peer), _auth.HANDSHAKE_TIMEOUT)
         except (asyncio.TimeoutError, ProtocolError, AuthError, OSError, EOFError) as exc:
             reason = "handshake timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
             log.warning("%s: refused connection from %s: %s", self.name, peer, reason)
@@ -143,18 +148,23 @@ class Node:
             return
         configure_socket(sock, self.user_timeout)
         self._register(Connection(sock, self.loop, peer, False, self.dispatcher.on_request,
-                                  self._on_close))
+                                  self._on_close, tls=tls))
 
-    async def _server_handshake(self, sock: socket.socket) -> None:
-        hello = await _recv_exact(self.loop, sock, _auth.HELLO_SIZE, magic=True)
+    async def _server_handshake(self, sock: socket.socket, peer: str) -> Optional[TLSChannel]:
+        channel = _Channel(self.loop, sock, peer)
+        if self.tls_contexts is not None:
+            channel.tls = TLSChannel(self.tls_contexts[0], server_side=True)
+            await channel.tls.handshake(self.loop, sock, peer)
+        hello = await channel.recv_exact(_auth.HELLO_SIZE, magic=True)
         reply, ok = _auth.server_reply(self.creds, hello)
-        await self.loop.sock_sendall(sock, reply)
+        await channel.send(reply)
         if not ok:
-            raise AuthError("peer", "wrong version or cluster")
-        proof = await _recv_exact(self.loop, sock, _auth.PROOF_SIZE)
+            raise AuthError(peer, "wrong version or cluster")
+        proof = await channel.recv_exact(_auth.PROOF_SIZE)
         if not _auth.check_client_proof(self.creds, hello, reply, proof):
-            raise AuthError("peer", "it does not know the cluster secret")
-        await self.loop.sock_sendall(sock, _auth.OK)
+            raise AuthError(peer, "it does not know the cluster secret")
+        await channel.send(_auth.OK)
+        return channel.tls
 
     # ---- connecting ---------------------------------------------------------
 
@@ -187,32 +197,38 @@ class Node:
             raise MachineLost(addr, "this node is shut down")
         host, port = split_addr(addr)
         try:
-            sock = await asyncio.wait_for(self._open(host, port), timeout)
+            sock, tls = await asyncio.wait_for(self._open(host, port), timeout)
         except asyncio.TimeoutError:
             raise MachineLost(addr, f"cannot connect within {timeout} s") from None
         except OSError as exc:
             raise MachineLost(addr, f"cannot connect: {exc}") from exc
         configure_socket(sock, self.user_timeout)
-        conn = Connection(sock, self.loop, addr, True, self.dispatcher.on_request, self._on_close)
+        conn = Connection(sock, self.loop, addr, True, self.dispatcher.on_request, self._on_close,
+                          tls=tls)
         self._register(conn, addr)
         return conn
 
-    async def _open(self, host: str, port: int) -> socket.socket:
+    async def _open(self, host: str, port: int) -> tuple[socket.socket, Optional[TLSChannel]]:
         infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, type_, proto, _, sockaddr = infos[0]
         sock = socket.socket(family, type_, proto)
+        name = f"{host}:{port}"
         try:
             sock.setblocking(False)
             await self.loop.sock_connect(sock, sockaddr)
+            channel = _Channel(self.loop, sock, name)
+            if self.tls_contexts is not None:
+                channel.tls = TLSChannel(self.tls_contexts[1], server_side=False)
+                await channel.tls.handshake(self.loop, sock, name)
             hello = _auth.client_hello(self.creds)
-            await self.loop.sock_sendall(sock, hello)
-            reply = await _recv_exact(self.loop, sock, _auth.SERVER_HELLO_SIZE, host)
-            proof = _auth.check_server_hello(self.creds, f"{host}:{port}", hello, reply)
-            await self.loop.sock_sendall(sock, proof)
-            ok = await _recv_exact(self.loop, sock, 1, host)
+            await channel.send(hello)
+            reply = await channel.recv_exact(_auth.SERVER_HELLO_SIZE)
+            proof = _auth.check_server_hello(self.creds, name, hello, reply)
+            await channel.send(proof)
+            ok = await channel.recv_exact(1)
             if ok != _auth.OK:
-                raise AuthError(f"{host}:{port}", "refused our proof")
-            return sock
+                raise AuthError(name, "refused our proof")
+            return sock, channel.tls
         except BaseException:
             sock.close()
             raise
@@ -256,27 +272,44 @@ class Node:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int,
-                      host: str = "peer", magic: bool = False) -> bytes:
-    """Read exactly n bytes (n is ours, never the peer's).
+class _Channel:
+    """Handshake I/O on a non-blocking socket, inside TLS when tls is set."""
 
-    With magic, the bytes must start with the protocol magic: a peer speaking
-    anything else is refused as soon as its first bytes differ.
-    """
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = await loop.sock_recv_into(sock, view[got:])
-        if k == 0:
-            if got == 0 and n != 1:
-                raise AuthError(host, "the peer closed the connection during the handshake")
-            raise AuthError(host, "handshake truncated")
-        got += k
-        if magic and got <= len(_auth.MAGIC) + k and \
-                buf[:min(got, len(_auth.MAGIC))] != _auth.MAGIC[:min(got, len(_auth.MAGIC))]:
-            raise ProtocolError(f"not a bigmachine peer (it sent {bytes(buf[:min(got, 16)])!r})")
-    return bytes(buf)
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, host: str):
+        self.loop = loop
+        self.sock = sock
+        self.host = host
+        self.tls: Optional[TLSChannel] = None
+
+    async def send(self, data: bytes) -> None:
+        if self.tls is None:
+            await self.loop.sock_sendall(self.sock, data)
+        else:
+            await self.tls.send(self.loop, self.sock, data)
+
+    async def recv_exact(self, n: int, magic: bool = False) -> bytes:
+        """Read exactly n bytes (n is ours, never the peer's).
+
+        With magic, the bytes must start with the protocol magic: a peer
+        speaking anything else is refused as soon as its first bytes differ.
+        """
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        m = len(_auth.MAGIC)
+        while got < n:
+            if self.tls is None:
+                k = await self.loop.sock_recv_into(self.sock, view[got:])
+            else:
+                k = await self.tls.recv_into(self.loop, self.sock, view[got:], self.host)
+            if k == 0:
+                if got == 0 and n != 1:
+                    raise AuthError(self.host, "the peer closed the connection during the handshake")
+                raise AuthError(self.host, "handshake truncated")
+            got += k
+            if magic and buf[:min(got, m)] != _auth.MAGIC[:min(got, m)]:
+                raise ProtocolError(f"not a bigmachine peer (it sent {bytes(buf[:min(got, 16)])!r})")
+        return bytes(buf)
 
 
 def split_addr(addr: str) -> tuple[str, int]:

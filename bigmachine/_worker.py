@@ -3,6 +3,12 @@
 It reads its bootstrap from stdin (a JSON config line, then the cluster
 credentials), serves until its owner lets it go, and on the way out kills any
 processes its services left in its process group.
+
+Config keys: name, sys_path, cwd, lease, parent_pipe; host (the address to
+listen on, default 127.0.0.1); status_fd (a pipe for the "host:port" line).
+Without status_fd (SSH, where there is no extra pipe) the address goes to
+stdout as one line ``bigmachine-status listening host:port``, before anything
+else the machine prints.
 """
 from __future__ import annotations
 
@@ -16,12 +22,16 @@ import threading
 from ._auth import Credentials
 from ._node import Node
 from ._supervisor import start_machine
+from ._tls import Identity
+
+STATUS_PREFIX = "bigmachine-status listening "  # the stdout status line, when no status_fd
 
 
 def main() -> None:
     stdin = sys.stdin.buffer
     config = json.loads(stdin.readline())
     creds = Credentials.decode(stdin.read(48))
+    identity = Identity.from_dict(json.loads(stdin.readline())) if config.get("tls") else None
     sys.path[:] = config["sys_path"]
     os.chdir(config["cwd"])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -33,10 +43,14 @@ def main() -> None:
         reasons.append(reason)
         stopped.set()
 
-    node = Node(creds, config["name"])
-    addr = start_machine(node, config["lease"], on_stop)
-    os.write(config["status_fd"], addr.encode() + b"\n")
-    os.close(config["status_fd"])
+    node = Node(creds, config["name"], identity=identity)
+    addr = start_machine(node, config["lease"], on_stop, host=config.get("host", "127.0.0.1"))
+    if config.get("status_fd") is None:
+        sys.stdout.write(f"{STATUS_PREFIX}{addr}\n")
+        sys.stdout.flush()
+    else:
+        os.write(config["status_fd"], addr.encode() + b"\n")
+        os.close(config["status_fd"])
     if config.get("parent_pipe", True):
         threading.Thread(target=_watch_parent, args=(stdin, on_stop), daemon=True).start()
     stopped.wait()

@@ -39,6 +39,8 @@ class System(ABC):
         machine lost (also the connection's TCP_USER_TIMEOUT).
     lease: seconds a machine lives on without keepalives before it stops itself.
     start_timeout: seconds b.start() waits for a machine to come up.
+    tls: every connection of the cluster is TLS 1.3 with certificates of a
+        per-cluster CA (inside it, the secret handshake still runs).
     """
 
     name = "system"
@@ -46,10 +48,16 @@ class System(ABC):
     lost_after = 5.0
     lease = 5.0
     start_timeout = 60.0
+    tls = False
 
     def configure(self, **options: Any) -> None:
-        """Set timing options (keepalive_period, lost_after, lease, start_timeout)."""
+        """Set options: tls, and timing (keepalive_period, lost_after, lease, start_timeout)."""
         for key, value in options.items():
+            if key == "tls":
+                if not isinstance(value, bool):
+                    raise Error(f"option tls must be True or False, not {value!r}")
+                self.tls = value
+                continue
             if key not in ("keepalive_period", "lost_after", "lease", "start_timeout"):
                 raise Error(f"unknown option {key!r} for {type(self).__name__}")
             if not isinstance(value, (int, float)) or value <= 0:

@@ -46,7 +46,8 @@ class InProcess(System):
     def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
         machines = []
         for name in names:
-            node = Node(creds, name)
+            identity = creds.ca.issue(name) if creds.ca is not None else None
+            node = Node(creds, name, identity=identity)
             holder: list = []
             addr = start_machine(node, self.lease, lambda why, h=holder: h[0].on_stop(why))
             machine = _InProcessMachine(node, addr)

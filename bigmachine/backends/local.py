@@ -109,6 +109,7 @@ class Local(System):
 
     parent_pipe: machines exit as soon as the driver's process is gone (they
     see their stdin close); False leaves only the keepalive lease (for tests).
+    tls: off by default here, since the traffic never leaves the host.
     """
 
     name = "local"
@@ -138,6 +139,7 @@ class Local(System):
             "lease": self.lease,
             "status_fd": status_w,
             "parent_pipe": self.parent_pipe,
+            "tls": creds.ca is not None,
         }
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"  # machine output reaches the driver as it is printed
@@ -150,7 +152,10 @@ class Local(System):
                 cwd=os.getcwd(), env=env, pass_fds=(status_w,), start_new_session=True)
         finally:
             os.close(status_w)
-        popen.stdin.write(json.dumps(config).encode() + b"\n" + creds.encode())
+        bootstrap = json.dumps(config).encode() + b"\n" + creds.encode()
+        if creds.ca is not None:
+            bootstrap += json.dumps(creds.ca.issue(name, ("127.0.0.1",)).to_dict()).encode() + b"\n"
+        popen.stdin.write(bootstrap)
         popen.stdin.flush()
         proc = _LocalProcess(name, popen)
         proc.status_fd = status_r  # type: ignore[attr-defined]

@@ -1,0 +1,217 @@
+"""TLS for links that leave the host: a per-cluster CA and TLS 1.3 channels.
+
+The driver makes the cluster's CA in memory; its private key never leaves the
+driver's memory. Each member (driver and machines) gets its own key and
+certificate signed by that CA, delivered over the bootstrap channel. Both
+sides of every connection require a certificate chaining to the cluster CA,
+and only TLS 1.3 is spoken.
+
+A connection's TLS runs over memory BIOs (``ssl.SSLObject``) rather than an
+``SSLSocket`` so that the connection's reader thread and its writers (any
+thread) can share it: the raw socket I/O stays ours, and a lock serialises
+the calls into OpenSSL.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import os
+import socket
+import ssl
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import AuthError
+
+CA_LIFETIME = datetime.timedelta(days=7)
+RECV_SIZE = 256 << 10
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A member's TLS material: the CA certificate, its own certificate and key (PEM)."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+    def contexts(self) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+        """(server context, client context), both requiring a peer certificate."""
+        return _context(self, ssl.PROTOCOL_TLS_SERVER), _context(self, ssl.PROTOCOL_TLS_CLIENT)
+
+    def to_dict(self) -> dict:
+        return {"ca": self.ca_pem.decode(), "cert": self.cert_pem.decode(), "key": self.key_pem.decode()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Identity":
+        return cls(d["ca"].encode(), d["cert"].encode(), d["key"].encode())
+
+
+def _context(identity: Identity, protocol: int) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = False  # membership is the CA's signature, not a name
+    ctx.load_verify_locations(cadata=identity.ca_pem.decode())
+    # load_cert_chain reads files only: the key lives for an instant in a
+    # 0600 file inside a 0700 directory, and is removed before we return.
+    with tempfile.TemporaryDirectory(prefix="bigmachine-tls-") as tmp:
+        os.chmod(tmp, 0o700)
+        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        with open(cert_path, "wb") as f:
+            f.write(identity.cert_pem)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(identity.key_pem)
+        ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+class ClusterCA:
+    """The cluster's certificate authority, held in the driver's memory only."""
+
+    def __init__(self) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self._x509, self._hashes, self._ec = x509, hashes, ec
+        self._serialization, self._NameOID = serialization, NameOID
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bigmachine cluster CA")])
+        self._name = name
+        self._cert = (
+            x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + CA_LIFETIME)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                           critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        self.ca_pem = self._cert.public_bytes(serialization.Encoding.PEM)
+
+    def __repr__(self) -> str:
+        return "<ClusterCA>"
+
+    def issue(self, name: str, hosts: tuple[str, ...] = ("127.0.0.1",)) -> Identity:
+        """A fresh key and certificate for one member of the cluster."""
+        x509, NameOID = self._x509, self._NameOID
+        key = self._ec.generate_private_key(self._ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        alt = []
+        for host in hosts:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                alt.append(x509.DNSName(host))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self._name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + CA_LIFETIME)
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(self._key, self._hashes.SHA256())
+        )
+        ser = self._serialization
+        key_pem = key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
+        return Identity(self.ca_pem, cert.public_bytes(ser.Encoding.PEM), key_pem)
+
+
+class TLSChannel:
+    """TLS over a raw socket through memory BIOs, usable from several threads."""
+
+    def __init__(self, ctx: ssl.SSLContext, server_side: bool):
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
+        self.lock = threading.Lock()
+        self.raw = bytearray(RECV_SIZE)
+
+    # ---- the handshake phase, on an event loop with a non-blocking socket ----
+
+    async def handshake(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, host: str) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush(loop, sock)
+                await self._fill(loop, sock, host)
+            except ssl.SSLError as exc:
+                await self._flush(loop, sock, quiet=True)
+                raise AuthError(host, f"TLS handshake failed: {exc.reason or exc}") from exc
+        await self._flush(loop, sock)
+
+    async def _flush(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, quiet: bool = False) -> None:
+        data = self.outgoing.read()
+        if data:
+            try:
+                await loop.sock_sendall(sock, data)
+            except OSError:
+                if not quiet:
+                    raise
+
+    async def _fill(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, host: str) -> None:
+        data = await loop.sock_recv(sock, RECV_SIZE)
+        if not data:
+            raise AuthError(host, "the peer closed the connection during the TLS handshake")
+        self.incoming.write(data)
+
+    async def send(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
+        self.obj.write(data)
+        await self._flush(loop, sock)
+
+    async def recv_into(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                        view: memoryview, host: str) -> int:
+        while True:
+            try:
+                return self.obj.read(len(view), view)
+            except ssl.SSLWantReadError:
+                await self._fill(loop, sock, host)
+            except ssl.SSLError as exc:
+                raise AuthError(host, f"TLS failed: {exc.reason or exc}") from exc
+
+    # ---- the connection phase: blocking reads on the reader thread -----------
+
+    def read_into(self, sock: socket.socket, view: memoryview) -> int:
+        """Decrypt into view; 0 at the end of the stream. Blocks on the socket."""
+        while True:
+            with self.lock:
+                try:
+                    return self.obj.read(len(view), view)
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:
+                    return 0
+            n = sock.recv_into(self.raw)
+            if n == 0:
+                return 0
+            self.incoming.write(memoryview(self.raw)[:n])
+
+    def encrypt(self, buffers: list) -> bytes:
+        """The ciphertext of buffers, in order (callers serialise writes)."""
+        with self.lock:
+            for buf in buffers:
+                self.obj.write(buf)
+            return self.outgoing.read()
+
+    def pending_output(self) -> bytes:
+        """Ciphertext OpenSSL produced while reading (e.g. a key update reply)."""
+        with self.lock:
+            return self.outgoing.read()
