@@ -249,13 +249,21 @@ class Connection:
         frame = _wire.control_frame(kind, sid, value)
         self._enqueue(sid, [[frame]], len(frame))
 
-    def send(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> None:
-        """Send a message; off the IO loop, waits while too much is queued."""
+    def send(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list,
+             deadline: Optional[float] = None) -> None:
+        """Send a message; off the IO loop, waits while too much is queued.
+
+        Raises TimeoutError if still waiting at deadline (time.monotonic());
+        the message itself stays queued and is sent when the peer reads.
+        """
         units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
         if self._enqueue(sid, units, nbytes) and not self._in_loop():
             with self._lock:
                 while self._queued > self.max_queued and not self.closed:
-                    self._drained.wait(1.0)
+                    wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise TimeoutError(f"{self.peer} is not reading; send queue full")
+                    self._drained.wait(wait)
 
     async def asend(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> None:
         """Send a message from a coroutine; awaits while too much is queued."""

@@ -53,7 +53,7 @@ def call(conn: Connection, method: str, args: tuple, kwargs: dict,
     try:
         sid, waiter = conn.new_call()
         try:
-            conn.send(sid, MTYPE_REQUEST, 0, *message)
+            conn.send(sid, MTYPE_REQUEST, 0, *message, deadline=deadline)
             item = waiter.get(None if deadline is None else deadline - time.monotonic())
         except TimeoutError:
             conn.cancel(sid)
@@ -73,12 +73,12 @@ async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
     await conn.gate.aacquire()
     try:
         sid, waiter = conn.new_call()
-        try:
+        async def exchange() -> tuple:
             await conn.asend(sid, MTYPE_REQUEST, 0, *message)
-            if timeout is None:
-                item = await waiter.aget()
-            else:
-                item = await asyncio.wait_for(waiter.aget(), timeout)
+            return await waiter.aget()
+
+        try:
+            item = await (exchange() if timeout is None else asyncio.wait_for(exchange(), timeout))
         except asyncio.TimeoutError:
             conn.cancel(sid)
             raise TimeoutError(f"{method} on {conn.peer} timed out after {timeout} s") from None
