@@ -304,7 +304,26 @@ cdef class Decoder:
                     self.end - self.start)
             self.end -= self.start
             self.start = 0
+        if self.assemblies:
+            # A message is arriving in DATA frames: read no further than the
+            # end of the next header, so the payload after it lands in its
+            # final buffer instead of being copied out of scratch.
+            n = self._frame_end() - self.end
+            if n > 0:
+                return memoryview(self.scratch)[self.end:self.end + n]
         return memoryview(self.scratch)[self.end:]
+
+    cdef Py_ssize_t _frame_end(self):
+        """Scratch offset where the frame starting at self.start ends (or its header, if unknown)."""
+        cdef const uint8_t *p
+        cdef uint64_t length
+        if self.end - self.start < _HEADER:
+            return self.start + _HEADER
+        p = <const uint8_t *>(<char *>self.scratch) + self.start
+        length = _u64(p + 8)
+        if p[0] == _KIND_DATA or length > <uint64_t>self.max_frame:
+            return self.start + _HEADER
+        return self.start + _HEADER + <Py_ssize_t>length
 
     def buffer_updated(self, Py_ssize_t n):
         """Record that n bytes were written into the last get_buffer() view."""
@@ -392,6 +411,10 @@ cdef class Decoder:
                 raise WireError(f"unknown frame kind {kind}")
             if length > <uint64_t>self.max_frame:
                 raise WireError(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+            # A control frame's payload size is fixed: reject a wrong one now,
+            # rather than buffer up to max_frame bytes of it first.
+            if kind >= _KIND_CANCEL and length != (0 if kind == _KIND_CANCEL else 8):
+                raise WireError(f"control frame kind {kind} of {length} bytes")
             if kind == _KIND_DATA:
                 self._start_data(sid, flags, length)
                 self.start += _HEADER
@@ -410,6 +433,14 @@ cdef class Decoder:
         self.scratch = bigger
         self.start = 0
         self.end = live
+
+    cdef _alloc(self, Py_ssize_t n):
+        # A message within the limits that this host still cannot hold is the
+        # peer's problem too: the connection ends like on any bad frame.
+        try:
+            return self.alloc(n)
+        except MemoryError:
+            raise WireError(f"cannot allocate {n} bytes for an incoming message")
 
     cdef _start_data(self, uint32_t sid, int flags, uint64_t length):
         cdef _Assembly a = self.assemblies.get(sid)
@@ -486,7 +517,7 @@ cdef class Decoder:
                 raise WireError("inline message length does not match its segments")
             segments = []
             for ln_i, ro in lengths:
-                seg = self.alloc(ln_i)
+                seg = self._alloc(ln_i)
                 if ln_i:
                     memoryview(seg)[:] = memoryview(self.scratch)[
                         self.start + _HEADER + pos:self.start + _HEADER + pos + ln_i]
@@ -506,7 +537,7 @@ cdef class Decoder:
         for ln_i, ro in lengths:
             if ln_i < _SMALL_SEGMENT:
                 region += (ln_i + _ALIGN - 1) & ~(_ALIGN - 1)
-        shared = memoryview(self.alloc(region)) if region else None
+        shared = memoryview(self._alloc(region)) if region else None
         cdef _Assembly a = _Assembly()
         a.stream_id = sid
         a.mtype = mtype
@@ -519,7 +550,7 @@ cdef class Decoder:
                 view = shared[off:off + ln_i]
                 off += (ln_i + _ALIGN - 1) & ~(_ALIGN - 1)
             else:
-                view = memoryview(self.alloc(ln_i))
+                view = memoryview(self._alloc(ln_i))
             if ln_i:
                 a.targets.append(view)
             a.results.append(view.toreadonly() if ro else view)
