@@ -118,6 +118,14 @@ class B:
             from . import _rpc
             _rpc.call(conn, "Supervisor.register", (services,), {"lease": self.system.lease}, timeout)
         except BaseException as exc:
+            if isinstance(exc, MachineLost) and m.process is not None and not m.process.alive(0.5):
+                # It died while starting: say how, with its last words if the system kept them.
+                describe = getattr(m.process, "error", None)
+                reason = (str(describe("exited while starting")) if describe is not None else
+                          f"it exited while starting ({m.process.describe_exit()})")
+                lost = MachineLost(m.addr, reason)
+                m._set_state(State.STOPPED, lost)
+                raise lost from exc
             m._set_state(State.STOPPED, exc)
             raise
         m._set_state(State.RUNNING)
@@ -195,14 +203,18 @@ class B:
     def _stop_machines(self, machines: list[Machine]) -> None:
         def stop(m: Machine) -> None:
             conn = m._conn
+            asked = False
             if conn is not None and not conn.closed and m.state != State.STOPPED:
                 try:
                     from . import _rpc
                     _rpc.call(conn, "Supervisor.shutdown", (), {}, 1.0)
+                    asked = True
                 except Exception:
                     pass  # it is stopped below either way
             if m.process is not None:
-                m.process.stop(timeout=3.0)
+                # A machine that was not asked to stop (its start failed, or its
+                # connection is gone) gets a short grace before it is killed.
+                m.process.stop(timeout=3.0 if asked else 0.5)
             m._set_state(State.STOPPED, MachineLost(m.addr, "the session shut it down"))
 
         if machines:

@@ -93,14 +93,20 @@ class Served:
 class Dispatcher:
     """Runs requests against a registry, in an executor or on the IO loop."""
 
-    def __init__(self, registry: Registry, executor: Any, loop: asyncio.AbstractEventLoop):
+    def __init__(self, registry: Registry, executor: Any, loop: asyncio.AbstractEventLoop,
+                 enter: Any = None):
         self.registry = registry
         self.executor = executor
         self.loop = loop
+        # Makes the node current on the calling thread, so that what is unpickled
+        # there (a Machine argument) belongs to this node's cluster.
+        self.enter = enter
 
     def on_request(self, conn: Connection, sid: int, mflags: int, segments: list) -> None:
         """On the connection's reader thread: start serving one request."""
         served = Served(conn, sid, self.loop)
+        if self.enter is not None:
+            self.enter()
         try:
             method, args, kwargs = loads(segments)
             fn, kind = self.registry.lookup(method)

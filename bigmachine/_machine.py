@@ -106,6 +106,37 @@ class Machine:
     def _usable(self, conn: Optional[Connection]) -> bool:
         return conn is not None and not conn.closed
 
+    def _check_owner_link(self, conn: Optional[Connection]) -> None:
+        """An owned machine lives only as long as the connection that registered it.
+
+        Once that connection has failed the machine is lost (it stops itself):
+        never dial it again, which could hang on a hung machine. The failure
+        callback marks the machine STOPPED just after the connection closes;
+        wait for it, so that callers see the state and its reason.
+        """
+        if self.owned and conn is not None and conn.closed:
+            try:
+                self.wait(State.STOPPED, 1.0)
+            except TimeoutError:
+                pass
+            raise self._owner_link_lost(conn)
+
+    async def _acheck_owner_link(self, conn: Optional[Connection]) -> None:
+        if self.owned and conn is not None and conn.closed:
+            try:
+                await asyncio.wait_for(self.await_state(State.STOPPED), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            raise self._owner_link_lost(conn)
+
+    def _owner_link_lost(self, conn: Connection) -> MachineLost:
+        if self._state == State.STOPPED:
+            return self._lost()
+        err = conn.error
+        lost = MachineLost(self.addr, getattr(err, "reason", None) or str(err))
+        lost.__cause__ = err
+        return lost
+
     def connection(self, timeout: Optional[float] = None) -> Connection:
         conn = self._conn
         if self._usable(conn) and self._state == State.RUNNING:
@@ -119,6 +150,7 @@ class Machine:
             raise self._lost()
         conn = self._conn
         if not self._usable(conn):
+            self._check_owner_link(conn)
             try:
                 conn = self._conn = self._node.connect(self.addr, timeout)
             except MachineLost as exc:
@@ -136,6 +168,7 @@ class Machine:
             raise self._lost()
         conn = self._conn
         if not self._usable(conn):
+            await self._acheck_owner_link(conn)
             try:
                 conn = self._conn = await self._node.aconnect(self.addr, timeout)
             except MachineLost as exc:

@@ -9,25 +9,46 @@ cannot import).
 """
 from __future__ import annotations
 
+import io
 import pickle
 import traceback
+from collections import ChainMap
 from typing import Any
 
 import cloudpickle
 
+from . import _wire
 from .errors import Error, RemoteError
 
 # A message carries its buffers as a list; short ones ride in-band so that a
 # message of many tiny arrays does not pay per-buffer framing.
 INBAND_MAX = 512
+# Out-of-band buffers one message can carry (segment 0 is the pickle stream).
+MAX_BUFFERS = _wire.MAX_SEGMENTS - 1
 
 
 def dumps(obj: Any) -> tuple[list, list]:
     """Return (segments, readonly flags) for obj."""
+    main, buffers = _pickle(obj, INBAND_MAX)
+    if len(buffers) > MAX_BUFFERS:
+        # More buffers than one message carries: the smallest travel in band.
+        sizes = sorted(buf.raw().nbytes for buf in buffers)
+        main, buffers = _pickle(obj, sizes[len(sizes) - MAX_BUFFERS - 1])
+    segments = [main]
+    readonly = [False]
+    for buf in buffers:
+        raw = buf.raw()  # contiguous bytes view; non-contiguous arrays were copied by pickle
+        segments.append(raw)
+        readonly.append(raw.readonly)
+    return segments, readonly
+
+
+def _pickle(obj: Any, inband_max: int) -> tuple[bytes, list]:
+    """The pickle stream of obj, and the buffers larger than inband_max it left out."""
     buffers: list = []
 
     def keep(buf: pickle.PickleBuffer):
-        if buf.raw().nbytes <= INBAND_MAX:
+        if buf.raw().nbytes <= inband_max:
             return True
         buffers.append(buf)
         return False
@@ -39,16 +60,40 @@ def dumps(obj: Any) -> tuple[list, list]:
     except Exception:
         buffers.clear()
         try:
-            main = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+            with io.BytesIO() as f:
+                _Pickler(f, protocol=5, buffer_callback=keep).dump(obj)
+                main = f.getvalue()
         except Exception as exc:
             raise Error(f"cannot pickle {_describe(obj)}: {exc}") from exc
-    segments = [main]
-    readonly = [False]
-    for buf in buffers:
-        raw = buf.raw()  # contiguous bytes view; non-contiguous arrays were copied by pickle
-        segments.append(raw)
-        readonly.append(raw.readonly)
-    return segments, readonly
+    return main, buffers
+
+
+def _reduce_memoryview(view: memoryview) -> tuple:
+    """A memoryview travels as a buffer (out of band when large) and arrives
+    as a memoryview of the same format, shape and writability."""
+    if view.c_contiguous:
+        flat = view.cast("B")
+    else:
+        data = view.tobytes()
+        flat = memoryview(data if view.readonly else bytearray(data))
+    try:
+        flat.cast(view.format, view.shape)  # can it be rebuilt as it was?
+    except (TypeError, ValueError):
+        return bytes, (view.tobytes(),)  # a format memoryview.cast cannot make
+    return _memoryview_from, (pickle.PickleBuffer(flat), view.format, view.shape)
+
+
+def _memoryview_from(buf: Any, fmt: str, shape: tuple) -> memoryview:
+    view = memoryview(buf)
+    if fmt == "B" and len(shape) == 1:
+        return view
+    return view.cast("B").cast(fmt, shape)
+
+
+class _Pickler(cloudpickle.CloudPickler):
+    """cloudpickle (lambdas, __main__), with memoryviews kept as buffers."""
+
+    dispatch_table = ChainMap({memoryview: _reduce_memoryview}, cloudpickle.CloudPickler.dispatch_table)
 
 
 def loads(segments: list) -> Any:

@@ -89,9 +89,13 @@ class Supervisor:
             "uptime": time.time() - self._started,
         }
 
-    def shutdown(self, delay: float = 0.05) -> None:
-        """Stop this machine shortly after replying."""
-        threading.Timer(delay, self._on_stop, args=("shut down by its owner",)).start()
+    async def shutdown(self, delay: float = 0.05) -> None:
+        """Stop this machine shortly after replying.
+
+        A coroutine, so that it runs on the IO loop even when every worker
+        thread is busy with the owner's calls.
+        """
+        asyncio.get_running_loop().call_later(delay, self._on_stop, "shut down by its owner")
 
     def _all_connections(self) -> list:
         conns = list(self._node.connections.values())

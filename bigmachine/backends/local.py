@@ -44,6 +44,23 @@ class _LocalProcess(Process):
         ]
         for t in self.pumps:
             t.start()
+        threading.Thread(target=self._reap_group, daemon=True, name=f"bigmachine-reap-{name}").start()
+
+    def _reap_group(self) -> None:
+        """When the machine ends, however it ends, kill what is left in its process group.
+
+        A machine kills its group itself when it exits, but not when it is
+        SIGKILLed; then its children (which may hold its sockets open) would
+        live on. We wait without reaping, so that the group id cannot be reused
+        before we signal it.
+        """
+        try:
+            os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            pass  # already reaped by Popen; its group id is still held by any member left
+        except OSError:
+            return
+        self.kill()
 
     def _pump(self, pipe: Any) -> None:
         prefix = f"{self.name}: "
@@ -119,12 +136,16 @@ class Local(System):
         self.configure(**options)
 
     def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
-        procs = [self._spawn(creds, name) for name in names]
+        procs: list[_LocalProcess] = []
         try:
+            for name in names:
+                procs.append(self._spawn(creds, name))
             for proc in procs:
                 proc.addr = self._await_addr(proc, timeout)
         except BaseException:
             for proc in procs:
+                if proc.status_fd is not None:  # type: ignore[attr-defined]
+                    os.close(proc.status_fd)  # type: ignore[attr-defined]
                 proc.kill()
                 proc.stop(1)
             raise
@@ -150,13 +171,19 @@ class Local(System):
                 [sys.executable, "-m", "bigmachine._worker"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=os.getcwd(), env=env, pass_fds=(status_w,), start_new_session=True)
+        except BaseException:
+            os.close(status_r)
+            raise
         finally:
             os.close(status_w)
         bootstrap = json.dumps(config).encode() + b"\n" + creds.encode()
         if creds.ca is not None:
             bootstrap += json.dumps(creds.ca.issue(name, ("127.0.0.1",)).to_dict()).encode() + b"\n"
-        popen.stdin.write(bootstrap)
-        popen.stdin.flush()
+        try:
+            popen.stdin.write(bootstrap)
+            popen.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died at once; _await_addr reports how, with its output
         proc = _LocalProcess(name, popen)
         proc.status_fd = status_r  # type: ignore[attr-defined]
         return proc
@@ -177,5 +204,6 @@ class Local(System):
                 if len(data) > 256:
                     raise proc.error("reported a malformed address")
         finally:
+            proc.status_fd = None  # type: ignore[attr-defined]
             os.close(fd)
         return data.decode().strip()

@@ -1,0 +1,148 @@
+"""Shared fixtures: leak checks after every test, and bigmachine sessions.
+
+After each test the autouse ``no_leaks`` fixture checks that the test left no
+child process (psutil, recursively) and no non-daemon thread behind, polling
+for up to LEAK_GRACE seconds before it fails the test. Processes alive when
+the test started (those of module- or session-scoped fixtures, which pytest
+sets up first) may outlive it, and so may the thread-pool threads of sessions
+registered with ``shared``; ``unshare`` shuts such a session down and checks
+that its own processes and threads are gone.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import pytest
+
+import bigmachine as bm
+
+LEAK_GRACE = 5.0
+# Small timings so that failures are noticed fast, but generous enough for
+# two loaded cores shared with other test runs.
+TIMING = dict(keepalive_period=0.25, lost_after=5.0)
+
+_shared_sessions: list = []
+
+
+def children() -> set[int]:
+    """Live (non-zombie) descendants of this process."""
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _session_threads(b) -> set:
+    """The thread-pool threads of b's node and of its in-process machines' nodes."""
+    nodes = [b.node] + [getattr(m.process, "node", None) for m in b.machines()]
+    threads = set()
+    for node in nodes:
+        threads.update(getattr(getattr(node, "executor", None), "_threads", ()))
+    return threads
+
+
+def _allowed_threads() -> set:
+    allowed = set()
+    for b in _shared_sessions:
+        allowed.update(_session_threads(b))
+    return allowed
+
+
+def _stray_threads(before: set) -> list:
+    allowed = _allowed_threads()
+    return [t for t in threading.enumerate()
+            if t.is_alive() and not t.daemon and t is not threading.main_thread()
+            and t not in before and t not in allowed]
+
+
+def wait_no_leaks(allowed_pids: set = frozenset(), before_threads: set = frozenset(),
+                  grace: float = LEAK_GRACE) -> None:
+    """Poll until nothing leaked; fail with what is left after grace seconds."""
+    deadline = time.monotonic() + grace
+    while True:
+        procs = children() - set(allowed_pids)
+        threads = _stray_threads(set(before_threads))
+        if not procs and not threads:
+            return
+        if time.monotonic() > deadline:
+            described = []
+            for pid in procs:
+                try:
+                    described.append(f"{pid}: {' '.join(psutil.Process(pid).cmdline())}")
+                except psutil.NoSuchProcess:
+                    pass
+            pytest.fail(f"leaked after the test: child processes {described}, "
+                        f"non-daemon threads {[t.name for t in threads]}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    allowed_pids = children()  # those of module-scoped sessions set up before the test
+    before_threads = set(threading.enumerate())
+    yield
+    wait_no_leaks(allowed_pids, before_threads)
+
+
+def shared(b):
+    """Register a module-scoped session whose processes and threads outlive tests."""
+    _shared_sessions.append(b)
+    return b
+
+
+def session_pids(b) -> set[int]:
+    """The processes of b's machines (Local), with their descendants."""
+    pids = set()
+    for m in b.machines():
+        popen = getattr(m.process, "popen", None)
+        if popen is None:
+            continue
+        pids.add(popen.pid)
+        try:
+            pids.update(c.pid for c in psutil.Process(popen.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def unshare(b) -> None:
+    """Shut a shared session down and check that its processes and threads are gone.
+
+    Other processes alive now (a session-scoped sshd, another module's
+    session) are left alone.
+    """
+    ours = session_pids(b)
+    others = children() - ours
+    threads_before = set(threading.enumerate())
+    _shared_sessions.remove(b)
+    executor_threads = _session_threads(b)
+    b.shutdown()
+    wait_no_leaks(allowed_pids=others, before_threads=threads_before - executor_threads)
+
+
+@pytest.fixture
+def cluster():
+    """A fresh Local session, shut down after the test."""
+    b = bm.start(**TIMING)
+    try:
+        yield b
+    finally:
+        b.shutdown()
+
+
+def poll(fn, timeout: float = 5.0, interval: float = 0.02):
+    """Call fn until it returns something truthy; return that, or fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s (last value {value!r})")
+        time.sleep(interval)

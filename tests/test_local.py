@@ -1,0 +1,116 @@
+"""bm.Local specifics: child processes, their environment, output and secrets."""
+from __future__ import annotations
+
+import base64
+import os
+import sys
+import time
+
+import psutil
+import pytest
+
+import bigmachine as bm
+from tests.conftest import TIMING, children, poll
+from tests.services import Echo
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_machines_are_children_with_the_drivers_interpreter_path_and_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    expected_path = [p if p else os.getcwd() for p in sys.path]
+    with bm.start(**TIMING) as b:
+        m0, m1 = b.start(2, services={"Echo": Echo()})
+        for m in (m0, m1):
+            env = m.call("Echo.environment", timeout=10)
+            assert env["executable"] == sys.executable
+            assert os.path.realpath(env["cwd"]) == os.path.realpath(tmp_path)
+            assert env["path"] == expected_path
+            assert env["pid"] == m.info()["pid"] != os.getpid()
+            proc = psutil.Process(env["pid"])
+            assert proc.ppid() == os.getpid()
+            assert os.path.realpath(proc.exe()) == os.path.realpath(sys.executable)
+        assert m0.info()["pid"] != m1.info()["pid"]
+        info = m0.info()
+        assert info["name"] == m0.name and info["addr"] == m0.addr
+        assert "Echo" in info["services"]
+        pids = [m0.info()["pid"], m1.info()["pid"]]
+        assert set(pids) <= children()
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_output_is_copied_with_machine_prefix(capfd):
+    with bm.start(**TIMING) as b:
+        m0, m1 = b.start(2, services={"Echo": Echo()})
+        assert m0.call("Echo.say", out="hello out\nsecond line", err="hello err", timeout=10)
+        assert m1.call("Echo.say", out="from m1", timeout=10)
+        # output reaches the driver while the machine runs
+        seen = []
+
+        def arrived():
+            seen.append(capfd.readouterr().err)
+            text = "".join(seen)
+            return all(s in text for s in ("hello out", "second line", "hello err", "from m1"))
+
+        poll(arrived, timeout=5)
+        err = "".join(seen)
+        lines = err.splitlines()
+        assert f"{m0.name}: hello out" in lines
+        assert f"{m0.name}: second line" in lines
+        assert f"{m0.name}: hello err" in lines
+        assert f"{m1.name}: from m1" in lines
+        # and right before shutdown: nothing printed is lost, not even an unterminated line
+        assert m0.call("Echo.say", out="last words", err="last err", tail="no newline", timeout=10)
+    out, err = capfd.readouterr()
+    lines = err.splitlines()
+    assert f"{m0.name}: last words" in lines
+    assert f"{m0.name}: last err" in lines
+    assert f"{m0.name}: no newline" in lines
+    assert "last words" not in out  # the driver's stdout is left alone
+
+
+def test_secret_is_not_in_cmdline_or_environment(cluster):
+    m0, = cluster.start(1, services={"Echo": Echo()})
+    pid = m0.info()["pid"]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read()
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        environ = f.read()
+    creds = cluster.node.creds
+    secret = creds.secret
+    assert len(secret) >= 16
+    forms = [secret, secret.hex().encode(), secret.hex().upper().encode(),
+             base64.b64encode(secret), base64.urlsafe_b64encode(secret),
+             base64.b64encode(secret).rstrip(b"="), creds.encode()]
+    for form in forms:
+        assert form not in cmdline
+        assert form not in environ
+    assert b"bigmachine" in cmdline  # we did read the right process
+    # the machine does know it: only a peer with the secret gets in
+    assert m0.call("Echo.echo", 1, timeout=10) == 1
+
+
+def test_shutdown_leaves_no_child_process():
+    b = bm.start(**TIMING)
+    machines = b.start(3, services={"Echo": Echo()})
+    pids = {m.info()["pid"] for m in machines}
+    assert len(pids) == 3 and pids <= children()
+    t0 = time.monotonic()
+    b.shutdown()
+    assert time.monotonic() - t0 < 10
+    assert not pids & children()
+    for m in machines:
+        assert m.state == bm.State.STOPPED
+        assert isinstance(m.err, bm.MachineLost)
+        with pytest.raises(bm.MachineLost):
+            m.call("Echo.echo", 1, timeout=5)
+
+
+def test_keepalives_keep_an_idle_machine_alive():
+    # lease 0.8 s: without keepalives (every 0.1 s) the machine would stop itself
+    with bm.start(keepalive_period=0.1, lease=0.8, lost_after=5.0) as b:
+        m0, = b.start(1, services={"Echo": Echo()})
+        time.sleep(1.6)
+        assert m0.state == bm.State.RUNNING
+        assert m0.call("Echo.echo", "alive", timeout=10) == "alive"
