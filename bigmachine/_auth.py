@@ -9,7 +9,10 @@ lengths and a deadline, before any frame is decoded or anything unpickled::
     client -> server  PROOF   HMAC(secret, "client" | client hello | server hello)
     server -> client  OK      one byte
 
-Fresh nonces on both sides defeat replay; the role labels defeat reflection.
+Fresh nonces on both sides defeat replay; the role labels stop a peer from
+answering a challenge with the challenger's own words, and a node refuses a
+hello carrying the nonce of one of its own dials in progress (a dialed peer
+relaying us to our own listener).
 """
 from __future__ import annotations
 
@@ -70,6 +73,11 @@ def _mac(creds: Credentials, label: bytes, *parts: bytes) -> bytes:
 
 def _python_str(code: int) -> str:
     return f"{code >> 8}.{code & 0xFF}"
+
+
+def nonce(hello: bytes) -> bytes:
+    """The nonce of a hello (the last field)."""
+    return hello[HELLO_SIZE - NONCE:HELLO_SIZE]
 
 
 def client_hello(creds: Credentials) -> bytes:

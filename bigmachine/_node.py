@@ -29,12 +29,21 @@ log = logging.getLogger("bigmachine.node")
 _local = threading.local()
 _default: Optional["Node"] = None
 CONNECT_TIMEOUT = 10.0
+MAX_HANDSHAKES = 4096  # unauthenticated connections at once; more are closed at accept
+ACCEPT_PAUSE = 0.5     # seconds to stop accepting after accept() fails
 USER_TIMEOUT = 15.0  # TCP_USER_TIMEOUT: how long unacknowledged data may sit
 
 
 def current_node() -> Optional["Node"]:
     """The node of the calling thread, else the process's default (the driver's)."""
     return getattr(_local, "node", None) or _default
+
+
+def swap_current(node: Optional["Node"]) -> Optional["Node"]:
+    """Make node the calling thread's node; return the one it replaces."""
+    previous = getattr(_local, "node", None)
+    _local.node = node
+    return previous
 
 
 def set_default(node: Optional["Node"]) -> None:
@@ -62,6 +71,8 @@ class Node:
         self.connections: dict[str, Connection] = {}
         self._connecting: dict[str, asyncio.Future] = {}
         self.listener: Optional[socket.socket] = None
+        self._handshaking = 0                 # accepted connections not yet authenticated
+        self._dialing: set[bytes] = set()     # nonces of our handshakes in progress
         self.addr: Optional[str] = None
         self.on_connection_lost: list[Callable[[Connection], None]] = []
         self.b: Any = None  # the B this node belongs to, for current()
@@ -132,13 +143,25 @@ class Node:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("%s: accept failed: %s", self.name, exc)
+                # Out of descriptors or memory: the listener stays readable, so
+                # stop watching it for a moment rather than spin on it.
+                log.warning("%s: accept failed: %s; pausing for %g s", self.name, exc, ACCEPT_PAUSE)
+                self.loop.remove_reader(self.listener.fileno())
+                self.loop.call_later(ACCEPT_PAUSE, self._resume_accept)
                 return
+            if self._handshaking >= MAX_HANDSHAKES:
+                sock.close()  # unauthenticated peers may not crowd out real ones
+                continue
             self.loop.create_task(self._serve(sock, f"{peer[0]}:{peer[1]}"))
+
+    def _resume_accept(self) -> None:
+        if not self.closed and self.listener is not None:
+            self.loop.add_reader(self.listener.fileno(), self._on_accept)
 
     async def _serve(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
         tls = None
+        self._handshaking += 1
         try:
             tls = await asyncio.wait_for(self._server_handshake(sock, peer), _auth.HANDSHAKE_TIMEOUT)
         except (asyncio.TimeoutError, ProtocolError, AuthError, OSError, EOFError) as exc:
@@ -146,6 +169,8 @@ class Node:
             log.warning("%s: refused connection from %s: %s", self.name, peer, reason)
             sock.close()
             return
+        finally:
+            self._handshaking -= 1
         configure_socket(sock, self.user_timeout)
         self._register(Connection(sock, self.loop, peer, False, self.dispatcher.on_request,
                                   self._on_close, tls=tls))
@@ -156,6 +181,9 @@ class Node:
             channel.tls = TLSChannel(self.tls_contexts[0], server_side=True)
             await channel.tls.handshake(self.loop, sock, peer)
         hello = await channel.recv_exact(_auth.HELLO_SIZE, magic=True)
+        if _auth.nonce(hello) in self._dialing:
+            # Our own hello, relayed back to us by whoever we dialed.
+            raise AuthError(peer, "it reflected our own handshake back to us")
         reply, ok = _auth.server_reply(self.creds, hello)
         await channel.send(reply)
         if not ok:
@@ -213,6 +241,8 @@ class Node:
         family, type_, proto, _, sockaddr = infos[0]
         sock = socket.socket(family, type_, proto)
         name = f"{host}:{port}"
+        hello = _auth.client_hello(self.creds)
+        self._dialing.add(_auth.nonce(hello))
         try:
             sock.setblocking(False)
             await self.loop.sock_connect(sock, sockaddr)
@@ -220,7 +250,6 @@ class Node:
             if self.tls_contexts is not None:
                 channel.tls = TLSChannel(self.tls_contexts[1], server_side=False)
                 await channel.tls.handshake(self.loop, sock, name)
-            hello = _auth.client_hello(self.creds)
             await channel.send(hello)
             reply = await channel.recv_exact(_auth.SERVER_HELLO_SIZE)
             proof = _auth.check_server_hello(self.creds, name, hello, reply)
@@ -232,8 +261,11 @@ class Node:
         except BaseException:
             sock.close()
             raise
+        finally:
+            self._dialing.discard(_auth.nonce(hello))
 
     def _register(self, conn: Connection, addr: Optional[str] = None) -> None:
+        conn.node = self  # type: ignore[attr-defined]  # replies on it belong to this cluster
         if addr is not None:
             self.connections[addr] = conn
         conn.addr_key = addr  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Iterator, Optional
 
 from ._connection import Connection, Waiter
 from ._dispatch import STREAM_WINDOW
+from ._node import swap_current
 from ._serialize import dumps, load_exception, loads
 from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
 from .errors import Error, MachineLost
@@ -26,12 +27,19 @@ def encode_request(method: str, args: tuple, kwargs: dict) -> tuple[list, list]:
         raise Error(f"cannot send {method}: {exc}") from exc.__cause__
 
 
-def _result(item: tuple) -> Any:
+def _result(conn: Connection, item: tuple) -> Any:
     mtype, payload = item
-    if mtype == MTYPE_REPLY or mtype == MTYPE_ITEM:
-        return loads(payload)
-    if mtype == MTYPE_ERROR:
-        raise load_exception(payload)
+    if mtype == MTYPE_REPLY or mtype == MTYPE_ITEM or mtype == MTYPE_ERROR:
+        # Unpickle as a member of the connection's cluster: a Machine in the
+        # reply becomes a handle of that cluster, whatever thread asks.
+        previous = swap_current(conn.node)
+        try:
+            if mtype != MTYPE_ERROR:
+                return loads(payload)
+            error = load_exception(payload)
+        finally:
+            swap_current(previous)
+        raise error
     if mtype is None:  # the connection failed; payload is why
         raise _lost(payload)
     raise AssertionError(f"unexpected message type {mtype}")
@@ -63,7 +71,7 @@ def call(conn: Connection, method: str, args: tuple, kwargs: dict,
             raise
     finally:
         conn.gate.release()
-    return _result(item)
+    return _result(conn, item)
 
 
 async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
@@ -87,7 +95,7 @@ async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
             raise
     finally:
         conn.gate.release()
-    return _result(item)
+    return _result(conn, item)
 
 
 class _StreamState:
@@ -131,7 +139,7 @@ def stream(conn: Connection, method: str, args: tuple, kwargs: dict,
                     return
                 if item[0] != MTYPE_ITEM:
                     state.done = True
-                yield _result(item)
+                yield _result(conn, item)
                 state.consumed_one()
         finally:
             state.close()
@@ -159,7 +167,7 @@ async def astream(conn: Connection, method: str, args: tuple, kwargs: dict,
                     return
                 if item[0] != MTYPE_ITEM:
                     state.done = True
-                yield _result(item)
+                yield _result(conn, item)
                 state.consumed_one()
         finally:
             state.close()

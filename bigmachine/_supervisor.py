@@ -55,10 +55,17 @@ class Supervisor:
                 self._lease = lease
             for name, inst in services.items():
                 self._node.registry.add(name, inst)
-            for name, inst in services.items():
-                init = getattr(inst, "init", None)
-                if callable(init):
-                    init(self._node.b.machine)
+            try:
+                for name, inst in services.items():
+                    init = getattr(inst, "init", None)
+                    if callable(init):
+                        init(self._node.b.machine)
+            except BaseException:
+                # A machine whose init failed serves no one: it stops itself
+                # once the error has had time to reach its would-be owner.
+                self._node.loop.call_soon_threadsafe(
+                    self._node.loop.call_later, 0.5, self._on_stop, "its services' init failed")
+                raise
             self._owner = served.conn if served is not None else None
 
     def ping(self) -> str:

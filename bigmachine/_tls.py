@@ -137,15 +137,26 @@ class TLSChannel:
     """TLS over a raw socket through memory BIOs, usable from several threads."""
 
     def __init__(self, ctx: ssl.SSLContext, server_side: bool):
+        self.ctx = ctx
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
+        # A server's OpenSSL state (about 30 KiB) is made once the client's
+        # first bytes arrive (see handshake): idle unauthenticated connections
+        # then cost next to nothing.
+        self.obj: Optional[ssl.SSLObject] = (
+            None if server_side else ctx.wrap_bio(self.incoming, self.outgoing, server_side=False))
         self.lock = threading.Lock()
-        self.raw = bytearray(RECV_SIZE)
+        # The reader thread's ciphertext buffer, made on its first read (after the
+        # handshake): a connection that has not authenticated must not cost
+        # 256 KiB of memory (1000 idle ones would hold 256 MiB).
+        self.raw: Optional[bytearray] = None
 
     # ---- the handshake phase, on an event loop with a non-blocking socket ----
 
     async def handshake(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, host: str) -> None:
+        if self.obj is None:  # server side: a TLS server starts by reading the ClientHello
+            await self._fill(loop, sock, host)
+            self.obj = self.ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
         while True:
             try:
                 self.obj.do_handshake()
@@ -199,10 +210,13 @@ class TLSChannel:
                     pass
                 except ssl.SSLZeroReturnError:
                     return 0
-            n = sock.recv_into(self.raw)
+            raw = self.raw
+            if raw is None:
+                raw = self.raw = bytearray(RECV_SIZE)
+            n = sock.recv_into(raw)
             if n == 0:
                 return 0
-            self.incoming.write(memoryview(self.raw)[:n])
+            self.incoming.write(memoryview(raw)[:n])
 
     def encrypt(self, buffers: list) -> bytes:
         """The ciphertext of buffers, in order (callers serialise writes)."""
