@@ -33,7 +33,8 @@ log = logging.getLogger("bigmachine.connection")
 
 IOV_MAX = 1024
 MAX_IN_FLIGHT = 10_000          # outgoing calls in flight per connection
-MAX_QUEUED = 64 << 20           # bytes queued for writing before senders wait
+MAX_QUEUED = 64 << 20           # bytes queued for writing before large senders wait
+SMALL_MESSAGE = _wire.INLINE_MAX  # messages this small never wait for room
 
 
 class FaultInjector:
@@ -98,7 +99,7 @@ class Waiter:
         fut = self.future
         if fut is not None:
             self.future = None
-            self.loop.call_soon_threadsafe(_wake, fut)
+            _wake_threadsafe(self.loop, fut)
         elif self.lock.locked():
             try:
                 self.lock.release()
@@ -127,6 +128,17 @@ class Waiter:
 def _wake(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _wake_threadsafe(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> bool:
+    """Wake fut on its loop, unless it is done or its loop is gone; True if woken."""
+    if fut.done():
+        return False
+    try:
+        loop.call_soon_threadsafe(_wake, fut)
+    except RuntimeError:
+        return False  # the loop is closed: its caller gave up
+    return True
 
 
 class Gate:
@@ -162,21 +174,21 @@ class Gate:
             self.cond.notify()
             while self.async_waiters:
                 loop, fut = self.async_waiters.popleft()
-                if not fut.done():
-                    loop.call_soon_threadsafe(_wake, fut)
+                if _wake_threadsafe(loop, fut):
                     break
 
 
 class _Outgoing:
     """A message being written: its frames, and where the writer is in them."""
 
-    __slots__ = ("units", "index", "offset", "nbytes")
+    __slots__ = ("units", "index", "offset", "nbytes", "sent")
 
     def __init__(self, units: list, nbytes: int):
         self.units = units
         self.index = 0
         self.offset = 0  # bytes of units[index] already written
         self.nbytes = nbytes
+        self.sent = 0    # bytes of the message written (or, with TLS, encrypted)
 
 
 class Connection:
@@ -239,9 +251,29 @@ class Connection:
         return sid, waiter
 
     def cancel(self, sid: int) -> None:
-        """Forget our call sid and tell the peer to stop working on it."""
+        """Forget our call sid and tell the peer to stop working on it.
+
+        A request of ours still queued and not yet begun is dropped: it
+        would only cost the peer work and us memory.
+        """
         if self.calls.pop(sid, None) is not None and not self.closed:
+            self._drop_unsent(sid)
             self.send_control(KIND_CANCEL, sid)
+
+    def _drop_unsent(self, sid: int) -> None:
+        with self._lock:
+            queue = self._streams.get(sid)
+            if not queue:
+                return
+            keep = deque(out for out in queue if out.sent)  # a begun message must finish
+            for out in queue:
+                if not out.sent:
+                    self._queued -= out.nbytes
+            if keep:
+                self._streams[sid] = keep
+            else:
+                del self._streams[sid]
+            self._wake_senders()
 
     # ---- writing ----------------------------------------------------------
 
@@ -251,37 +283,55 @@ class Connection:
 
     def send(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list,
              deadline: Optional[float] = None) -> None:
-        """Send a message; off the IO loop, waits while too much is queued.
+        """Send a message from any thread.
 
-        Raises TimeoutError if still waiting at deadline (time.monotonic());
-        the message itself stays queued and is sent when the peer reads.
+        A large message first waits (off the IO loop) until fewer than
+        max_queued bytes wait to be written, so a peer that stops reading
+        cannot make us hold unbounded data; small ones go straight on (the
+        in-flight gate bounds them). Raises TimeoutError if still waiting at
+        deadline (time.monotonic()); nothing was queued then.
         """
         units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
-        if self._enqueue(sid, units, nbytes) and not self._in_loop():
+        if nbytes > SMALL_MESSAGE and not self._in_loop():
             with self._lock:
                 while self._queued > self.max_queued and not self.closed:
                     wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                     if wait <= 0:
                         raise TimeoutError(f"{self.peer} is not reading; send queue full")
                     self._drained.wait(wait)
+        self._enqueue(sid, units, nbytes)
 
     async def asend(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> None:
-        """Send a message from a coroutine; awaits while too much is queued."""
+        """Send a message from a coroutine; a large one awaits room first (see send)."""
         units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
-        if self._enqueue(sid, units, nbytes):
+        if nbytes > SMALL_MESSAGE:
             loop = asyncio.get_running_loop()
             while True:
                 with self._lock:
                     if self._queued <= self.max_queued or self.closed:
-                        return
-                    fut = loop.create_future()
-                    self._async_drained.append((loop, fut))
-                await fut
+                        break
+                    waiter = (loop, loop.create_future())
+                    self._async_drained.append(waiter)
+                try:
+                    await waiter[1]
+                finally:
+                    with self._lock:
+                        if waiter in self._async_drained:
+                            self._async_drained.remove(waiter)
+        self._enqueue(sid, units, nbytes)
 
-    def _enqueue(self, sid: int, units: list, nbytes: int) -> bool:
-        """Write now if nothing is queued, else queue. Returns True if over the cap."""
+    def _wake_senders(self) -> None:
+        """With the lock held: wake senders waiting for room, if there is room."""
+        if self._queued <= self.max_queued or self.closed:
+            self._drained.notify_all()
+            for loop, fut in self._async_drained:
+                _wake_threadsafe(loop, fut)
+            self._async_drained.clear()
+
+    def _enqueue(self, sid: int, units: list, nbytes: int) -> None:
+        """Write now if nothing is queued, else queue for the IO loop to write."""
         if FAULTS is not None and self._inject(units):
-            return False
+            return
         with self._lock:
             if self.closed:
                 raise self.error
@@ -289,7 +339,7 @@ class Connection:
             if not self._streams:
                 try:
                     if self._write(out):
-                        return False
+                        return
                 except OSError as exc:
                     lost = MachineLost(self.peer, f"write failed: {exc}")
                     threading.Thread(target=self._fail, args=(lost,), daemon=True).start()
@@ -298,11 +348,10 @@ class Connection:
             if queue is None:
                 self._streams[sid] = queue = deque()
             queue.append(out)
-            self._queued += out.nbytes
+            self._queued += out.nbytes - out.sent
             if not self._writer_armed:
                 self._writer_armed = True
                 self.loop.call_soon_threadsafe(self._arm_writer)
-            return self._queued > self.max_queued
 
     def _inject(self, units: list) -> bool:
         """Apply the fault injector to one message; True if it was consumed."""
@@ -344,6 +393,7 @@ class Connection:
                 except (BlockingIOError, InterruptedError):
                     return False
                 out.offset += n
+                out.sent += n
                 unit = _skip(unit, n)
             out.index += 1
             out.offset = 0
@@ -359,7 +409,9 @@ class Connection:
                 return True
             if one_unit and encrypted:
                 return False
-            self._ciphertext = memoryview(self.tls.encrypt(out.units[out.index]))
+            unit = out.units[out.index]
+            self._ciphertext = memoryview(self.tls.encrypt(unit))
+            out.sent += sum(memoryview(b).nbytes for b in unit)
             out.index += 1
             encrypted = True
         return False
@@ -383,10 +435,12 @@ class Connection:
                 while self._streams:
                     sid, queue = next(iter(self._streams.items()))
                     out = queue[0]
-                    before = out.index
-                    if self._write(out, one_unit=True):
+                    before, sent = out.index, out.sent
+                    done = self._write(out, one_unit=True)
+                    self._queued -= out.sent - sent
+                    if done:
                         queue.popleft()
-                        self._queued -= out.nbytes
+                        self._queued -= out.nbytes - out.sent  # whatever framing was not counted
                         if not queue:
                             del self._streams[sid]
                             continue
@@ -398,11 +452,7 @@ class Connection:
                 self._writer_armed = False
                 self.loop.remove_writer(self.fd)
                 return
-            if self._queued <= self.max_queued:
-                self._drained.notify_all()
-                for loop, fut in self._async_drained:
-                    loop.call_soon_threadsafe(_wake, fut)
-                self._async_drained.clear()
+            self._wake_senders()
             if not self._streams and not self._ciphertext:
                 self._writer_armed = False
                 self.loop.remove_writer(self.fd)
@@ -496,10 +546,7 @@ class Connection:
             self.error = error
             self._streams.clear()
             self._queued = 0
-            self._drained.notify_all()
-            for loop, fut in self._async_drained:
-                loop.call_soon_threadsafe(_wake, fut)
-            self._async_drained.clear()
+            self._wake_senders()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader
         except OSError:

@@ -142,6 +142,10 @@ def _send(conn: Connection, sid: int, mtype: int, message: tuple) -> None:
         conn.send(sid, mtype, 0, *message)
     except MachineLost:
         pass  # the caller is gone; there is no one to tell
+    except Exception as exc:  # the reply could not be framed: say so instead
+        if mtype == MTYPE_ERROR:
+            raise
+        _send(conn, sid, MTYPE_ERROR, dump_exception(Error(f"cannot send the reply: {exc}")))
 
 
 def _reply(result: Any, mtype: int = MTYPE_REPLY) -> tuple[int, tuple]:
@@ -196,6 +200,10 @@ async def _asend(conn: Connection, sid: int, mtype: int, message: tuple) -> None
         await conn.asend(sid, mtype, 0, *message)
     except MachineLost:
         pass
+    except Exception as exc:
+        if mtype == MTYPE_ERROR:
+            raise
+        await _asend(conn, sid, MTYPE_ERROR, dump_exception(Error(f"cannot send the reply: {exc}")))
 
 
 async def _run_async(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:

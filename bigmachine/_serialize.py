@@ -29,6 +29,7 @@ MAX_BUFFERS = _wire.MAX_SEGMENTS - 1
 
 def dumps(obj: Any) -> tuple[list, list]:
     """Return (segments, readonly flags) for obj."""
+    obj = _lift(obj, 0)
     main, buffers = _pickle(obj, INBAND_MAX)
     if len(buffers) > MAX_BUFFERS:
         # More buffers than one message carries: the smallest travel in band.
@@ -41,6 +42,46 @@ def dumps(obj: Any) -> tuple[list, list]:
         segments.append(raw)
         readonly.append(raw.readonly)
     return segments, readonly
+
+
+# Exact bytes and bytearray objects this large travel out of band when they
+# are the message or sit near its top (a call's arguments, a reply's items).
+# The C pickler copies them into the stream otherwise and offers no hook for
+# them short of persistent_id, which would slow every message down. On
+# arrival they are rebuilt with one copy: Python owns a bytes' memory.
+BYTES_OUT_OF_BAND = 64 << 10
+_LIFT_DEPTH = 2
+_LIFT_WIDTH = 64
+
+
+class _OutOfBandBytes:
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any):
+        self.data = data
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+def _lift(obj: Any, depth: int) -> Any:
+    """obj, with large bytes/bytearray near its top wrapped to travel out of band."""
+    kind = type(obj)
+    if kind is bytes or kind is bytearray:
+        return _OutOfBandBytes(obj) if len(obj) >= BYTES_OUT_OF_BAND else obj
+    if depth >= _LIFT_DEPTH:
+        return obj
+    if kind is tuple or kind is list:
+        if len(obj) > _LIFT_WIDTH:
+            return obj
+        items = [_lift(x, depth + 1) for x in obj]
+        if any(a is not b for a, b in zip(items, obj)):
+            return kind(items)
+    elif kind is dict and len(obj) <= _LIFT_WIDTH:
+        items = {k: _lift(v, depth + 1) for k, v in obj.items()}
+        if any(items[k] is not v for k, v in obj.items()):
+            return items
+    return obj
 
 
 def _pickle(obj: Any, inband_max: int) -> tuple[bytes, list]:
