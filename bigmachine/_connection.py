@@ -239,7 +239,7 @@ class Connection:
     def new_call(self) -> tuple[int, Waiter]:
         """Register a call; its replies are delivered to the returned Waiter."""
         if self.closed:
-            raise self.error
+            raise self._lost()
         sid = next(self._sids)
         if sid > _wire.MAX_STREAM_ID:
             raise Error("stream ids exhausted on this connection; dial again")
@@ -247,7 +247,7 @@ class Connection:
         self.calls[sid] = waiter
         if self.closed:  # lost the race with _fail
             self.calls.pop(sid, None)
-            raise self.error
+            raise self._lost()
         return sid, waiter
 
     def cancel(self, sid: int) -> None:
@@ -334,7 +334,7 @@ class Connection:
             return
         with self._lock:
             if self.closed:
-                raise self.error
+                raise self._lost()
             out = _Outgoing(units, nbytes)
             if not self._streams:
                 try:
@@ -360,14 +360,15 @@ class Connection:
             return True
         if fault == "truncate":
             with self._lock:
-                if not self.closed:
-                    head = units[0]
+                # Half a header, unless another message is part-written: then
+                # writing anything would corrupt that one, not this one.
+                if not self.closed and not self._streams and not self._ciphertext:
                     try:
-                        self.sock.sendmsg(_skip(head, 0)[:1], (), socket.MSG_DONTWAIT)
+                        self.sock.send(bytes(memoryview(units[0][0])[:8]), socket.MSG_DONTWAIT)
                     except OSError:
                         pass
             self._fail(MachineLost(self.peer, "fault injected: truncated write"))
-            raise self.error
+            raise self._lost()
         return False
 
     def _in_loop(self) -> bool:
@@ -555,12 +556,20 @@ class Connection:
             self.loop.call_soon_threadsafe(self._release_fd)
         except RuntimeError:
             self.sock.close()  # the loop is gone: nothing watches the fd
+        # Owners learn first (a machine is STOPPED), then the waiting callers.
+        self.on_close(self)
         calls, self.calls = self.calls, {}
         for waiter in calls.values():
             waiter.put((None, error))
         for served in list(self.incoming.values()):
             served.cancel()
-        self.on_close(self)
+
+    def _lost(self) -> MachineLost:
+        """What a new call on this closed connection raises."""
+        error = self.error
+        lost = MachineLost(self.peer, getattr(error, "reason", None) or str(error))
+        lost.__cause__ = error
+        return lost
 
     def _release_fd(self) -> None:
         if self._writer_armed:

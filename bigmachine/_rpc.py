@@ -37,6 +37,8 @@ def _result(conn: Connection, item: tuple) -> Any:
             if mtype != MTYPE_ERROR:
                 return loads(payload)
             error = load_exception(payload)
+        except Exception as exc:
+            raise Error(f"cannot unpickle a reply from {conn.peer}: {exc}") from exc
         finally:
             swap_current(previous)
         raise error

@@ -53,16 +53,32 @@ def main() -> None:
         os.close(config["status_fd"])
     if config.get("parent_pipe", True):
         threading.Thread(target=_watch_parent, args=(stdin, on_stop), daemon=True).start()
-    stopped.wait()
-    if reasons and reasons[0] != "shut down by its owner":
-        print(f"machine {config['name']} stopping: {reasons[0]}", file=sys.stderr)
-    _exit(0)
+    try:
+        stopped.wait()
+        if reasons and reasons[0] != "shut down by its owner":
+            _kill_group()  # first: they may hold our output pipes
+            _nonblocking_output()
+            print(f"machine {config['name']} stopping: {reasons[0]}", file=sys.stderr)
+    finally:
+        # Even if that print failed (the driver, which reads our output, may be
+        # dead or stopped): an exception here would leave the interpreter waiting
+        # for the pool's threads, that is for the calls still running.
+        _exit(0)
 
 
 def _watch_parent(stdin, on_stop) -> None:
     while stdin.read(65536):
         pass
     on_stop("the driver is gone")
+
+
+def _nonblocking_output() -> None:
+    """Never block on our output on the way out: a stopped driver does not read it."""
+    for fd in (1, 2):
+        try:
+            os.set_blocking(fd, False)
+        except OSError:
+            pass
 
 
 def _exit(code: int) -> None:
