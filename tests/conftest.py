@@ -1,7 +1,8 @@
 """Shared fixtures: leak checks after every test, and bigmachine sessions.
 
 After each test the autouse ``no_leaks`` fixture checks that the test left no
-child process (psutil, recursively) and no non-daemon thread behind, polling
+child process (psutil, recursively), no non-daemon thread and no listening
+socket of this process behind, polling
 for up to LEAK_GRACE seconds before it fails the test. Processes alive when
 the test started (those of module- or session-scoped fixtures, which pytest
 sets up first) may outlive it, and so may the thread-pool threads of sessions
@@ -61,14 +62,21 @@ def _stray_threads(before: set) -> list:
             and t not in before and t not in allowed]
 
 
+def listeners() -> set:
+    """The addresses this process listens on (in-process machines' listeners)."""
+    return {c.laddr for c in psutil.Process().net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN}
+
+
 def wait_no_leaks(allowed_pids: set = frozenset(), before_threads: set = frozenset(),
-                  grace: float = LEAK_GRACE) -> None:
+                  grace: float = LEAK_GRACE, before_listeners: set = None) -> None:
     """Poll until nothing leaked; fail with what is left after grace seconds."""
     deadline = time.monotonic() + grace
     while True:
         procs = children() - set(allowed_pids)
         threads = _stray_threads(set(before_threads))
-        if not procs and not threads:
+        sockets = listeners() - before_listeners if before_listeners is not None else set()
+        if not procs and not threads and not sockets:
             return
         if time.monotonic() > deadline:
             described = []
@@ -78,7 +86,8 @@ def wait_no_leaks(allowed_pids: set = frozenset(), before_threads: set = frozens
                 except psutil.NoSuchProcess:
                     pass
             pytest.fail(f"leaked after the test: child processes {described}, "
-                        f"non-daemon threads {[t.name for t in threads]}")
+                        f"non-daemon threads {[t.name for t in threads]}, "
+                        f"listening sockets {sorted(sockets)}")
         time.sleep(0.05)
 
 
@@ -86,8 +95,9 @@ def wait_no_leaks(allowed_pids: set = frozenset(), before_threads: set = frozens
 def no_leaks():
     allowed_pids = children()  # those of module-scoped sessions set up before the test
     before_threads = set(threading.enumerate())
+    before_listeners = listeners()
     yield
-    wait_no_leaks(allowed_pids, before_threads)
+    wait_no_leaks(allowed_pids, before_threads, before_listeners=before_listeners)
 
 
 def shared(b):
