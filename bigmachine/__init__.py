@@ -19,10 +19,11 @@ from ._version import __version__
 from .backends import Process, System
 from .backends.inprocess import InProcess
 from .backends.local import Local
+from .backends.ssh import SSH
 from .errors import AuthError, Error, MachineLost, ProtocolError, RemoteError
 
 __all__ = [
-    "B", "Machine", "State", "System", "Process", "Local", "InProcess",
+    "B", "Machine", "State", "System", "Process", "Local", "InProcess", "SSH",
     "start", "current", "service", "cancelled", "retry",
     "Error", "RemoteError", "MachineLost", "AuthError", "ProtocolError",
     "__version__",

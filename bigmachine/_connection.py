@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 from . import _buffers, _wire
 from ._wire import (KIND_CANCEL, KIND_CREDIT, KIND_GOAWAY, KIND_MSG, KIND_PING,
-                    KIND_PONG, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY,
+                    KIND_PONG, MTYPE_END, MTYPE_ERROR, MTYPE_REPLY,
                     MTYPE_REQUEST, WireError)
 from .errors import Error, MachineLost, ProtocolError
 

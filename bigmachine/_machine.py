@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import threading
-import time
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from . import _rpc

@@ -15,7 +15,6 @@ import platform
 import resource
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time

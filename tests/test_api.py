@@ -3,7 +3,6 @@ services, calls, errors, cancellation, streams, machines calling machines."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import textwrap

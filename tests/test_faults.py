@@ -362,7 +362,6 @@ def test_driver_death_takes_machines_and_grandchildren(tmp_path, how, pipe, boun
         report = json.loads(read_line(driver, timeout=30))
         pids = report["machines"] + report["grandchildren"]
         assert len(pids) == 6 and not any(gone(p) for p in pids)
-        t0 = time.monotonic()
         os.kill(driver.pid, getattr(signal, how))
         took = wait_gone(pids, timeout=bound)
         print(f"\n{how} driver ({pipe}) -> 4 machines and 2 grandchildren gone in {took:.2f} s")

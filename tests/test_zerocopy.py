@@ -518,7 +518,7 @@ def test_connection_with_a_small_message_limit_refuses_a_bigger_reply(local, mon
         assert _rpc.call(conn, "Z.make", ((1 << 20) - 4096,), {}, 10).nbytes == (1 << 20) - 4096
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = time.monotonic()
-        with pytest.raises(bm.MachineLost) as info:
+        with pytest.raises(bm.MachineLost):
             _rpc.call(conn, "Z.make", (64 << 20,), {}, 10)
         assert time.monotonic() - t < 2
         assert conn.closed and isinstance(conn.error, bm.ProtocolError), conn.error

@@ -7,7 +7,7 @@ keepalives) the same way for every system.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Optional
+from typing import Any
 
 from .._auth import Credentials
 from ..errors import Error
