@@ -540,34 +540,47 @@ class _SSHProcess(Process):
 
     def stop(self, timeout: float, grace: float = 2.0) -> None:
         """Wait up to timeout for the machine to end; then close its stdin, and
-        after grace seconds more SIGKILL its process group. Remove its run dir."""
+        after grace seconds more SIGKILL its process group. Remove its run dir,
+        unless the host could not be reached to kill it (a cut link: the
+        machine then stops by its lease; its run dir stays)."""
         with self._lock:
             if self._stopped:
                 return
             self._stopped = True
+        reached = True
         if not self.chan.status_event.wait(timeout):
             self.chan.shutdown_write()  # stdin EOF: the machine stops itself at once
             if not self.chan.status_event.wait(grace):
-                self.kill()
-                self.chan.status_event.wait(2.0)
+                reached = self.kill()
+                if reached:
+                    self.chan.status_event.wait(2.0)
         self.chan.close()
         if self.forwarder is not None:
             self.forwarder.close()
         self.host.release_session(self.client)
         for t in self.pumps:
             t.join(2)
-        self._cleanup()
+        if reached:
+            self._cleanup()
+        else:  # another command over the same dead link would only wait out its deadline
+            log.warning("left the run dir %s on %s: the host did not answer", self.run_dir,
+                        self.host.label)
+            with self.host.system._lock:
+                if self in self.host.procs:
+                    self.host.procs.remove(self)
 
-    def kill(self) -> None:
-        """SIGKILL the machine's process group on the host."""
+    def kill(self) -> bool:
+        """SIGKILL the machine's process group on the host; False if that failed."""
         if self.pid is None:
             self.chan.close()  # sshd then closes the machine's stdin
-            return
+            return True
         try:
             self.host.run(f"kill -KILL -- -{self.pid} 2>/dev/null; true",
                           time.monotonic() + 5.0, client=self.client)
         except Error as exc:
             log.warning("cannot kill machine %s on %s: %s", self.name, self.host.label, exc)
+            return False
+        return True
 
     def _cleanup(self) -> None:
         parent = os.path.dirname(self.run_dir)
