@@ -35,6 +35,16 @@ IOV_MAX = 1024
 MAX_IN_FLIGHT = 10_000          # outgoing calls in flight per connection
 MAX_QUEUED = 64 << 20           # bytes queued for writing before large senders wait
 SMALL_MESSAGE = _wire.INLINE_MAX  # messages this small never wait for room
+# A sender writes at most this many frames (about 2 MiB) itself; the IO loop
+# writes the rest, round-robin between streams.
+DIRECT_FRAMES = 3
+# Frames the IO loop writes per wake-up before it lets go of the lock, so a
+# small message never waits behind more than a few MiB of someone's transfer.
+WRITE_BUDGET = 4
+# Kernel socket buffers. Left to autotuning they grow to tens of MiB on
+# loopback, and a ping queued behind them waits for all of it; 1 MiB keeps
+# bulk speed (bench/bulk.py) and bounds that wait.
+SOCKET_BUFFER = 1 << 20
 
 
 class FaultInjector:
@@ -69,6 +79,8 @@ def configure_socket(sock: socket.socket, user_timeout: float) -> None:
     """Low latency, and a bound on how long a silent peer can hold a call."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
     if hasattr(socket, "TCP_KEEPIDLE"):
@@ -338,7 +350,7 @@ class Connection:
             out = _Outgoing(units, nbytes)
             if not self._streams:
                 try:
-                    if self._write(out):
+                    if self._write(out, DIRECT_FRAMES):
                         return
                 except OSError as exc:
                     lost = MachineLost(self.peer, f"write failed: {exc}")
@@ -378,12 +390,16 @@ class Connection:
         if not self.closed:
             self.loop.add_writer(self.fd, self._on_writable)
 
-    def _write(self, out: _Outgoing, one_unit: bool = False) -> bool:
-        """Write as much of out as the socket takes. True when all is written."""
+    def _write(self, out: _Outgoing, max_units: int) -> bool:
+        """Write up to max_units frames of out, as far as the socket takes them.
+
+        True when all of out is written.
+        """
         if self.tls is not None:
-            return self._write_tls(out, one_unit)
+            return self._write_tls(out, max_units)
         sock = self.sock
-        while out.index < len(out.units):
+        end = min(len(out.units), out.index + max_units)
+        while out.index < end:
             unit = out.units[out.index]
             if out.offset:
                 unit = _skip(unit, out.offset)
@@ -398,23 +414,21 @@ class Connection:
                 unit = _skip(unit, n)
             out.index += 1
             out.offset = 0
-            if one_unit:
-                break
         return out.index >= len(out.units)
 
-    def _write_tls(self, out: _Outgoing, one_unit: bool) -> bool:
+    def _write_tls(self, out: _Outgoing, max_units: int) -> bool:
         """Encrypt a frame at a time; ciphertext the socket did not take waits in _ciphertext."""
-        encrypted = False
+        encrypted = 0
         while self._flush_ciphertext():
             if out.index >= len(out.units):
                 return True
-            if one_unit and encrypted:
+            if encrypted >= max_units:
                 return False
             unit = out.units[out.index]
             self._ciphertext = memoryview(self.tls.encrypt(unit))
             out.sent += sum(memoryview(b).nbytes for b in unit)
             out.index += 1
-            encrypted = True
+            encrypted += 1
         return False
 
     def _flush_ciphertext(self) -> bool:
@@ -433,11 +447,13 @@ class Connection:
             try:
                 if not self._flush_ciphertext():
                     return
-                while self._streams:
+                budget = WRITE_BUDGET
+                while self._streams and budget > 0:
+                    budget -= 1
                     sid, queue = next(iter(self._streams.items()))
                     out = queue[0]
                     before, sent = out.index, out.sent
-                    done = self._write(out, one_unit=True)
+                    done = self._write(out, 1)
                     self._queued -= out.sent - sent
                     if done:
                         queue.popleft()
@@ -478,6 +494,7 @@ class Connection:
                 self.last_recv = time.monotonic()
                 for event in decoder.buffer_updated(n):
                     self._on_event(event)
+                event = None  # do not hold the last message while waiting for the next
                 if self.closed:
                     return
         except WireError as exc:

@@ -20,6 +20,7 @@ from . import _auth
 from ._auth import Credentials
 from ._connection import Connection, configure_socket, mark_loop_thread
 from ._dispatch import Dispatcher
+from ._pool import Pool
 from ._service import Registry
 from ._tls import Identity, TLSChannel
 from .errors import AuthError, Error, MachineLost, ProtocolError
@@ -64,9 +65,8 @@ class Node:
         self.user_timeout = user_timeout
         self.registry = Registry()
         self.loop = asyncio.new_event_loop()
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=workers or max(32, (os.cpu_count() or 1) * 4),
-            thread_name_prefix=f"bigmachine-{name}", initializer=self._enter)
+        self.executor = Pool(workers or max(32, (os.cpu_count() or 1) * 4),
+                             f"bigmachine-{name}", initializer=self._enter)
         self.dispatcher = Dispatcher(self.registry, self.executor, self.loop, self._enter)
         self.connections: dict[str, Connection] = {}
         self._connecting: dict[str, asyncio.Future] = {}
@@ -301,7 +301,7 @@ class Node:
                 self.thread.join(5)
                 if not self.loop.is_running():
                     self.loop.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown()
 
 
 class _Channel:

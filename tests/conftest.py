@@ -1,13 +1,13 @@
 """Shared fixtures: leak checks after every test, and bigmachine sessions.
 
 After each test the autouse ``no_leaks`` fixture checks that the test left no
-child process (psutil, recursively), no non-daemon thread and no listening
-socket of this process behind, polling
+child process (psutil, recursively), no non-daemon thread, no bigmachine
+thread and no listening socket of this process behind, polling
 for up to LEAK_GRACE seconds before it fails the test. Processes alive when
 the test started (those of module- or session-scoped fixtures, which pytest
-sets up first) may outlive it, and so may the thread-pool threads of sessions
-registered with ``shared``; ``unshare`` shuts such a session down and checks
-that its own processes and threads are gone.
+sets up first) may outlive it, and while a session registered with
+``shared`` is alive, bigmachine threads may too; ``unshare`` shuts such a
+session down and checks that its own processes and threads are gone.
 """
 from __future__ import annotations
 
@@ -39,27 +39,14 @@ def children() -> set[int]:
     return out
 
 
-def _session_threads(b) -> set:
-    """The thread-pool threads of b's node and of its in-process machines' nodes."""
-    nodes = [b.node] + [getattr(m.process, "node", None) for m in b.machines()]
-    threads = set()
-    for node in nodes:
-        threads.update(getattr(getattr(node, "executor", None), "_threads", ()))
-    return threads
-
-
-def _allowed_threads() -> set:
-    allowed = set()
-    for b in _shared_sessions:
-        allowed.update(_session_threads(b))
-    return allowed
-
-
 def _stray_threads(before: set) -> list:
-    allowed = _allowed_threads()
+    """Threads started during the test and still alive: non-daemon ones, and
+    bigmachine's own (IO loops, readers, pools, output pumps) unless a shared
+    session, which may start such threads at any time, is alive."""
+    ours = not _shared_sessions
     return [t for t in threading.enumerate()
-            if t.is_alive() and not t.daemon and t is not threading.main_thread()
-            and t not in before and t not in allowed]
+            if t.is_alive() and t is not threading.main_thread() and t not in before
+            and (not t.daemon or (ours and t.name.startswith("bigmachine-")))]
 
 
 def listeners() -> set:
@@ -129,11 +116,10 @@ def unshare(b) -> None:
     """
     ours = session_pids(b)
     others = children() - ours
-    threads_before = set(threading.enumerate())
+    threads_before = {t for t in threading.enumerate() if not t.name.startswith("bigmachine-")}
     _shared_sessions.remove(b)
-    executor_threads = _session_threads(b)
     b.shutdown()
-    wait_no_leaks(allowed_pids=others, before_threads=threads_before - executor_threads)
+    wait_no_leaks(allowed_pids=others, before_threads=threads_before)
 
 
 @pytest.fixture
