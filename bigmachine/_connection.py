@@ -111,7 +111,7 @@ class Waiter:
         fut = self.future
         if fut is not None:
             self.future = None
-            _wake_threadsafe(self.loop, fut)
+            call_soon_threadsafe(self.loop, _wake, fut)
         elif self.lock.locked():
             try:
                 self.lock.release()
@@ -135,6 +135,30 @@ class Waiter:
                 break
             await fut
         return self.items.popleft()
+
+
+_batch = threading.local()  # .pending: {loop: [(callback, args)]} while a reader dispatches
+
+
+def call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable, *args: Any) -> None:
+    """loop.call_soon_threadsafe, batched per loop while a reader dispatches a read's events.
+
+    One wake-up of a loop then carries every reply and request of that read
+    for it, instead of one wake-up (a write to its self-pipe) each.
+    """
+    pending = getattr(_batch, "pending", None)
+    if pending is None:
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the loop is closed: whoever waited on it is gone
+    else:
+        pending.setdefault(loop, []).append((callback, args))
+
+
+def _run_batch(items: list) -> None:
+    for callback, args in items:
+        callback(*args)
 
 
 def _wake(fut: asyncio.Future) -> None:
@@ -492,9 +516,15 @@ class Connection:
                     self._fail(MachineLost(self.peer, "connection closed by peer"))
                     return
                 self.last_recv = time.monotonic()
-                for event in decoder.buffer_updated(n):
-                    self._on_event(event)
-                event = None  # do not hold the last message while waiting for the next
+                _batch.pending = pending = {}
+                try:
+                    for event in decoder.buffer_updated(n):
+                        self._on_event(event)
+                    event = None  # do not hold the last message while waiting for the next
+                finally:
+                    _batch.pending = None
+                    for loop, items in pending.items():
+                        call_soon_threadsafe(loop, _run_batch, items)
                 if self.closed:
                     return
         except WireError as exc:

@@ -11,7 +11,7 @@ import asyncio
 import threading
 from typing import Any, Optional
 
-from ._connection import Connection
+from ._connection import Connection, call_soon_threadsafe
 from ._serialize import dump_exception, dumps, loads
 from ._service import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, Registry
 from ._wire import MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY
@@ -126,7 +126,7 @@ class Dispatcher:
             self.executor.submit(_run_generator, served, fn, args, kwargs)
         else:
             run = _run_async if kind == ASYNC else _run_async_generator
-            self.loop.call_soon_threadsafe(_start_task, served, run, fn, args, kwargs)
+            call_soon_threadsafe(self.loop, _start_task, served, run, fn, args, kwargs)
 
 
 def _start_task(served: Served, run: Any, fn: Any, args: tuple, kwargs: dict) -> None:
