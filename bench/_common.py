@@ -1,0 +1,394 @@
+"""Shared parts of the benchmarks: the Echo service, the raw-socket baseline
+server (a child process), statistics and reporting.
+
+Run as a script (``python _common.py serve threads|asyncio``) it is the raw
+baseline server: it prints its port on stdout and serves until stdin closes.
+
+Raw protocol, per connection: the client first sends a 4-byte mode, then
+frames with the same 16-byte header as bigmachine's wire
+(``u8 kind | u8 flags | u16 0 | u32 id | u64 length``):
+
+- ``ECHO``: each frame (header + payload) is echoed back, one at a time.
+- ``PIPE``: whatever complete frames have arrived are echoed back together
+  (the server side of a pipelined client).
+- ``SINK``: each frame's payload is received (``recv_into``) into a freshly
+  allocated numpy array; the reply is a header whose length field is the
+  byte count received. kind 2 resets the peak-RSS mark, kind 3 replies with
+  16 bytes: peak RSS and current RSS (bytes).
+- ``SRCE``: a frame asks for ``length`` bytes; the server sends a header and
+  that many bytes from an array it made earlier (the first time per size).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+HEADER = struct.Struct("<BBHIQ")
+HEADER_SIZE = HEADER.size  # 16
+assert HEADER_SIZE == 16
+
+# ---------------------------------------------------------------------------
+# memory figures (Linux)
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss_now() -> int:
+    return _status("VmRSS")
+
+
+def rss_peak() -> int:
+    return _status("VmHWM")
+
+
+def rss_reset() -> int:
+    """Reset the peak-RSS mark (VmHWM) to the current RSS; return the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return rss_now()
+
+
+# ---------------------------------------------------------------------------
+# the bigmachine service used by every benchmark
+
+try:
+    import numpy as np
+    import bigmachine as bm
+except ImportError:  # the raw server does not need them
+    np = None
+    bm = None
+
+if bm is not None:
+    @bm.service
+    class Echo:
+        def __init__(self) -> None:
+            self._arrays: dict = {}
+
+        def echo(self, x: Any) -> Any:
+            return x
+
+        async def aecho(self, x: Any) -> Any:
+            return x
+
+        def sum(self, a: Any) -> float:
+            return float(a.sum())
+
+        def nbytes(self, a: Any) -> tuple:
+            """What a receiver must at least look at: size and the last element."""
+            return a.nbytes, float(a[-1]) if len(a) else 0.0
+
+        def _array(self, n: int) -> Any:
+            a = self._arrays.get(n)
+            if a is None:
+                a = self._arrays[n] = np.arange(n, dtype=np.float64)  # pages touched
+            return a
+
+        def make(self, n: int) -> Any:
+            return self._array(n)
+
+        def drop(self) -> None:
+            self._arrays.clear()
+
+        def rss_reset(self) -> int:
+            return rss_reset()
+
+        def rss_peak(self) -> tuple:
+            return rss_peak(), rss_now()
+
+        def push(self, addr: str, n: int, runs: int) -> list:
+            """Machine to machine: send our own array of n float64 to addr, runs times.
+
+            Returns the seconds of each run, measured here (the sender).
+            """
+            a = self._array(n)
+            peer = bm.current().dial(addr)
+            peer.call("Echo.nbytes", a[:8])  # connect, warm up
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                got, last = peer.call("Echo.nbytes", a)
+                times.append(time.perf_counter() - t)
+                assert got == a.nbytes and last == a[-1], (got, last)
+            return times
+
+        def pid(self) -> int:
+            return os.getpid()
+
+
+# ---------------------------------------------------------------------------
+# the raw baseline: a child process with plain blocking sockets
+
+
+# Bulk bytes move in pieces of this size on both sides of the raw baseline:
+# on these hosts one giant sendall/recv_into runs at ~3.1 GB/s, 1 MiB pieces
+# at ~4.6 GB/s (measured), and the baseline should be the best raw sockets do.
+RAW_CHUNK = 1 << 20
+
+
+def recv_exact(sock: socket.socket, view: memoryview, chunk: int = RAW_CHUNK) -> None:
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:got + chunk])
+        if k == 0:
+            raise EOFError
+        got += k
+
+
+def send_all(sock: socket.socket, view: memoryview, chunk: int = RAW_CHUNK) -> None:
+    """sendall in pieces of chunk bytes (see RAW_CHUNK)."""
+    for off in range(0, len(view), chunk):
+        sock.sendall(view[off:off + chunk])
+
+
+def _serve_conn(conn: socket.socket) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        mode = bytearray(4)
+        recv_exact(conn, memoryview(mode))
+        {b"ECHO": _echo, b"PIPE": _pipe, b"SINK": _sink, b"SRCE": _source}[bytes(mode)](conn)
+    except (EOFError, ConnectionError):
+        pass
+    finally:
+        conn.close()
+
+
+def _echo(conn: socket.socket) -> None:
+    buf = bytearray(1 << 16)
+    view = memoryview(buf)
+    while True:
+        recv_exact(conn, view[:16])
+        n = HEADER.unpack_from(buf)[4]
+        recv_exact(conn, view[16:16 + n])
+        conn.sendall(view[:16 + n])
+
+
+def _pipe(conn: socket.socket) -> None:
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    start = end = 0
+    while True:
+        k = conn.recv_into(view[end:])
+        if k == 0:
+            return
+        end += k
+        pos = start
+        while end - pos >= 16:
+            n = HEADER.unpack_from(buf, pos)[4]
+            if end - pos < 16 + n:
+                break
+            pos += 16 + n
+        if pos > start:
+            conn.sendall(view[start:pos])
+            start = pos
+        if start == end:
+            start = end = 0
+        elif len(buf) - end < 4096:
+            buf[:end - start] = buf[start:end]
+            end -= start
+            start = 0
+
+
+def _sink(conn: socket.socket) -> None:
+    import numpy
+
+    head = bytearray(16)
+    while True:
+        recv_exact(conn, memoryview(head))
+        kind, _, _, sid, n = HEADER.unpack(head)
+        if kind == 2:
+            rss_reset()
+            conn.sendall(HEADER.pack(2, 0, 0, sid, 0))
+            continue
+        if kind == 3:
+            conn.sendall(HEADER.pack(3, 0, 0, sid, 16) + struct.pack("<QQ", rss_peak(), rss_now()))
+            continue
+        a = numpy.empty(n // 8, dtype=numpy.float64)  # fresh, like a receiver must
+        recv_exact(conn, memoryview(a).cast("B"))
+        conn.sendall(HEADER.pack(1, 0, 0, sid, a.nbytes) + struct.pack("<d", a[-1] if len(a) else 0.0))
+        del a
+
+
+def _source(conn: socket.socket) -> None:
+    import numpy
+
+    arrays: dict = {}
+    head = bytearray(16)
+    while True:
+        recv_exact(conn, memoryview(head))
+        _, _, _, sid, n = HEADER.unpack(head)
+        a = arrays.get(n)
+        if a is None:
+            arrays.clear()
+            a = arrays[n] = numpy.arange(n // 8, dtype=numpy.float64)
+        conn.sendall(HEADER.pack(1, 0, 0, sid, n))
+        send_all(conn, memoryview(a).cast("B"))
+
+
+def _serve_threads() -> None:
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(64)
+    print(lst.getsockname()[1], flush=True)
+
+    def accept() -> None:
+        while True:
+            conn, _ = lst.accept()
+            threading.Thread(target=_serve_conn, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    sys.stdin.read()  # until the parent goes away
+
+
+def _serve_asyncio() -> None:
+    """A bare asyncio echo server (Protocol, header parsing) for the ECHO mode."""
+    import asyncio
+
+    class P(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.t = transport
+            self.buf = bytearray()
+            self.moded = False
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def data_received(self, data: bytes) -> None:
+            buf = self.buf
+            buf += data
+            if not self.moded:
+                if len(buf) < 4:
+                    return
+                del buf[:4]
+                self.moded = True
+            pos = 0
+            while len(buf) - pos >= 16:
+                n = HEADER.unpack_from(buf, pos)[4]
+                if len(buf) - pos < 16 + n:
+                    break
+                pos += 16 + n
+            if pos:
+                self.t.write(bytes(buf[:pos]))
+                del buf[:pos]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(P, "127.0.0.1", 0)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await loop.run_in_executor(None, sys.stdin.read)
+
+    asyncio.run(main())
+
+
+class RawServer:
+    """The raw baseline server, in a child process of this one."""
+
+    def __init__(self, kind: str = "threads"):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", kind],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.port = int(self.proc.stdout.readline())
+
+    def connect(self, mode: bytes) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(mode)
+        return s
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "RawServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------
+# statistics and reporting
+
+
+def pct(values: list, q: float) -> float:
+    """The q-th percentile (0..100), nearest rank."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def median(values: list) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def implementation() -> dict:
+    import bigmachine
+    import bigmachine._wire
+
+    info = {"bigmachine": os.path.dirname(bigmachine.__file__),
+            "wire": bigmachine._wire.__file__,
+            "python": sys.version.split()[0],
+            "cpus": os.cpu_count(),
+            "loadavg": os.getloadavg()}
+    try:
+        root = os.path.dirname(info["bigmachine"])
+        info["git"] = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
+                                     capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:
+        pass
+    return info
+
+
+def print_header(title: str) -> dict:
+    info = implementation()
+    print(f"== {title}")
+    print(f"implementation: bigmachine._wire = {info['wire']}")
+    print(f"  git {info.get('git', '?')}, python {info['python']}, {info['cpus']} cpus, "
+          f"load {' '.join(f'{x:.2f}' for x in info['loadavg'])}")
+    return info
+
+
+def json_arg(argv: Optional[list] = None) -> tuple[Optional[str], list]:
+    """Split --json PATH off the arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = None
+    if "--json" in argv:
+        i = argv.index("--json")
+        path = argv[i + 1]
+        del argv[i:i + 2]
+    return path, argv
+
+
+def write_json(path: Optional[str], data: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, default=float)
+        print(f"figures written to {path}")
+
+
+if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "serve":
+    kind = sys.argv[2] if len(sys.argv) > 2 else "threads"
+    _serve_asyncio() if kind == "asyncio" else _serve_threads()

@@ -1,0 +1,174 @@
+"""Bulk numpy transfers between processes, against a raw TCP socket.
+
+    python bench/bulk.py [--sizes 1,64,512] [--runs 5] [--json PATH]
+
+For each size (MiB of float64) and direction, the median GB/s over runs:
+
+- d2m: driver -> machine, ``m.call("Echo.nbytes", a)`` (the machine looks at
+  the size and last element and replies);
+- m2d: machine -> driver, ``m.call("Echo.make", n)`` returns an array the
+  machine made earlier;
+- m2m: machine A -> machine B: A calls ``bm.current().dial(B.addr).call(
+  "Echo.nbytes", a)`` with an array it made; timed in A.
+
+Baselines in the same run, against a raw child process with blocking sockets
+moving the bytes in RAW_CHUNK (1 MiB) pieces: the receiver ``recv_into``s a
+freshly allocated numpy array (raw_d2m: the
+child receives; raw_m2d: this process receives). m2m is compared with raw_d2m
+(one process's array into a fresh array in another process).
+
+For the largest size the receiver's peak RSS growth during the runs is
+reported (VmHWM reset through /proc/self/clear_refs before them): ~1x the
+payload means the bytes landed in their final buffer without a copy.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+import bigmachine as bm  # noqa: E402
+
+from _common import (HEADER, Echo, RawServer, json_arg, median,  # noqa: E402
+                     print_header, recv_exact, rss_peak, rss_reset, send_all, write_json)
+
+MiB = 1 << 20
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    path, argv = json_arg()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1,64,512", help="MiB, comma separated")
+    ap.add_argument("--runs", type=int, default=5, help="runs per size (small sizes get more)")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    info = print_header("bulk: float64 arrays between processes")
+    figures: dict = {}
+    rss: dict = {}
+
+    with RawServer("threads") as raw, bm.start(bm.Local()) as b:
+        ma, mb = b.start(2, services={"Echo": Echo()})
+        sink = raw.connect(b"SINK")
+        source = raw.connect(b"SRCE")
+        reply = memoryview(bytearray(24))
+        rhead = memoryview(bytearray(16))
+
+        def raw_query_rss() -> tuple:
+            sink.sendall(HEADER.pack(3, 0, 0, 0, 0))
+            buf = bytearray(32)
+            recv_exact(sink, memoryview(buf))
+            return int.from_bytes(buf[16:24], "little"), int.from_bytes(buf[24:32], "little")
+
+        def raw_reset_rss() -> None:
+            sink.sendall(HEADER.pack(2, 0, 0, 0, 0))
+            recv_exact(sink, memoryview(bytearray(16)))
+
+        for mib in sizes:
+            nbytes = mib * MiB
+            n = nbytes // 8
+            runs = max(args.runs, 50 if mib <= 1 else 10 if mib <= 64 else args.runs)
+            largest = mib == max(sizes)
+            a = np.arange(n, dtype=np.float64)
+            last = float(n - 1)
+            head = HEADER.pack(1, 0, 0, 1, nbytes)
+            view = memoryview(a).cast("B")
+            t: dict = {k: [] for k in ("d2m", "raw_d2m", "m2d", "raw_m2d", "m2m")}
+
+            # ---- driver -> machine
+            def bm_d2m() -> None:
+                assert ma.call("Echo.nbytes", a) == (nbytes, last)
+
+            def raw_d2m() -> None:
+                sink.sendall(head)
+                send_all(sink, view)
+                recv_exact(sink, reply)
+                assert HEADER.unpack_from(reply)[4] == nbytes
+
+            bm_d2m(), raw_d2m()  # warm up
+            if largest:
+                base_bm, base_raw = ma.call("Echo.rss_reset"), raw_reset_rss()
+                _, base_raw = raw_query_rss()
+            for _ in range(runs):
+                t["raw_d2m"].append(timed(raw_d2m))
+                t["d2m"].append(timed(bm_d2m))
+            if largest:
+                peak, _ = ma.call("Echo.rss_peak")
+                rss["d2m"] = peak - base_bm
+                peak, _ = raw_query_rss()
+                rss["raw_d2m"] = peak - base_raw
+
+            # ---- machine -> driver
+            def bm_m2d() -> None:
+                r = ma.call("Echo.make", n)
+                assert r.nbytes == nbytes and r[-1] == last
+                del r
+
+            def raw_m2d() -> None:
+                source.sendall(head)
+                recv_exact(source, rhead)
+                r = np.empty(n, dtype=np.float64)
+                recv_exact(source, memoryview(r).cast("B"))
+                assert r[-1] == last
+                del r
+
+            bm_m2d(), raw_m2d()  # the senders make their arrays now
+            if largest:
+                del view, a  # the driver now holds no big array of its own
+                base = rss_reset()
+            for _ in range(runs):
+                t["raw_m2d"].append(timed(raw_m2d))
+                if largest:
+                    rss["raw_m2d"] = max(rss.get("raw_m2d", 0), rss_peak() - base)
+                    base = rss_reset()
+                t["m2d"].append(timed(bm_m2d))
+                if largest:
+                    rss["m2d"] = max(rss.get("m2d", 0), rss_peak() - base)
+                    base = rss_reset()
+            ma.call("Echo.drop")
+
+            # ---- machine -> machine
+            mb.call("Echo.nbytes", np.zeros(8))
+            ma.call("Echo.push", mb.addr, n, 1)  # warm up; A makes its array
+            if largest:
+                base_b = mb.call("Echo.rss_reset")
+            t["m2m"] = ma.call("Echo.push", mb.addr, n, runs)
+            if largest:
+                peak, _ = mb.call("Echo.rss_peak")
+                rss["m2m"] = peak - base_b
+            ma.call("Echo.drop")
+
+            fig = {k: nbytes / median(v) / 1e9 for k, v in t.items()}
+            figures[f"{mib}MiB"] = {
+                "gbps": fig, "runs": runs, "seconds": t,
+                "ratio": {"d2m": fig["d2m"] / fig["raw_d2m"], "m2d": fig["m2d"] / fig["raw_m2d"],
+                          "m2m": fig["m2m"] / fig["raw_d2m"]}}
+            print(f"{mib:5d} MiB x{runs:<3d}  GB/s  d2m {fig['d2m']:6.2f} (raw {fig['raw_d2m']:6.2f}, "
+                  f"x{fig['d2m'] / fig['raw_d2m']:.2f})   m2d {fig['m2d']:6.2f} (raw {fig['raw_m2d']:6.2f}, "
+                  f"x{fig['m2d'] / fig['raw_m2d']:.2f})   m2m {fig['m2m']:6.2f} (x{fig['m2m'] / fig['raw_d2m']:.2f} raw_d2m)",
+                  flush=True)
+        sink.close()
+        source.close()
+
+    if rss:
+        mib = max(sizes)
+        print(f"\npeak RSS growth of the receiver during the {mib} MiB runs (payload {mib} MiB):")
+        for k, v in rss.items():
+            print(f"  {k:8} {v / MiB:8.0f} MiB  ({v / (mib * MiB):.2f}x payload)")
+        figures["receiver_peak_rss_growth_bytes"] = rss
+    write_json(path, {"benchmark": "bulk", "implementation": info, "sizes_mib": sizes,
+                      "figures": figures})
+
+
+if __name__ == "__main__":
+    main()
