@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import Any, AsyncIterator, Iterator, Optional
 
-from ._connection import Connection, Waiter
+from ._connection import Connection
 from ._dispatch import STREAM_WINDOW
 from ._node import swap_current
 from ._serialize import dumps, load_exception, loads
@@ -109,6 +109,15 @@ class _StreamState:
         self.consumed = 0
         self.done = False
 
+    def accept(self, item: tuple) -> bool:
+        """Note a message that arrived on the stream; False once it has ended."""
+        if item[0] == MTYPE_END:
+            self.done = True
+            return False
+        if item[0] != MTYPE_ITEM:
+            self.done = True  # an error, or the connection's loss, is the last item
+        return True
+
     def consumed_one(self) -> None:
         self.consumed += 1
         if self.consumed >= STREAM_WINDOW // 2:
@@ -136,11 +145,8 @@ def stream(conn: Connection, method: str, args: tuple, kwargs: dict,
                     item = waiter.get(timeout)
                 except TimeoutError:
                     raise TimeoutError(f"{method} on {conn.peer}: no item within {timeout} s") from None
-                if item[0] == MTYPE_END:
-                    state.done = True
+                if not state.accept(item):
                     return
-                if item[0] != MTYPE_ITEM:
-                    state.done = True
                 yield _result(conn, item)
                 state.consumed_one()
         finally:
@@ -164,11 +170,8 @@ async def astream(conn: Connection, method: str, args: tuple, kwargs: dict,
                     item = await asyncio.wait_for(waiter.aget(), timeout)
                 except asyncio.TimeoutError:
                     raise TimeoutError(f"{method} on {conn.peer}: no item within {timeout} s") from None
-                if item[0] == MTYPE_END:
-                    state.done = True
+                if not state.accept(item):
                     return
-                if item[0] != MTYPE_ITEM:
-                    state.done = True
                 yield _result(conn, item)
                 state.consumed_one()
         finally:
@@ -176,5 +179,3 @@ async def astream(conn: Connection, method: str, args: tuple, kwargs: dict,
     finally:
         conn.gate.release()
 
-
-__all__ = ["call", "acall", "stream", "astream", "Waiter"]
