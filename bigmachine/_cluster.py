@@ -9,6 +9,7 @@ import time
 import weakref
 from typing import Any, Optional
 
+from . import _rpc
 from ._auth import Credentials
 from ._connection import Connection
 from ._machine import Machine, State
@@ -17,6 +18,7 @@ from ._serialize import dumps
 from ._service import check_services
 from ._wire import KIND_PING
 from .backends import System
+from .backends.local import Local
 from .errors import Error, MachineLost
 
 log = logging.getLogger("bigmachine")
@@ -33,8 +35,6 @@ class B:
 
     def __init__(self, system: Optional[System] = None, *, _node: Optional[Node] = None,
                  **options: Any):
-        from .backends.local import Local
-
         self._machines: dict[str, Machine] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -115,7 +115,6 @@ class B:
     def _boot(self, m: Machine, services: dict, timeout: float) -> None:
         try:
             conn = m._connect_now(timeout)
-            from . import _rpc
             _rpc.call(conn, "Supervisor.register", (services,), {"lease": self.system.lease}, timeout)
         except BaseException as exc:
             if isinstance(exc, MachineLost) and m.process is not None and not m.process.alive(0.5):
@@ -206,7 +205,6 @@ class B:
             asked = False
             if conn is not None and not conn.closed and m.state != State.STOPPED:
                 try:
-                    from . import _rpc
                     _rpc.call(conn, "Supervisor.shutdown", (), {}, 1.0)
                     asked = True
                 except Exception:

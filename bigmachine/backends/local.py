@@ -21,13 +21,12 @@ import threading
 import time
 from typing import Any
 
-import bigmachine
-
 from .._auth import Credentials
 from ..errors import Error
 from . import Process, System
 
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(bigmachine.__file__)))
+# The directory holding the bigmachine package, for the machine's PYTHONPATH.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class _LocalProcess(Process):
