@@ -90,11 +90,11 @@ def configure_socket(sock: socket.socket, user_timeout: float) -> None:
 
 
 class Waiter:
-    """Delivers items from the IO loop to one consumer, sync or async.
+    """Delivers a call's replies from the connection's reader to its caller.
 
-    The producer (the connection's reader) calls ``put``; a thread consumer blocks in
-    ``get`` on a plain lock (the cheapest cross-thread wake-up), an asyncio
-    consumer awaits ``aget`` on its own loop.
+    The reader calls ``put``; a thread caller blocks in ``get`` on a plain
+    lock (the cheapest cross-thread wake-up), an asyncio caller awaits
+    ``aget`` on its own loop.
     """
 
     __slots__ = ("items", "lock", "loop", "future")
@@ -119,10 +119,11 @@ class Waiter:
                 pass
 
     def get(self, timeout: Optional[float]) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self.items:
-            if not self.lock.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
-                if not self.items:
-                    raise TimeoutError
+            wait = -1 if deadline is None else max(deadline - time.monotonic(), 0)
+            if not self.lock.acquire(timeout=wait) and not self.items:
+                raise TimeoutError
         return self.items.popleft()
 
     async def aget(self) -> Any:
@@ -242,8 +243,9 @@ class Connection:
         self.peer = peer
         self.on_request = on_request      # (conn, sid, mflags, segments), on the reader thread
         self.on_close = on_close          # (conn), once, on whichever thread saw the failure
+        # At most four maximal messages may be arriving at once.
         self.decoder = _wire.Decoder(alloc=_buffers.aligned, max_message=max_message,
-                                     max_pending=max(max_message, 4 * max_message))
+                                     max_pending=4 * max_message)
         # Our calls use odd ids if we connected, even ones if we accepted.
         self._parity = 1 if initiator else 0
         self._sids = itertools.count(2 - self._parity, 2)
