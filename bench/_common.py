@@ -1,8 +1,14 @@
 """Shared parts of the benchmarks: the Echo service, the raw-socket baseline
 server (a child process), statistics and reporting.
 
-Run as a script (``python _common.py serve threads|asyncio``) it is the raw
-baseline server: it prints its port on stdout and serves until stdin closes.
+Run as a script (``python _common.py serve threads|asyncio [tls]``) it is the
+raw baseline server: it prints its port on stdout and serves until stdin
+closes. With ``tls`` it first reads one JSON line from stdin: its identity
+(CA certificate, certificate, key; PEM) issued by a ``bigmachine._tls.ClusterCA``
+the parent made, so the key never appears in argv, the environment or a file
+of ours. It then speaks TLS 1.3 only and requires a client certificate from
+that CA (the contexts of ``Identity.contexts()``, as bigmachine's), and serves
+the same modes inside TLS.
 
 Raw protocol, per connection: the client first sends a 4-byte mode, then
 frames with the same 16-byte header as bigmachine's wire
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import statistics
 import struct
 import subprocess
@@ -157,13 +164,15 @@ def send_all(sock: socket.socket, view: memoryview, chunk: int = RAW_CHUNK) -> N
         sock.sendall(view[off:off + chunk])
 
 
-def _serve_conn(conn: socket.socket) -> None:
+def _serve_conn(conn: socket.socket, ctx: Optional[ssl.SSLContext] = None) -> None:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
+        if ctx is not None:
+            conn = ctx.wrap_socket(conn, server_side=True)  # handshake, client cert required
         mode = bytearray(4)
         recv_exact(conn, memoryview(mode))
         {b"ECHO": _echo, b"PIPE": _pipe, b"SINK": _sink, b"SRCE": _source}[bytes(mode)](conn)
-    except (EOFError, ConnectionError):
+    except (EOFError, ConnectionError, ssl.SSLError):
         pass
     finally:
         conn.close()
@@ -241,7 +250,15 @@ def _source(conn: socket.socket) -> None:
         send_all(conn, memoryview(a).cast("B"))
 
 
-def _serve_threads() -> None:
+def _read_tls_context() -> ssl.SSLContext:
+    """The server context from the identity the parent writes as one JSON line on stdin."""
+    from bigmachine._tls import Identity
+
+    identity = Identity.from_dict(json.loads(sys.stdin.readline()))
+    return identity.contexts()[0]
+
+
+def _serve_threads(ctx: Optional[ssl.SSLContext] = None) -> None:
     lst = socket.socket()
     lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lst.bind(("127.0.0.1", 0))
@@ -251,14 +268,17 @@ def _serve_threads() -> None:
     def accept() -> None:
         while True:
             conn, _ = lst.accept()
-            threading.Thread(target=_serve_conn, args=(conn,), daemon=True).start()
+            threading.Thread(target=_serve_conn, args=(conn, ctx), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
     sys.stdin.read()  # until the parent goes away
 
 
-def _serve_asyncio() -> None:
-    """A bare asyncio echo server (Protocol, header parsing) for the ECHO mode."""
+def _serve_asyncio(ctx: Optional[ssl.SSLContext] = None) -> None:
+    """A bare asyncio echo server (Protocol, header parsing) for the ECHO mode.
+
+    With ctx, asyncio's own TLS (its SSL protocol over memory BIOs).
+    """
     import asyncio
 
     class P(asyncio.Protocol):
@@ -288,7 +308,7 @@ def _serve_asyncio() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(P, "127.0.0.1", 0)
+        server = await loop.create_server(P, "127.0.0.1", 0, ssl=ctx)
         print(server.sockets[0].getsockname()[1], flush=True)
         await loop.run_in_executor(None, sys.stdin.read)
 
@@ -296,16 +316,41 @@ def _serve_asyncio() -> None:
 
 
 class RawServer:
-    """The raw baseline server, in a child process of this one."""
+    """The raw baseline server, in a child process of this one.
 
-    def __init__(self, kind: str = "threads"):
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", kind],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.port = int(self.proc.stdout.readline())
+    tls=True: a fresh ``bigmachine._tls.ClusterCA`` issues the server and this
+    client an identity each; the server's reaches the child through its stdin
+    pipe. Connections are then TLS 1.3 with mutual certificate verification,
+    with the same contexts bigmachine uses (``Identity.contexts()``).
+    """
+
+    def __init__(self, kind: str = "threads", tls: bool = False):
+        self.tls = tls
+        self.client_ctx: Optional[ssl.SSLContext] = None
+        server_identity = None
+        if tls:
+            from bigmachine._tls import ClusterCA
+
+            ca = ClusterCA()
+            server_identity = ca.issue("raw-server")
+            self.client_ctx = ca.issue("raw-client").contexts()[1]
+        argv = [sys.executable, os.path.abspath(__file__), "serve", kind] + (["tls"] if tls else [])
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            if server_identity is not None:
+                self.proc.stdin.write(json.dumps(server_identity.to_dict()).encode() + b"\n")
+                self.proc.stdin.flush()
+            self.port = int(self.proc.stdout.readline())
+        except BaseException:
+            self.close()
+            raise
 
     def connect(self, mode: bytes) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", self.port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.client_ctx is not None:
+            s = self.client_ctx.wrap_socket(s)  # handshake; the server's cert must chain to the CA
+            assert s.version() == "TLSv1.3", s.version()
         s.sendall(mode)
         return s
 
@@ -389,6 +434,15 @@ def write_json(path: Optional[str], data: dict) -> None:
         print(f"figures written to {path}")
 
 
+def tls_description(sock: socket.socket) -> str:
+    """Protocol and cipher of a connected raw TLS socket, for the report."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return "plain TCP"
+    name, _, bits = sock.cipher()
+    return f"{sock.version()} {name} ({bits}-bit), mutual certificate verification"
+
+
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "serve":
     kind = sys.argv[2] if len(sys.argv) > 2 else "threads"
-    _serve_asyncio() if kind == "asyncio" else _serve_threads()
+    ctx = _read_tls_context() if sys.argv[3:4] == ["tls"] else None
+    _serve_asyncio(ctx) if kind == "asyncio" else _serve_threads(ctx)
