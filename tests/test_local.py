@@ -114,3 +114,20 @@ def test_keepalives_keep_an_idle_machine_alive():
         time.sleep(1.6)
         assert m0.state == bm.State.RUNNING
         assert m0.call("Echo.echo", "alive", timeout=10) == "alive"
+
+
+def test_output_keeps_draining_when_the_drivers_stderr_is_closed(monkeypatch):
+    """A machine's output pipe must never fill up because the driver's stderr
+    went away (a harness replaced and closed it): the machine would block."""
+    import io
+
+    closed = io.StringIO()
+    closed.close()
+    with bm.start(**TIMING) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        monkeypatch.setattr(sys, "stderr", closed)
+        line = "x" * 1000
+        for _ in range(3):  # 3 x 200 KiB: well past a pipe's 64 KiB buffer
+            m.call("Echo.say", err="\n".join([line] * 200), timeout=20)
+        monkeypatch.undo()
+        assert m.call("Echo.echo", 7, timeout=10) == 7

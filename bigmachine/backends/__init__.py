@@ -6,11 +6,29 @@ keepalives) the same way for every system.
 """
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from typing import Any
 
 from .._auth import Credentials
 from ..errors import Error
+
+
+def forward_output(line: str) -> None:
+    """Copy one line of a machine's output to the driver's stderr; never raise.
+
+    The driver's sys.stderr may be replaced or closed while machines run (a
+    test harness capturing it, a closed terminal). The line then goes to the
+    original stderr, or is dropped: a machine's output must keep draining,
+    or the machine blocks on its next print.
+    """
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            stream.write(line)
+            stream.flush()
+            return
+        except (OSError, ValueError, AttributeError):
+            continue
 
 
 class Process(ABC):

@@ -23,7 +23,7 @@ from typing import Any
 
 from .._auth import Credentials
 from ..errors import Error
-from . import Process, System
+from . import Process, System, forward_output
 
 # The directory holding the bigmachine package, for the machine's PYTHONPATH.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -66,9 +66,7 @@ class _LocalProcess(Process):
         for raw in iter(pipe.readline, b""):
             line = raw.decode("utf-8", "replace")
             self.tail.append(line.rstrip("\n"))
-            stream = sys.stderr
-            stream.write(prefix + (line if line.endswith("\n") else line + "\n"))
-            stream.flush()
+            forward_output(prefix + (line if line.endswith("\n") else line + "\n"))
         pipe.close()
 
     def alive(self, wait: float = 0.0) -> bool:

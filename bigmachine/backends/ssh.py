@@ -55,7 +55,7 @@ from typing import Any, Iterable, Optional, Sequence
 from .._auth import Credentials
 from .._bundle import DEFAULT_EXCLUDE, Bundle, bigmachine_bundle, user_bundle, user_paths
 from ..errors import AuthError, Error
-from . import Process, System
+from . import Process, System, forward_output
 
 log = logging.getLogger("bigmachine.ssh")
 
@@ -488,9 +488,7 @@ class _SSHProcess(Process):
                         self.ready.set()
                         continue
                 self.tail.append(line)
-                stream = sys.stderr
-                stream.write(self.prefix + line + "\n")
-                stream.flush()
+                forward_output(self.prefix + line + "\n")
         except (OSError, EOFError, ValueError):
             pass  # the channel went away; alive() and describe_exit() tell the story
         finally:
