@@ -64,24 +64,24 @@ class _OutOfBandBytes:
         return type(self.data), (pickle.PickleBuffer(self.data),)
 
 
+_LIFTABLE = (bytes, bytearray, tuple, list, dict)
+
+
 def _lift(obj: Any, depth: int) -> Any:
     """obj, with large bytes/bytearray near its top wrapped to travel out of band."""
     kind = type(obj)
     if kind is bytes or kind is bytearray:
         return _OutOfBandBytes(obj) if len(obj) >= BYTES_OUT_OF_BAND else obj
-    if depth >= _LIFT_DEPTH:
+    if depth >= _LIFT_DEPTH or kind not in _LIFTABLE or not obj or len(obj) > _LIFT_WIDTH:
         return obj
-    if kind is tuple or kind is list:
-        if len(obj) > _LIFT_WIDTH:
-            return obj
-        items = [_lift(x, depth + 1) for x in obj]
-        if any(a is not b for a, b in zip(items, obj)):
-            return kind(items)
-    elif kind is dict and len(obj) <= _LIFT_WIDTH:
-        items = {k: _lift(v, depth + 1) for k, v in obj.items()}
-        if any(items[k] is not v for k, v in obj.items()):
-            return items
-    return obj
+    values = obj.values() if kind is dict else obj
+    if not any(type(v) in _LIFTABLE for v in values):
+        return obj  # the common case: nothing below could need lifting
+    if kind is dict:
+        lifted = {k: _lift(v, depth + 1) for k, v in obj.items()}
+        return lifted if any(lifted[k] is not v for k, v in obj.items()) else obj
+    items = [_lift(x, depth + 1) for x in obj]
+    return kind(items) if any(a is not b for a, b in zip(items, obj)) else obj
 
 
 def _pickle(obj: Any, inband_max: int) -> tuple[bytes, list]:
