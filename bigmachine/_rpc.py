@@ -15,7 +15,7 @@ from ._dispatch import STREAM_WINDOW
 from ._node import swap_current
 from ._serialize import dumps, load_exception, loads
 from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
-from .errors import Error, MachineLost
+from .errors import Error, MachineLost, ProtocolError
 
 
 def encode_request(method: str, args: tuple, kwargs: dict) -> tuple[list, list]:
@@ -44,7 +44,7 @@ def _result(conn: Connection, item: tuple) -> Any:
         raise error
     if mtype is None:  # the connection failed; payload is why
         raise _lost(payload)
-    raise AssertionError(f"unexpected message type {mtype}")
+    raise ProtocolError(f"{conn.peer} answered with message type {mtype}, which ends no call")
 
 
 def _lost(cause: BaseException) -> MachineLost:
