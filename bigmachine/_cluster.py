@@ -1,6 +1,7 @@
 """B: a bigmachine session. It starts, tracks, keeps alive and stops machines."""
 from __future__ import annotations
 
+import asyncio
 import atexit
 import concurrent.futures
 import logging
@@ -139,6 +140,8 @@ class B:
 
         The connection is made on first use; no keepalives are sent to it.
         """
+        if self._closed:
+            raise Error("this session is shut down")
         with self._lock:
             m = self._machines.get(addr)
             if m is None or m.state == State.STOPPED and not m.owned:
@@ -151,26 +154,31 @@ class B:
         return self.node.loop.create_task(self._keepalive_loop())
 
     async def _keepalive_loop(self) -> None:
-        import asyncio
-
-        period, lost_after = self.system.keepalive_period, self.system.lost_after
+        period = self.system.keepalive_period
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
             for m in self.machines():
-                conn = m._conn
-                if not m.owned or conn is None or conn.closed:
-                    continue
-                if now - conn.last_recv > lost_after:
-                    conn._fail(MachineLost(m.addr, f"no reply to keepalives for {lost_after:g} s"))
-                    continue
-                if m.process is not None and not m.process.alive():
-                    conn._fail(MachineLost(m.addr, f"its process exited ({m.process.describe_exit()})"))
-                    continue
                 try:
-                    conn.send_control(KIND_PING, 0, int(now * 1e6))
-                except MachineLost:
-                    pass
+                    self._ping(m, now)
+                except Exception:  # one machine's trouble must not stop the others' keepalives
+                    log.exception("keepalive of %s failed", m.name)
+
+    def _ping(self, m: Machine, now: float) -> None:
+        """Keep one owned machine alive, or declare it lost."""
+        conn = m._conn
+        if not m.owned or conn is None or conn.closed:
+            return
+        lost_after = self.system.lost_after
+        if now - conn.last_recv > lost_after:
+            conn._fail(MachineLost(m.addr, f"no reply to keepalives for {lost_after:g} s"))
+        elif m.process is not None and not m.process.alive():
+            conn._fail(MachineLost(m.addr, f"its process exited ({m.process.describe_exit()})"))
+        else:
+            try:
+                conn.send_control(KIND_PING, 0, int(now * 1e6))
+            except MachineLost:
+                pass
 
     def _on_connection_lost(self, conn: Connection) -> None:
         m = self._machines.get(getattr(conn, "addr_key", None) or "")

@@ -203,16 +203,28 @@ class Gate:
                 loop = asyncio.get_running_loop()
                 fut = loop.create_future()
                 self.async_waiters.append((loop, fut))
-            await fut
+            try:
+                await fut
+            except asyncio.CancelledError:
+                with self.cond:
+                    if (loop, fut) in self.async_waiters:
+                        self.async_waiters.remove((loop, fut))
+                    elif self.used < self.limit:
+                        self._wake_next()  # we were handed the turn: pass it on
+                raise
 
     def release(self) -> None:
         with self.cond:
             self.used -= 1
             self.cond.notify()
-            while self.async_waiters:
-                loop, fut = self.async_waiters.popleft()
-                if _wake_threadsafe(loop, fut):
-                    break
+            self._wake_next()
+
+    def _wake_next(self) -> None:
+        """With cond held: wake the first async waiter whose loop still runs."""
+        while self.async_waiters:
+            loop, fut = self.async_waiters.popleft()
+            if _wake_threadsafe(loop, fut):
+                break
 
 
 class _Outgoing:
@@ -296,7 +308,10 @@ class Connection:
         """
         if self.calls.pop(sid, None) is not None and not self.closed:
             self._drop_unsent(sid)
-            self.send_control(KIND_CANCEL, sid)
+            try:
+                self.send_control(KIND_CANCEL, sid)
+            except MachineLost:
+                pass  # closed meanwhile: the peer drops the call with the connection
 
     def _drop_unsent(self, sid: int) -> None:
         with self._lock:
@@ -536,6 +551,10 @@ class Connection:
             self._fail(err)
         except (OSError, ssl.SSLError) as exc:
             self._fail(MachineLost(self.peer, f"read failed: {exc}"))
+        except BaseException as exc:
+            # A reader must never die leaving a connection that looks open.
+            log.exception("closing connection to %s: its reader failed", self.peer)
+            self._fail(MachineLost(self.peer, f"reader failed: {exc!r}"))
 
     def _flush_tls_output(self) -> None:
         """Queue ciphertext that reading produced, behind whatever is being written."""
@@ -559,12 +578,13 @@ class Connection:
                 else:
                     self.on_request(self, sid, event[3], event[4])
                 return
-            waiter = self.calls.get(sid)
-            if waiter is None:
-                return  # a late reply to a call we gave up on
+            # pop/get, never get-then-del: the caller may give up (and pop) meanwhile.
             if mtype in (MTYPE_REPLY, MTYPE_ERROR, MTYPE_END):
-                del self.calls[sid]
-            waiter.put((mtype, event[4]))
+                waiter = self.calls.pop(sid, None)
+            else:
+                waiter = self.calls.get(sid)
+            if waiter is not None:  # else a late reply to a call we gave up on
+                waiter.put((mtype, event[4]))
         elif kind == KIND_CANCEL:
             served = self.incoming.get(sid)
             if served is not None:
@@ -605,13 +625,16 @@ class Connection:
             self.loop.call_soon_threadsafe(self._release_fd)
         except RuntimeError:
             self.sock.close()  # the loop is gone: nothing watches the fd
-        # Owners learn first (a machine is STOPPED), then the waiting callers.
-        self.on_close(self)
-        calls, self.calls = self.calls, {}
-        for waiter in calls.values():
-            waiter.put((None, error))
-        for served in list(self.incoming.values()):
-            served.cancel()
+        # Owners learn first (a machine is STOPPED), then the waiting callers,
+        # whatever the owners' callbacks do.
+        try:
+            self.on_close(self)
+        finally:
+            calls, self.calls = self.calls, {}
+            for waiter in calls.values():
+                waiter.put((None, error))
+            for served in list(self.incoming.values()):
+                served.cancel()
 
     def _lost(self) -> MachineLost:
         """What a new call on this closed connection raises."""

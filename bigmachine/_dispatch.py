@@ -219,8 +219,9 @@ async def _run_async(served: Served, fn: Any, args: tuple, kwargs: dict) -> None
 
 
 async def _run_async_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
-    agen = fn(*args, **kwargs)
+    agen = None
     try:
+        agen = fn(*args, **kwargs)
         async for item in agen:
             await served.atake_credit()
             mtype, message = _reply(item, MTYPE_ITEM)
@@ -233,5 +234,6 @@ async def _run_async_generator(served: Served, fn: Any, args: tuple, kwargs: dic
     except BaseException as exc:
         await _asend(served.conn, served.sid, MTYPE_ERROR, dump_exception(exc))
     finally:
-        await agen.aclose()
+        if agen is not None:
+            await agen.aclose()
         served.conn.incoming.pop(served.sid, None)

@@ -66,7 +66,10 @@ class Machine:
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, fut in waiters:
-            loop.call_soon_threadsafe(_resolve, fut)
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:
+                pass  # that loop is closed: its waiter gave up
         if state == State.STOPPED and self._conn is not None:
             self._conn.fail(err or MachineLost(self.addr, "stopped"))
 
@@ -88,7 +91,12 @@ class Machine:
                 if self._state >= state:
                     break
                 self._async_waiters.append((loop, fut))
-            await fut
+            try:
+                await fut
+            finally:
+                with self._cond:
+                    if (loop, fut) in self._async_waiters:
+                        self._async_waiters.remove((loop, fut))
         return self._state
 
     # ---- connections -----------------------------------------------------

@@ -68,7 +68,8 @@ class Node:
         self.executor = Pool(workers or max(32, (os.cpu_count() or 1) * 4),
                              f"bigmachine-{name}", initializer=self._enter)
         self.dispatcher = Dispatcher(self.registry, self.executor, self.loop, self._enter)
-        self.connections: dict[str, Connection] = {}
+        self.connections: dict[str, Connection] = {}  # the ones we dialed, by address
+        self.accepted: set[Connection] = set()        # the ones peers dialed
         self._connecting: dict[str, asyncio.Future] = {}
         self.listener: Optional[socket.socket] = None
         self._handshaking = 0                 # accepted connections not yet authenticated
@@ -109,6 +110,9 @@ class Node:
         if self.in_loop():
             coro.close()
             raise Error("this blocking call cannot run on the IO loop; use the async form")
+        if self.closed:
+            coro.close()
+            raise Error(f"{self.name} is shut down")
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return fut.result(timeout)
@@ -120,6 +124,9 @@ class Node:
         """Await a coroutine on the IO loop from any loop."""
         if asyncio.get_running_loop() is self.loop:
             return await coro
+        if self.closed:
+            coro.close()
+            raise Error(f"{self.name} is shut down")
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     # ---- serving ------------------------------------------------------------
@@ -197,16 +204,23 @@ class Node:
     # ---- connecting ---------------------------------------------------------
 
     def connect(self, addr: str, timeout: Optional[float] = CONNECT_TIMEOUT) -> Connection:
-        """The connection to addr, dialing and authenticating it if needed."""
+        """The connection to addr, dialing and authenticating it if needed.
+
+        timeout bounds the dial and handshake (None: CONNECT_TIMEOUT).
+        """
         conn = self.connections.get(addr)
         if conn is not None and not conn.closed:
             return conn
+        if self.closed:
+            raise MachineLost(addr, "this session is shut down")
         return self.run_sync(self.aconnect_here(addr, timeout))
 
     async def aconnect(self, addr: str, timeout: Optional[float] = CONNECT_TIMEOUT) -> Connection:
         conn = self.connections.get(addr)
         if conn is not None and not conn.closed:
             return conn
+        if self.closed:
+            raise MachineLost(addr, "this session is shut down")
         return await self.run_async(self.aconnect_here(addr, timeout))
 
     async def aconnect_here(self, addr: str, timeout: Optional[float]) -> Connection:
@@ -216,6 +230,7 @@ class Node:
             return conn
         pending = self._connecting.get(addr)
         if pending is None:
+            timeout = CONNECT_TIMEOUT if timeout is None else timeout  # a dial is always bounded
             pending = self._connecting[addr] = self.loop.create_task(self._dial(addr, timeout))
             pending.add_done_callback(lambda _: self._connecting.pop(addr, None))
         return await asyncio.shield(pending)
@@ -268,12 +283,15 @@ class Node:
         conn.node = self  # type: ignore[attr-defined]  # replies on it belong to this cluster
         if addr is not None:
             self.connections[addr] = conn
+        else:
+            self.accepted.add(conn)
         conn.addr_key = addr  # type: ignore[attr-defined]
 
     def _on_close(self, conn: Connection) -> None:
         key = getattr(conn, "addr_key", None)
         if key is not None and self.connections.get(key) is conn:
             del self.connections[key]
+        self.accepted.discard(conn)
         for callback in list(self.on_connection_lost):
             callback(conn)
 
@@ -289,7 +307,7 @@ class Node:
             if self.listener is not None:
                 self.loop.remove_reader(self.listener.fileno())
                 self.listener.close()
-            for conn in list(self.connections.values()):
+            for conn in list(self.connections.values()) + list(self.accepted):
                 conn._fail(MachineLost(conn.peer, "shut down"))
             for task in asyncio.all_tasks(self.loop):
                 task.cancel()

@@ -18,6 +18,12 @@ from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM
 from .errors import Error, MachineLost, ProtocolError
 
 
+def _not_on_loop(conn: Connection, method: str) -> None:
+    if conn._in_loop():
+        raise Error(f"cannot make the blocking call {method} on the IO loop; "
+                    "use acall/astream from async code")
+
+
 def encode_request(method: str, args: tuple, kwargs: dict) -> tuple[list, list]:
     if not isinstance(method, str):
         raise Error(f"method must be a 'Service.method' string, not {method!r}")
@@ -57,6 +63,7 @@ def _lost(cause: BaseException) -> MachineLost:
 def call(conn: Connection, method: str, args: tuple, kwargs: dict,
          timeout: Optional[float]) -> Any:
     """Blocking call; raises TimeoutError after timeout seconds (and cancels remotely)."""
+    _not_on_loop(conn, method)
     message = encode_request(method, args, kwargs)
     deadline = None if timeout is None else time.monotonic() + timeout
     conn.gate.acquire(timeout)
@@ -133,6 +140,7 @@ class _StreamState:
 def stream(conn: Connection, method: str, args: tuple, kwargs: dict,
            timeout: Optional[float]) -> Iterator[Any]:
     """Blocking iterator over a stream; timeout bounds the wait for each item."""
+    _not_on_loop(conn, method)
     message = encode_request(method, args, kwargs)
     conn.gate.acquire(timeout)
     try:

@@ -231,3 +231,11 @@ class Rendezvous:
     def meet(self, timeout):
         self.barrier.wait(timeout)
         return True
+
+
+@bm.service
+class LoopCaller:
+    """Makes a blocking call from its async method, on the machine's IO loop."""
+
+    async def blocking_call(self, addr):
+        return bm.current().dial(addr).call("Echo.echo", 1, timeout=5)

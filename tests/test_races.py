@@ -1,0 +1,126 @@
+"""Races and failure paths between the reader thread, callers and event loops
+(each found by a review with a reproduction; each must stay fixed)."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+import bigmachine as bm
+from bigmachine._connection import Gate
+from tests.conftest import poll
+from tests.services import Echo, LoopCaller, Relay
+
+
+class _PreemptedDict(dict):
+    """Calls table whose lookups pause once: the reader loses the CPU there."""
+
+    armed = True
+
+    def _pause(self):
+        if self.armed:
+            self.armed = False
+            time.sleep(0.05)
+
+    def get(self, key, default=None):
+        value = dict.get(self, key, default)
+        if value is not None:
+            self._pause()
+        return value
+
+    def pop(self, key, *default):
+        self._pause()
+        return dict.pop(self, key, *default)
+
+
+def test_reply_racing_its_calls_timeout_leaves_the_connection_working():
+    with bm.start(bm.InProcess()) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        conn = m.connection()
+        conn.calls = _PreemptedDict(conn.calls)
+        with pytest.raises(TimeoutError):
+            m.call("Echo.sleep", 0.01, timeout=0.02)
+        time.sleep(0.2)
+        assert conn.reader.is_alive() and not conn.closed
+        assert m.call("Echo.echo", 42, timeout=5) == 42
+
+
+def test_a_closed_loops_state_waiter_does_not_stop_callers_learning_of_loss():
+    with bm.start(bm.InProcess(), keepalive_period=0.25) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+
+        async def peek():
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(m.await_state(bm.State.STOPPED), 0.1)
+
+        asyncio.run(peek())  # that loop is closed now
+        conn = m.connection()
+        errors = []
+        caller = threading.Thread(target=lambda: errors.append(
+            pytest.raises(bm.MachineLost, m.call, "Echo.sleep", 3)))
+        caller.start()
+        time.sleep(0.3)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        caller.join(2)
+        assert not caller.is_alive() and errors
+        assert m.state == bm.State.STOPPED and not conn.calls
+
+
+def test_async_generator_called_with_wrong_arguments_fails_the_stream():
+    with bm.start(bm.InProcess()) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        t = time.monotonic()
+        with pytest.raises(TypeError):
+            list(m.stream("Echo.acount", 1, 2, 3, timeout=5))
+        assert time.monotonic() - t < 2
+        # The machine forgets the stream once its error is sent: only the stats call is open.
+        poll(lambda: m.stats()["open_calls"] == 1, timeout=5)
+
+
+def test_gate_passes_on_a_wakeup_its_cancelled_waiter_got():
+    async def main():
+        gate = Gate(1)
+        await gate.aacquire()
+        first = asyncio.create_task(gate.aacquire())
+        second = asyncio.create_task(gate.aacquire())
+        await asyncio.sleep(0.01)
+        gate.release()   # hands the slot to `first`...
+        first.cancel()   # ...whose caller gives up before it runs
+        await asyncio.wait_for(second, 2)
+
+    asyncio.run(main())
+
+
+def test_blocking_call_on_the_io_loop_is_refused_clearly():
+    with bm.start(bm.InProcess()) as b:
+        m0, m1 = b.start(2, services={"Echo": Echo(), "LoopCaller": LoopCaller(), "Relay": Relay()})
+        m0.call("Relay.via_addr", m1.addr, "Echo.echo", 1, timeout=5)  # m0 already holds a connection
+        with pytest.raises(bm.Error, match="on the IO loop"):
+            m0.call("LoopCaller.blocking_call", m1.addr, timeout=10)
+
+
+def test_handles_of_a_shut_down_session_raise_typed_errors():
+    with bm.start(bm.InProcess()) as other:
+        target, = other.start(1, services={"Echo": Echo()})
+        b = bm.start(bm.InProcess())
+        handle = b.dial(target.addr)
+        b.shutdown()
+        with pytest.raises(bm.MachineLost):
+            handle.call("Echo.echo", 1, timeout=5)
+        with pytest.raises(bm.Error):
+            b.dial(target.addr)
+
+
+def test_an_in_process_machine_that_stops_drops_the_connections_peers_made():
+    with bm.start(bm.InProcess(), keepalive_period=0.25) as b:
+        m0, m1 = b.start(2, services={"Echo": Echo(), "Relay": Relay()})
+        assert m0.call("Relay.via_addr", m1.addr, "Echo.echo", 5, timeout=5) == 5
+        m1.call("Supervisor.shutdown", timeout=5)
+        m1.wait(bm.State.STOPPED, timeout=5)
+        t = time.monotonic()
+        with pytest.raises(bm.MachineLost):
+            m0.call("Relay.via_addr", m1.addr, "Echo.echo", 5, timeout=10)
+        assert time.monotonic() - t < 3
