@@ -87,7 +87,8 @@ class Served:
         while self.credits <= 0:
             self.wakeup = asyncio.get_running_loop().create_future()
             await self.wakeup
-        self.credits -= 1
+        with self.cond:  # credit() adds from the reader thread
+            self.credits -= 1
 
 
 class Dispatcher:
