@@ -638,10 +638,7 @@ class Connection:
 
     def _lost(self) -> MachineLost:
         """What a new call on this closed connection raises."""
-        error = self.error
-        lost = MachineLost(self.peer, getattr(error, "reason", None) or str(error))
-        lost.__cause__ = error
-        return lost
+        return MachineLost.because(self.peer, self.error)
 
     def _release_fd(self) -> None:
         if self._writer_armed:

@@ -103,10 +103,11 @@ class Machine:
 
     def _lost(self) -> MachineLost:
         err = self._err
+        if err is None:
+            return MachineLost(self.addr, "stopped")
         if isinstance(err, MachineLost):
-            lost = MachineLost(self.addr, err.reason)
-        else:
-            lost = MachineLost(self.addr, f"stopped: {err}" if err else "stopped")
+            return MachineLost.because(self.addr, err)
+        lost = MachineLost(self.addr, f"stopped: {err}")  # e.g. its init raised
         lost.__cause__ = err
         return lost
 
@@ -139,10 +140,7 @@ class Machine:
     def _owner_link_lost(self, conn: Connection) -> MachineLost:
         if self._state == State.STOPPED:
             return self._lost()
-        err = conn.error
-        lost = MachineLost(self.addr, getattr(err, "reason", None) or str(err))
-        lost.__cause__ = err
-        return lost
+        return MachineLost.because(self.addr, conn.error)
 
     def connection(self, timeout: Optional[float] = None) -> Connection:
         conn = self._conn
@@ -218,7 +216,7 @@ class Machine:
 
     def _checked(self, conn: Connection) -> Connection:
         if conn.closed:
-            raise self._lost() if self._state == State.STOPPED else MachineLost(self.addr, str(conn.error))
+            raise self._lost() if self._state == State.STOPPED else MachineLost.because(self.addr, conn.error)
         return conn
 
     def info(self, timeout: Optional[float] = 10.0) -> dict:

@@ -49,15 +49,8 @@ def _result(conn: Connection, item: tuple) -> Any:
             swap_current(previous)
         raise error
     if mtype is None:  # the connection failed; payload is why
-        raise _lost(payload)
+        raise MachineLost.because(getattr(payload, "addr", conn.peer), payload)
     raise ProtocolError(f"{conn.peer} answered with message type {mtype}, which ends no call")
-
-
-def _lost(cause: BaseException) -> MachineLost:
-    addr = getattr(cause, "addr", "?")
-    err = MachineLost(addr, getattr(cause, "reason", None) or str(cause))
-    err.__cause__ = cause
-    return err
 
 
 def call(conn: Connection, method: str, args: tuple, kwargs: dict,

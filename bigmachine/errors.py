@@ -34,6 +34,13 @@ class MachineLost(Error):
     def __str__(self) -> str:
         return f"machine {self.addr} lost: {self.reason} (a call in flight may have executed)"
 
+    @classmethod
+    def because(cls, addr: str, cause: BaseException) -> "MachineLost":
+        """A fresh MachineLost for addr (one per raise), with cause as its __cause__."""
+        lost = cls(addr, getattr(cause, "reason", None) or str(cause))
+        lost.__cause__ = cause
+        return lost
+
 
 class AuthError(Error):
     """A peer failed the handshake, or an SSH host or key was refused."""
