@@ -50,7 +50,8 @@ class B:
             self.system.configure(**options)
         creds = Credentials.generate(tls=self.system.tls)
         identity = creds.ca.issue("driver") if creds.ca is not None else None
-        self.node = Node(creds, "driver", user_timeout=self.system.lost_after, identity=identity)
+        self.node = Node(creds, "driver", user_timeout=self.system.lost_after, identity=identity,
+                         socket_buffer=self.system.socket_buffer)
         self.node.b = self
         self.node.start_thread()
         self.node.on_connection_lost.append(self._on_connection_lost)

@@ -41,9 +41,10 @@ DIRECT_FRAMES = 3
 # Frames the IO loop writes per wake-up before it lets go of the lock, so a
 # small message never waits behind more than a few MiB of someone's transfer.
 WRITE_BUDGET = 4
-# Kernel socket buffers. Left to autotuning they grow to tens of MiB on
-# loopback, and a ping queued behind them waits for all of it; 1 MiB keeps
-# bulk speed (bench/bulk.py) and bounds that wait.
+# Kernel socket buffers on local links. Left to autotuning they grow to tens
+# of MiB on loopback, and a ping queued behind them waits for all of it;
+# 1 MiB keeps bulk speed (bench/bulk.py) and bounds that wait. Links with a
+# larger bandwidth-delay product (SSH hosts) pass 0: the kernel's autotuning.
 SOCKET_BUFFER = 1 << 20
 
 
@@ -75,12 +76,16 @@ class FaultInjector:
 FAULTS = FaultInjector(os.environ["BIGMACHINE_FAULTS"]) if os.environ.get("BIGMACHINE_FAULTS") else None
 
 
-def configure_socket(sock: socket.socket, user_timeout: float) -> None:
-    """Low latency, and a bound on how long a silent peer can hold a call."""
+def configure_socket(sock: socket.socket, user_timeout: float, buffer: int = SOCKET_BUFFER) -> None:
+    """Low latency, and a bound on how long a silent peer can hold a call.
+
+    buffer: kernel send and receive buffer bytes; 0 leaves them to autotuning.
+    """
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    if buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
     if hasattr(socket, "TCP_KEEPIDLE"):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from . import _auth
 from ._auth import Credentials
-from ._connection import Connection, configure_socket, mark_loop_thread
+from ._connection import SOCKET_BUFFER, Connection, configure_socket, mark_loop_thread
 from ._dispatch import Dispatcher
 from ._pool import Pool
 from ._service import Registry
@@ -56,13 +56,15 @@ class Node:
     """IO loop, thread pool, services and connections of one cluster member."""
 
     def __init__(self, creds: Credentials, name: str, workers: Optional[int] = None,
-                 user_timeout: float = USER_TIMEOUT, identity: Optional[Identity] = None):
+                 user_timeout: float = USER_TIMEOUT, identity: Optional[Identity] = None,
+                 socket_buffer: int = SOCKET_BUFFER):
         self.creds = creds
         # With an identity, every connection (both ways) is TLS 1.3 with
         # certificates of the cluster CA, and the handshake runs inside it.
         self.tls_contexts = identity.contexts() if identity is not None else None
         self.name = name
         self.user_timeout = user_timeout
+        self.socket_buffer = socket_buffer
         self.registry = Registry()
         self.loop = asyncio.new_event_loop()
         self.executor = Pool(workers or max(32, (os.cpu_count() or 1) * 4),
@@ -178,7 +180,7 @@ class Node:
             return
         finally:
             self._handshaking -= 1
-        configure_socket(sock, self.user_timeout)
+        configure_socket(sock, self.user_timeout, self.socket_buffer)
         self._register(Connection(sock, self.loop, peer, False, self.dispatcher.on_request,
                                   self._on_close, tls=tls))
 
@@ -245,7 +247,7 @@ class Node:
             raise MachineLost(addr, f"cannot connect within {timeout} s") from None
         except OSError as exc:
             raise MachineLost(addr, f"cannot connect: {exc}") from exc
-        configure_socket(sock, self.user_timeout)
+        configure_socket(sock, self.user_timeout, self.socket_buffer)
         conn = Connection(sock, self.loop, addr, True, self.dispatcher.on_request, self._on_close,
                           tls=tls)
         self._register(conn, addr)

@@ -20,6 +20,7 @@ import sys
 import threading
 
 from ._auth import Credentials
+from ._connection import SOCKET_BUFFER
 from ._node import Node
 from ._supervisor import start_machine
 from ._tls import Identity
@@ -43,7 +44,8 @@ def main() -> None:
         reasons.append(reason)
         stopped.set()
 
-    node = Node(creds, config["name"], identity=identity)
+    node = Node(creds, config["name"], identity=identity,
+                socket_buffer=config.get("socket_buffer", SOCKET_BUFFER))
     addr = start_machine(node, config["lease"], on_stop, host=config.get("host", "127.0.0.1"))
     if config.get("status_fd") is None:
         sys.stdout.write(f"{STATUS_PREFIX}{addr}\n")

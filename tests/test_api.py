@@ -604,3 +604,18 @@ def test_dial_returns_unowned_handle(duo):
     h = b.dial(m0.addr)
     assert h.addr == m0.addr
     assert h.call("Echo.echo", 5, timeout=10) == 5
+
+
+def test_socket_buffer_option_reaches_both_ends():
+    import socket as _socket
+
+    with bm.start(bm.InProcess(socket_buffer=256 << 10)) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        assert m.call("Echo.echo", 1, timeout=10) == 1
+        driver_side = m.connection().sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF)
+        assert driver_side == 2 * (256 << 10)  # Linux doubles what was asked for
+        machine_node = m.process.node
+        accepted = next(iter(machine_node.accepted))
+        assert accepted.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF) == 2 * (256 << 10)
+    with pytest.raises(bm.Error, match="socket_buffer"):
+        bm.InProcess(socket_buffer=-1)

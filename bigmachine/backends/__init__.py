@@ -59,6 +59,9 @@ class System(ABC):
     start_timeout: seconds b.start() waits for a machine to come up.
     tls: every connection of the cluster is TLS 1.3 with certificates of a
         per-cluster CA (inside it, the secret handshake still runs).
+    socket_buffer: kernel socket buffer bytes of the cluster's connections
+        (small on local links keeps pings prompt beside bulk transfers);
+        0 leaves them to the kernel's autotuning, for long-distance links.
     """
 
     name = "system"
@@ -67,14 +70,21 @@ class System(ABC):
     lease = 5.0
     start_timeout = 60.0
     tls = False
+    socket_buffer = 1 << 20
 
     def configure(self, **options: Any) -> None:
-        """Set options: tls, and timing (keepalive_period, lost_after, lease, start_timeout)."""
+        """Set options: tls, socket_buffer, and timing (keepalive_period, lost_after, lease,
+        start_timeout)."""
         for key, value in options.items():
             if key == "tls":
                 if not isinstance(value, bool):
                     raise Error(f"option tls must be True or False, not {value!r}")
                 self.tls = value
+                continue
+            if key == "socket_buffer":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise Error(f"option socket_buffer must be a number of bytes >= 0, not {value!r}")
+                self.socket_buffer = value
                 continue
             if key not in ("keepalive_period", "lost_after", "lease", "start_timeout"):
                 raise Error(f"unknown option {key!r} for {type(self).__name__}")

@@ -47,7 +47,7 @@ class InProcess(System):
         machines = []
         for name in names:
             identity = creds.ca.issue(name) if creds.ca is not None else None
-            node = Node(creds, name, identity=identity)
+            node = Node(creds, name, identity=identity, socket_buffer=self.socket_buffer)
             holder: list = []
             addr = start_machine(node, self.lease, lambda why, h=holder: h[0].on_stop(why))
             machine = _InProcessMachine(node, addr)

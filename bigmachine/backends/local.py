@@ -155,6 +155,7 @@ class Local(System):
             "sys_path": [p if p else os.getcwd() for p in sys.path],
             "cwd": os.getcwd(),
             "lease": self.lease,
+            "socket_buffer": self.socket_buffer,
             "status_fd": status_w,
             "parent_pipe": self.parent_pipe,
             "tls": creds.ca is not None,

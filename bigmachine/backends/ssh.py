@@ -726,12 +726,14 @@ class SSH(System):
         other by handle (a handle carries the driver's forwarding address).
 
     uploads lists (host, bundle label, hash, bytes) for every bundle sent.
-    Timing defaults suit networks: lost_after 15 s, lease 30 s.
+    Defaults suit networks: lost_after 15 s, lease 30 s, and socket buffers
+    left to the kernel's autotuning (socket_buffer=0).
     """
 
     name = "ssh"
     lost_after = 15.0
     lease = 30.0
+    socket_buffer = 0  # autotuned: real networks have a larger bandwidth-delay product
     start_timeout = 120.0
 
     def __init__(self, hosts: Iterable[str], user: Optional[str] = None, port: int = 22,
@@ -934,6 +936,7 @@ class SSH(System):
             "sys_path": plan["sys_path"],
             "cwd": run_dir,
             "lease": self.lease,
+            "socket_buffer": self.socket_buffer,
             "parent_pipe": True,
             "host": plan["bind"],
             "tls": creds.ca is not None,
