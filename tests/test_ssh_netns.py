@@ -311,9 +311,15 @@ def no_machines_left(lab):
         host.mend()
 
     def sessions():
-        return [f"{p.pid} {' '.join(p.cmdline())}" for h in lab.hosts
-                for p in psutil.Process(h.proc.pid).children(recursive=True)
-                if p.status() != psutil.STATUS_ZOMBIE]
+        alive = []
+        for h in lab.hosts:
+            for p in psutil.Process(h.proc.pid).children(recursive=True):
+                try:  # a session may end between listing and reading it
+                    if p.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(f"{p.pid} {' '.join(p.cmdline())}")
+                except psutil.NoSuchProcess:
+                    pass
+        return alive
 
     poll(lambda: not lab.workers(), timeout=10)
     # a session whose link was cut ends at sshd's next retransmission (RST)
