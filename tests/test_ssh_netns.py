@@ -280,7 +280,7 @@ def lab(tmp_path_factory):
     try:
         lab.build()
         yield lab
-        left = [" ".join(p.cmdline()) for p in lab.workers()]
+        left = [" ".join(p.info["cmdline"] or ()) for p in lab.workers()]  # read when listed
     finally:
         errors = lab.teardown()  # whatever happened above
     stray = [ns for ns in netns_names() if lab.id in ns]
