@@ -85,6 +85,27 @@ def summary(name: str, ms: list) -> dict:
     return d
 
 
+def measure(figures: dict, key: str, label: str, ping, bulk_fn, nbytes: int, args,
+            loaded_label: str, bulk_label: str, note: str) -> None:
+    """Ping idle, then ping while bulk_fn runs back to back; record figures[key_*]."""
+    pinger(ping, 0.5, 0.001)  # warm up
+    figures[f"{key}_idle"] = summary(f"{label} ping, idle", pinger(ping, 3, args.interval))
+    bulk = Bulk(bulk_fn, nbytes)
+    bulk.start()
+    while not bulk.times and bulk.error is None:
+        time.sleep(0.01)  # the first transfer has started and finished
+    loaded = pinger(ping, args.seconds, args.interval)
+    bulk.stop.set()
+    bulk.join()
+    if bulk.error:
+        raise bulk.error
+    figures[f"{key}_loaded"] = summary(f"{label} {loaded_label}", loaded)
+    figures[f"{key}_bulk"] = {"transfers": len(bulk.times), "gbps_mean": bulk.gbps(),
+                              "gbps_median": bulk.median_gbps()}
+    print(f"{label + ' ' + bulk_label:34} {bulk.median_gbps():.2f} GB/s median, "
+          f"{len(bulk.times)} transfers of {args.mib} MiB {note}".rstrip())
+
+
 def main() -> None:
     path, argv = json_arg()
     ap = argparse.ArgumentParser()
@@ -109,22 +130,8 @@ def main() -> None:
         def bm_bulk() -> None:
             assert m.call("Echo.sum", big) == expect
 
-        pinger(bm_ping, 0.5, 0.001)
-        figures["bm_idle"] = summary("bigmachine ping, idle", pinger(bm_ping, 3, args.interval))
-        bulk = Bulk(bm_bulk, nbytes)
-        bulk.start()
-        while not bulk.times and bulk.error is None:
-            time.sleep(0.01)  # the first transfer has started and finished
-        loaded = pinger(bm_ping, args.seconds, args.interval)
-        bulk.stop.set()
-        bulk.join()
-        if bulk.error:
-            raise bulk.error
-        figures["bm_loaded"] = summary("bigmachine ping, under load", loaded)
-        figures["bm_bulk"] = {"transfers": len(bulk.times), "gbps_mean": bulk.gbps(),
-                              "gbps_median": bulk.median_gbps()}
-        print(f"{'bigmachine bulk (call Echo.sum)':34} {bulk.median_gbps():.2f} GB/s median, "
-              f"{len(bulk.times)} transfers of {args.mib} MiB (includes the sum)")
+        measure(figures, "bm", "bigmachine", bm_ping, bm_bulk, nbytes, args,
+                "ping, under load", "bulk (call Echo.sum)", "(includes the sum)")
 
         # --- raw baseline: ping and bulk on two sockets to one child
         ps = raw.connect(b"ECHO")
@@ -145,22 +152,8 @@ def main() -> None:
             send_all(ss, view)
             recv_exact(ss, reply)
 
-        pinger(raw_ping, 0.5, 0.001)
-        figures["raw_idle"] = summary("raw ping, idle", pinger(raw_ping, 3, args.interval))
-        bulk = Bulk(raw_bulk, nbytes)
-        bulk.start()
-        while not bulk.times and bulk.error is None:
-            time.sleep(0.01)
-        loaded = pinger(raw_ping, args.seconds, args.interval)
-        bulk.stop.set()
-        bulk.join()
-        if bulk.error:
-            raise bulk.error
-        figures["raw_loaded"] = summary("raw ping, under load (2 sockets)", loaded)
-        figures["raw_bulk"] = {"transfers": len(bulk.times), "gbps_mean": bulk.gbps(),
-                               "gbps_median": bulk.median_gbps()}
-        print(f"{'raw bulk (recv_into numpy)':34} {bulk.median_gbps():.2f} GB/s median, "
-              f"{len(bulk.times)} transfers")
+        measure(figures, "raw", "raw", raw_ping, raw_bulk, nbytes, args,
+                "ping, under load (2 sockets)", "bulk (recv_into numpy)", "")
         ps.close()
         ss.close()
 
