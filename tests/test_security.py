@@ -42,6 +42,7 @@ import bigmachine as bm
 from bigmachine import _auth, _wire
 from bigmachine._auth import Credentials
 from bigmachine._node import Node
+from tests.rawpeer import recv_exact
 from bigmachine._tls import ClusterCA, Identity
 from tests.conftest import TIMING, _shared_sessions, children, poll, shared, wait_no_leaks
 from tests.services import Echo, Relay
@@ -123,17 +124,6 @@ def split(addr: str) -> tuple[str, int]:
 
 def connect(addr: str, timeout: float = 5.0) -> socket.socket:
     return socket.create_connection(split(addr), timeout=timeout)
-
-
-def recv_exact(sock: socket.socket, n: int, timeout: float = 5.0) -> bytes:
-    sock.settimeout(timeout)
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
 
 
 def wait_closed(sock: socket.socket, timeout: float) -> tuple[Optional[float], bytes]:
@@ -546,7 +536,7 @@ def test_nothing_is_unpickled_before_authentication(plain, tmp_path, capfd):
         def other_cluster_then_frame(s):
             # A correct HELLO built with wrong credentials (another cluster), then the frame.
             s.sendall(hello_for(os.urandom(16)))
-            reply = recv_exact(s, _auth.SERVER_HELLO_SIZE)
+            reply = recv_exact(s, _auth.SERVER_HELLO_SIZE, timeout=5.0)
             assert reply[_auth.HELLO_SIZE:] == bytes(_auth.MAC), "no MAC for a stranger"
             send_quietly(s, evil)
 
@@ -554,7 +544,7 @@ def test_nothing_is_unpickled_before_authentication(plain, tmp_path, capfd):
             # The right cluster id (anyone learns it from a reply), a wrong HMAC, then the frame.
             h = hello_for(cluster_id)
             s.sendall(h)
-            reply = recv_exact(s, _auth.SERVER_HELLO_SIZE)
+            reply = recv_exact(s, _auth.SERVER_HELLO_SIZE, timeout=5.0)
             wrong = Credentials(cluster_id, os.urandom(32))
             with pytest.raises(bm.AuthError):
                 _auth.check_server_hello(wrong, "m", h, reply)  # we cannot verify it either
@@ -664,7 +654,7 @@ def test_wrong_secret_is_refused_both_ways(plain, capfd):
     with connect(m.addr) as s:
         h = hello_for(creds.cluster_id)
         s.sendall(h)
-        reply = recv_exact(s, _auth.SERVER_HELLO_SIZE)
+        reply = recv_exact(s, _auth.SERVER_HELLO_SIZE, timeout=5.0)
         s.sendall(_auth._mac(Credentials(creds.cluster_id, os.urandom(32)), b"client", h, reply)
                   + malicious_frames("/nonexistent/x"))
         elapsed, data = wait_closed(s, 2)
@@ -674,7 +664,7 @@ def test_wrong_secret_is_refused_both_ways(plain, capfd):
 
 def test_truncated_server_reply_is_refused(plain):
     def half_hello(sock, _):
-        hello = recv_exact(sock, _auth.HELLO_SIZE)
+        hello = recv_exact(sock, _auth.HELLO_SIZE, timeout=5.0)
         sock.sendall(_auth._HELLO.pack(_auth.MAGIC, _auth.VERSION, _auth.PYTHON,
                                        plain.b.node.creds.cluster_id, os.urandom(32))[:46])
         return hello
@@ -699,7 +689,7 @@ def test_replayed_server_transcript_is_refused(plain):
 
     # Session 2: a fake server replays it to a new client.
     def replay(sock, _):
-        hello = recv_exact(sock, _auth.HELLO_SIZE)
+        hello = recv_exact(sock, _auth.HELLO_SIZE, timeout=5.0)
         sock.sendall(recorded)
         return hello, wait_closed(sock, 3)
 
@@ -713,7 +703,7 @@ def test_replayed_server_transcript_is_refused(plain):
 def test_reflected_hello_is_refused(plain):
     """A fake server echoes the client's own hello back as its server hello."""
     def reflect(sock, _):
-        hello = recv_exact(sock, _auth.HELLO_SIZE)
+        hello = recv_exact(sock, _auth.HELLO_SIZE, timeout=5.0)
         sock.sendall(hello + hello[-_auth.MAC:])
         return wait_closed(sock, 3)
 

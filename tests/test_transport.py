@@ -41,6 +41,7 @@ from bigmachine._node import Node
 from bigmachine._serialize import dumps, load_exception, loads
 from tests.conftest import TIMING, poll, shared, unshare
 from tests.services import Echo
+from tests.rawpeer import recv_exact
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -133,16 +134,6 @@ def rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 def raw_connect(addr: str, creds: Credentials, timeout: float = 5.0) -> socket.socket:
