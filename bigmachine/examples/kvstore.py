@@ -144,25 +144,18 @@ def stop(machine: bm.Machine, timeout: float = 30.0) -> None:
 async def update_all(client: Client, keys: list[str], inflight: int,
                      expected: dict[str, bytes], victim: bm.Machine) -> None:
     """Write a new value to every key and read it back; stop victim halfway through."""
-    halfway = asyncio.Event()
-    done = 0
-
     async def update(key: str) -> None:
-        nonlocal done
         value = f"{key}:v2".encode()
         await client.put(key, value)
         expected[key] = value
         if await client.get(key) != value:
             raise bm.Error(f"{key!r} did not read back as written")
-        done += 1
-        if done == len(keys) // 2:
-            halfway.set()
 
-    async def stop_halfway() -> None:
-        await halfway.wait()
-        await asyncio.to_thread(stop, victim)  # while the other half is in flight
-
-    await asyncio.gather(stop_halfway(), for_each(keys, inflight, update))
+    half = len(keys) // 2
+    await for_each(keys[:half], inflight, update)
+    # The second half runs while the victim stops: calls in flight on it fail
+    # with MachineLost, and once it is STOPPED calls to it fail at once.
+    await asyncio.gather(asyncio.to_thread(stop, victim), for_each(keys[half:], inflight, update))
 
 
 def check(ring: list[bm.Machine], expected: dict[str, bytes]) -> None:
