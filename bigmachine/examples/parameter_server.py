@@ -31,7 +31,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 
@@ -182,7 +182,7 @@ def run(b: bm.B, workers: int, features: int, item_timeout: float, seed: int = 1
     return Result(training, workers, endings, error)
 
 
-def main(argv: Optional[list[str]] = None) -> Result:
+def main(argv: list[str] | None = None) -> Result:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=3,
                         help="worker machines, the first a straggler (default 3; at least 2)")
