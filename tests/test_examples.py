@@ -3,13 +3,15 @@
 pi runs as a user would (python -m); the others through main(argv), which
 returns the figures it printed.
 """
+import argparse
 import re
 import subprocess
 import sys
 
 import pytest
 
-from bigmachine.examples import kvstore, parameter_server, shuffle
+import bigmachine as bm
+from bigmachine.examples import add_system_arguments, kvstore, parameter_server, shuffle, system_from
 
 
 def test_pi_demo_estimates_pi():
@@ -87,3 +89,14 @@ def test_examples_reject_hosts_without_ssh(capsys):
         shuffle.main(["--hosts", "a,b"])
     assert stopped.value.code == 2
     assert "--hosts needs --system ssh" in capsys.readouterr().err
+
+
+def test_examples_build_an_ssh_system_from_their_options():
+    parser = argparse.ArgumentParser()
+    add_system_arguments(parser)
+    args = parser.parse_args(["--system", "ssh", "--hosts", "a,b:2222",
+                              "--machines-per-host", "2"])
+    system = system_from(parser, args)
+    assert isinstance(system, bm.SSH)
+    assert system.machines_per_host == 2 and not system.accept_new_hosts
+    assert repr(system) == "SSH(hosts=['a', 'b:2222'])"
