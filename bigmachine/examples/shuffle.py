@@ -8,7 +8,8 @@ the driver can make the same data to check the result). Then a sample sort:
 2. every machine sorts its partition and cuts it at the splitters;
 3. every machine sends bucket j straight to machine j: the driver hands each
    machine the list of Machine handles, and the bytes go from one machine's
-   array to the other's socket (the exchange, timed for the GB/s figure);
+   array to the other's socket (the exchange, timed for the GB/s figure once
+   the machines have connected to each other);
 4. every machine merges what it received: machine j holds the j-th range
    of the sorted whole.
 
@@ -62,6 +63,11 @@ class Sorter:
         self.part.sort()
         self.buckets = np.split(self.part, np.searchsorted(self.part, splitters))
 
+    async def connect(self, index: int, machines: list[bm.Machine]) -> None:
+        """Open the connections to the other machines, so that send's time is the transfer's."""
+        await asyncio.gather(*(m.acall("Supervisor.ping", timeout=CALL_TIMEOUT)
+                               for j, m in enumerate(machines) if j != index))
+
     async def send(self, index: int, machines: list[bm.Machine]) -> int:
         """Send bucket j to machines[j], all at once; keep our own. Return the bytes sent."""
         self.received[index] = self.buckets[index]
@@ -87,7 +93,7 @@ class Sorter:
 class Result:
     machines: int
     elements: int
-    sort_seconds: float      # split + exchange + merge, on the machines
+    sort_seconds: float      # from sampling to merged, on the machines
     exchange_seconds: float
     exchanged_bytes: int     # bytes that went from one machine to another
     single_seconds: float    # np.sort of the same data in one process
@@ -115,6 +121,7 @@ def run(b: bm.B, machines: int, elements: int, seed: int = 1) -> Result:
     samples = np.sort(np.concatenate(each("Sorter.sample", [SAMPLE] * machines)))
     splitters = samples[[len(samples) * j // machines for j in range(1, machines)]]
     each("Sorter.split", [splitters] * machines)
+    each("Sorter.connect", list(range(machines)), [ring] * machines)
     exchange_start = time.monotonic()
     sent = each("Sorter.send", list(range(machines)), [ring] * machines)
     exchange_seconds = time.monotonic() - exchange_start
