@@ -562,6 +562,8 @@ class Connection:
             self._fail(err)
         except (OSError, ssl.SSLError) as exc:
             self._fail(MachineLost(self.peer, f"read failed: {exc}"))
+        except MachineLost as exc:  # a write the reader made (a PONG, a CREDIT) failed
+            self._fail(exc)
         except BaseException as exc:
             # A reader must never die leaving a connection that looks open.
             log.exception("closing connection to %s: its reader failed", self.peer)

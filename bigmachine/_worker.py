@@ -6,7 +6,8 @@ JSON line), serves until its owner lets it go, and on the way out kills any
 processes its services left in its process group. It never writes a core
 file (its memory holds the cluster's secrets) and raises its open-file limit.
 
-Config keys: name, sys_path, cwd, lease, parent_pipe; listen (the address to
+Config keys: name, sys_path, cwd, lease, keepalive_period, lost_after,
+parent_pipe; listen (the address to
 listen on: "unix:/path" or "host:port"); status_fd (a pipe for the address line).
 Without status_fd (SSH, where there is no extra pipe) the address goes to
 stdout as one line ``bigmachine-status listening host:port``, before anything
@@ -25,7 +26,7 @@ from ._auth import BOOTSTRAP_SIZE, Credentials
 from ._connection import SOCKET_BUFFER
 from ._limits import no_core_dumps, raise_open_files
 from ._node import Node
-from ._supervisor import start_machine
+from ._runtime import start_machine
 from ._tls import Identity
 
 STATUS_PREFIX = "bigmachine-status listening "  # the stdout status line, when no status_fd
@@ -51,7 +52,8 @@ def main() -> None:
 
     node = Node(creds, config["name"], identity=identity,
                 socket_buffer=config.get("socket_buffer", SOCKET_BUFFER))
-    addr = start_machine(node, config["lease"], on_stop, owner_token, listen=config["listen"])
+    addr = start_machine(node, config["lease"], on_stop, owner_token, listen=config["listen"],
+                         keepalive_period=config["keepalive_period"], lost_after=config["lost_after"])
     if config.get("status_fd") is None:
         sys.stdout.write(f"{STATUS_PREFIX}{addr}\n")
         sys.stdout.flush()

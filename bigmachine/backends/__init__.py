@@ -6,14 +6,17 @@ keepalives) the same way for every system.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import threading
+import time
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from .._auth import Credentials
 from .._tls import LIFETIME
@@ -23,13 +26,75 @@ log = logging.getLogger("bigmachine")
 _warned_insecure = False
 
 
-def forward_output(line: str) -> None:
-    """Copy one line of a machine's output to the driver's stderr; never raise.
+OUTPUT_BUFFER = 1 << 20  # characters of one machine's output the driver holds for a slow stderr
+
+
+class _Output:
+    """Copies machines' output lines to the driver's stderr on a thread of its own.
+
+    Machines must never block because nobody reads the driver's stderr (the
+    original drops rather than block): each machine's lines wait in a buffer
+    bounded per machine, and when it is full they are dropped and counted;
+    once stderr takes lines again, a line says how many were dropped.
+    """
+
+    def __init__(self, limit: int = OUTPUT_BUFFER):
+        self.limit = limit
+        self.lines: collections.deque = collections.deque()  # (source, line)
+        self.size: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+        self.cond = threading.Condition()
+        self.thread: Optional[threading.Thread] = None
+
+    def put(self, source: str, line: str) -> None:
+        with self.cond:
+            size = self.size.get(source, 0)
+            if size + len(line) > self.limit:
+                self.dropped[source] = self.dropped.get(source, 0) + 1
+                return
+            self.lines.append((source, line))
+            self.size[source] = size + len(line)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True,
+                                               name="bigmachine-output")
+                self.thread.start()
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.lines:
+                    if not self.cond.wait(1.0) and not self.lines:
+                        self.thread = None  # idle: the next line starts another
+                        return
+                source, line = self.lines.popleft()
+                left = self.size[source] - len(line)
+                if left:
+                    self.size[source] = left
+                else:
+                    del self.size[source]
+                dropped = self.dropped.pop(source, 0)
+            if dropped:
+                _write(f"{source}: [{dropped} lines of output were dropped while the driver's "
+                       "stderr was not being read]\n")
+            _write(line)
+
+    def flush(self, timeout: float) -> None:
+        """Wait up to timeout for the buffered lines to be written."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.cond:
+                if not self.lines:
+                    return
+            time.sleep(0.01)
+
+
+def _write(line: str) -> None:
+    """Write one line to the driver's stderr; never raise.
 
     The driver's sys.stderr may be replaced or closed while machines run (a
     test harness capturing it, a closed terminal). The line then goes to the
-    original stderr, or is dropped: a machine's output must keep draining,
-    or the machine blocks on its next print.
+    original stderr, or is dropped.
     """
     for stream in (sys.stderr, sys.__stderr__):
         try:
@@ -38,6 +103,20 @@ def forward_output(line: str) -> None:
             return
         except (OSError, ValueError, AttributeError):
             continue
+
+
+_output = _Output()
+
+
+def forward_output(line: str, source: str = "machines") -> None:
+    """Copy one line of a machine's output (source: its name) to the driver's stderr;
+    never block or raise."""
+    _output.put(source, line)
+
+
+def flush_output(timeout: float = 1.0) -> None:
+    """Wait (up to timeout) until the machines' output gathered so far is written."""
+    _output.flush(timeout)
 
 
 def bootstrap(creds: Credentials, name: str, config: dict, hosts: Sequence[str]) -> bytes:
@@ -87,14 +166,21 @@ class Process(ABC):
     def stop(self, timeout: float) -> None:
         """Wait up to timeout for the machine to end, then kill it; collect its output."""
 
+    def error(self, what: str) -> Error:
+        """An error saying the machine did what (e.g. "exited while starting"), how it
+        ended, and its last output where the system kept it."""
+        return Error(f"machine {what} ({self.describe_exit()})")
+
 
 class System(ABC):
     """How machines are launched, and the timing of their keepalives.
 
     keepalive_period: seconds between the driver's keepalives.
     lost_after: seconds without any reply before the driver declares a
-        machine lost (also the connection's TCP_USER_TIMEOUT).
-    lease: seconds a machine lives on without keepalives before it stops itself.
+        machine lost, and how long it re-dials a machine whose link broke
+        (also the connection's TCP_USER_TIMEOUT).
+    lease: seconds a machine lives on without keepalives before it stops
+        itself; it must exceed lost_after plus keepalive_period.
     start_timeout: seconds b.start() waits for a machine to come up.
     tls: every connection of the cluster is TLS 1.3 with certificates of a
         per-cluster CA (inside it, the secret handshake still runs). A system
@@ -111,7 +197,7 @@ class System(ABC):
     name = "system"
     keepalive_period = 1.0
     lost_after = 5.0
-    lease = 5.0
+    lease = 10.0
     start_timeout = 60.0
     tls = False
     insecure = False
@@ -145,8 +231,13 @@ class System(ABC):
             setattr(self, key, float(value))
 
     def check(self) -> None:
-        """Refuse plain TCP unless insecure=True (then warn once per process)."""
+        """Refuse settings that cannot work: a lease that ends before the driver gives
+        up re-dialling, and plain TCP unless insecure=True (then warn once per process)."""
         global _warned_insecure
+        if self.lease <= self.lost_after + self.keepalive_period:
+            raise Error(f"lease ({self.lease:g} s) must exceed lost_after ({self.lost_after:g} s) "
+                        f"plus keepalive_period ({self.keepalive_period:g} s): a machine must not "
+                        "stop itself while its driver may still re-dial it")
         if not self.tcp or self.tls:
             return
         if not self.insecure:
@@ -159,8 +250,10 @@ class System(ABC):
                         "and rewrite calls", type(self).__name__)
 
     @abstractmethod
-    def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
-        """Launch one machine per name; return once each listens, with its address."""
+    def launch(self, creds: Credentials, names: list[str], timeout: float,
+               env: Optional[dict] = None) -> list[Process]:
+        """Launch one machine per name, with env added to its environment; return once
+        each listens, with its address."""
 
     def shutdown(self) -> None:
         """Release what the system holds once the session's machines are stopped."""

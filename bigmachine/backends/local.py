@@ -25,7 +25,7 @@ from typing import Optional
 
 from .._auth import Credentials
 from ..errors import Error
-from . import Process, SocketDir, System, bootstrap, forward_output
+from . import Process, SocketDir, System, bootstrap, flush_output, forward_output
 
 # The directory holding the bigmachine package, for the machine's PYTHONPATH.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,7 +68,7 @@ class _LocalProcess(Process):
         for raw in iter(pipe.readline, b""):
             line = raw.decode("utf-8", "replace")
             self.tail.append(line.rstrip("\n"))
-            forward_output(prefix + (line if line.endswith("\n") else line + "\n"))
+            forward_output(prefix + (line if line.endswith("\n") else line + "\n"), self.name)
         pipe.close()
 
     def alive(self, wait: float = 0.0) -> bool:
@@ -98,6 +98,7 @@ class _LocalProcess(Process):
         self._close_stdin()
         for t in self.pumps:
             t.join(2)
+        flush_output()
 
     def kill(self) -> None:
         """SIGKILL the machine and everything in its process group."""
@@ -153,11 +154,12 @@ class Local(System):
         if self.sockets is not None:
             self.sockets.remove()
 
-    def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
+    def launch(self, creds: Credentials, names: list[str], timeout: float,
+               env: Optional[dict] = None) -> list[Process]:
         procs: list[_LocalProcess] = []
         try:
             for name in names:
-                procs.append(self._spawn(creds, name))
+                procs.append(self._spawn(creds, name, env or {}))
             for proc in procs:
                 proc.addr = self._await_addr(proc, timeout)
         except BaseException:
@@ -169,18 +171,20 @@ class Local(System):
             raise
         return procs
 
-    def _spawn(self, creds: Credentials, name: str) -> _LocalProcess:
+    def _spawn(self, creds: Credentials, name: str, extra_env: dict) -> _LocalProcess:
         status_r, status_w = os.pipe()
         config = {
             "sys_path": [p if p else os.getcwd() for p in sys.path],
             "cwd": os.getcwd(),
             "lease": self.lease,
+            "keepalive_period": self.keepalive_period,
+            "lost_after": self.lost_after,
             "socket_buffer": self.socket_buffer,
             "status_fd": status_w,
             "parent_pipe": self.parent_pipe,
             "listen": self._listen_addr(name),
         }
-        env = dict(os.environ)
+        env = dict(os.environ, **extra_env)
         env["PYTHONUNBUFFERED"] = "1"  # machine output reaches the driver as it is printed
         env["PYTHONPATH"] = os.pathsep.join(
             [_PACKAGE_PARENT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])

@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import select
+import re
 import shlex
 import socket
 import sys
@@ -55,7 +56,7 @@ from typing import Any, Iterable, Optional, Sequence
 from .._auth import Credentials
 from .._bundle import DEFAULT_EXCLUDE, Bundle, bigmachine_bundle, user_bundle, user_paths
 from ..errors import AuthError, Error
-from . import Process, System, bootstrap, forward_output
+from . import Process, System, bootstrap, flush_output, forward_output
 
 log = logging.getLogger("bigmachine.ssh")
 
@@ -558,6 +559,7 @@ class _SSHProcess(Process):
         self.host.release_session(self.client)
         for t in self.pumps:
             t.join(2)
+        flush_output()
         if reached:
             self._cleanup()
         else:  # another command over the same dead link would only wait out its deadline
@@ -783,8 +785,10 @@ class SSH(System):
 
     # ---- launching
 
-    def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
+    def launch(self, creds: Credentials, names: list[str], timeout: float,
+               env: Optional[dict] = None) -> list[Process]:
         deadline = time.monotonic() + timeout
+        exports = _exports(env or {})
         placement = self._place(names)
         procs: list[_SSHProcess] = []
         try:
@@ -795,7 +799,8 @@ class SSH(System):
                 plans = {h: f.result() for h, f in zip(hosts, futures)}
             launch_id = uuid.uuid4().hex[:12]
             for name, host in zip(names, placement):
-                procs.append(self._spawn(host, plans[host], creds, name, launch_id, deadline))
+                procs.append(self._spawn(host, plans[host], creds, name, launch_id, deadline,
+                                         exports))
             for proc in procs:
                 proc.addr = proc.await_addr(deadline, timeout)
                 if self.tunnel:
@@ -916,7 +921,7 @@ class SSH(System):
                     "SSH_CONNECTION); pass SSH(bind=...)")
 
     def _spawn(self, host: _Host, plan: dict, creds: Credentials, name: str,
-               launch_id: str, deadline: float) -> _SSHProcess:
+               launch_id: str, deadline: float, exports: str = "") -> _SSHProcess:
         client = host.machine_client(deadline)
         try:
             run_dir = os.path.join(plan["cache"], "run", launch_id, name)
@@ -925,7 +930,7 @@ class SSH(System):
                 f"mkdir -p {q(run_dir + '/tmp')} && cd {q(run_dir)} && "
                 f"echo {PID_PREFIX}$$ && "
                 f"TMPDIR={q(run_dir + '/tmp')} PYTHONPATH={q(plan['bigmachine'])} "
-                f"PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 "
+                f"PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 {exports}"
                 f"exec {self.python} -m bigmachine._worker")
             chan = _open_session(client, host.label, deadline)
         except BaseException:
@@ -936,6 +941,8 @@ class SSH(System):
             "sys_path": plan["sys_path"],
             "cwd": run_dir,
             "lease": self.lease,
+            "keepalive_period": self.keepalive_period,
+            "lost_after": self.lost_after,
             "socket_buffer": self.socket_buffer,
             "parent_pipe": True,
             "listen": f"[{bind}]:0" if ":" in bind else f"{bind}:0",
@@ -958,6 +965,14 @@ class SSH(System):
     def shutdown(self) -> None:
         for host in self._hosts:
             host.close()
+
+
+def _exports(env: dict) -> str:
+    """Shell assignments for env, each value quoted; names must be plain identifiers."""
+    for key in env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise Error(f"env name {key!r} is not a valid environment variable name")
+    return "".join(f"{key}={shlex.quote(value)} " for key, value in env.items())
 
 
 def _indent(text: str, limit: int = 20) -> str:
