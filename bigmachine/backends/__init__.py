@@ -6,14 +6,12 @@ keepalives) the same way for every system.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any
 
 from .._auth import Credentials
 from .._tls import LIFETIME
@@ -21,33 +19,6 @@ from ..errors import Error
 
 log = logging.getLogger("bigmachine")
 _warned_insecure = False
-
-
-def forward_output(line: str) -> None:
-    """Copy one line of a machine's output to the driver's stderr; never raise.
-
-    The driver's sys.stderr may be replaced or closed while machines run (a
-    test harness capturing it, a closed terminal). The line then goes to the
-    original stderr, or is dropped: a machine's output must keep draining,
-    or the machine blocks on its next print.
-    """
-    for stream in (sys.stderr, sys.__stderr__):
-        try:
-            stream.write(line)
-            stream.flush()
-            return
-        except (OSError, ValueError, AttributeError):
-            continue
-
-
-def bootstrap(creds: Credentials, name: str, config: dict, hosts: Sequence[str]) -> bytes:
-    """What a new machine reads first (see _worker): its config line, the cluster's
-    credentials with its owner token, and with TLS its certificate for hosts."""
-    config = dict(config, name=name, tls=creds.ca is not None)
-    data = json.dumps(config).encode() + b"\n" + creds.encode_for(name)
-    if creds.ca is not None:
-        data += json.dumps(creds.ca.issue(name, tuple(hosts)).to_dict()).encode() + b"\n"
-    return data
 
 
 class SocketDir:

@@ -6,45 +6,36 @@ token) arrives on stdin, never argv or the environment; stdin then stays
 open, and the machine exits at once when it closes, that is when the driver
 is gone. The child listens on a Unix socket in the session's private
 directory (or, with tls=True, on a loopback TCP port it binds itself) and
-reports its address on a status pipe. Its stdout and stderr are copied, line by line,
+reports its address on a status pipe (the status line of _bootstrap). Its stdout and stderr are copied, line by line,
 to the driver's stderr prefixed with the machine's name.
 """
 from __future__ import annotations
 
-import collections
 import os
-import select
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import Any
-
-from typing import Optional
+from typing import IO, Any, Optional
 
 from .._auth import Credentials
-from ..errors import Error
-from . import Process, SocketDir, System, bootstrap, forward_output
+from . import Process, SocketDir, System
+from ._bootstrap import Output, Spawned, bootstrap
 
 # The directory holding the bigmachine package, for the machine's PYTHONPATH.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class _LocalProcess(Process):
-    def __init__(self, name: str, popen: subprocess.Popen):
+class _LocalProcess(Spawned):
+    def __init__(self, name: str, popen: subprocess.Popen, status: IO[bytes]):
         self.name = name
         self.popen = popen
         self.addr = ""
-        self.tail: collections.deque = collections.deque(maxlen=20)
-        self.pumps = [
-            threading.Thread(target=self._pump, args=(popen.stdout,), daemon=True,
-                             name=f"bigmachine-out-{name}"),
-            threading.Thread(target=self._pump, args=(popen.stderr,), daemon=True,
-                             name=f"bigmachine-err-{name}"),
-        ]
-        for t in self.pumps:
-            t.start()
+        self.output = Output(name, f"{name}: ")
+        self.output.pump(popen.stdout, f"bigmachine-out-{name}")
+        self.output.pump(popen.stderr, f"bigmachine-err-{name}")
+        self.output.pump(status, f"bigmachine-status-{name}", status=True)
         threading.Thread(target=self._reap_group, daemon=True, name=f"bigmachine-reap-{name}").start()
 
     def _reap_group(self) -> None:
@@ -62,14 +53,6 @@ class _LocalProcess(Process):
         except OSError:
             return
         self.kill()
-
-    def _pump(self, pipe: Any) -> None:
-        prefix = f"{self.name}: "
-        for raw in iter(pipe.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            self.tail.append(line.rstrip("\n"))
-            forward_output(prefix + (line if line.endswith("\n") else line + "\n"))
-        pipe.close()
 
     def alive(self, wait: float = 0.0) -> bool:
         try:
@@ -96,8 +79,7 @@ class _LocalProcess(Process):
             self.kill()
             self.popen.wait(5)
         self._close_stdin()
-        for t in self.pumps:
-            t.join(2)
+        self.output.join(2)
 
     def kill(self) -> None:
         """SIGKILL the machine and everything in its process group."""
@@ -111,13 +93,6 @@ class _LocalProcess(Process):
             self.popen.stdin.close()
         except (OSError, ValueError):
             pass
-
-    def error(self, what: str) -> Error:
-        for t in self.pumps:
-            t.join(1)
-        lines = "\n".join(f"  {line}" for line in self.tail)
-        return Error(f"machine {self.name} {what} ({self.describe_exit()})"
-                     + (f"; its last output:\n{lines}" if lines else ""))
 
 
 class Local(System):
@@ -154,16 +129,15 @@ class Local(System):
             self.sockets.remove()
 
     def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
+        deadline = time.monotonic() + timeout
         procs: list[_LocalProcess] = []
         try:
             for name in names:
                 procs.append(self._spawn(creds, name))
             for proc in procs:
-                proc.addr = self._await_addr(proc, timeout)
+                proc.addr = proc.await_addr(deadline, timeout)
         except BaseException:
             for proc in procs:
-                if proc.status_fd is not None:  # type: ignore[attr-defined]
-                    os.close(proc.status_fd)  # type: ignore[attr-defined]
                 proc.kill()
                 proc.stop(1)
             raise
@@ -198,27 +172,5 @@ class Local(System):
             popen.stdin.write(bootstrap(creds, name, config, ("127.0.0.1",)))
             popen.stdin.flush()
         except BrokenPipeError:
-            pass  # it died at once; _await_addr reports how, with its output
-        proc = _LocalProcess(name, popen)
-        proc.status_fd = status_r  # type: ignore[attr-defined]
-        return proc
-
-    def _await_addr(self, proc: _LocalProcess, timeout: float) -> str:
-        fd = proc.status_fd  # type: ignore[attr-defined]
-        deadline = time.monotonic() + timeout
-        data = b""
-        try:
-            while not data.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([fd], [], [], left)[0]:
-                    raise proc.error(f"did not start within {timeout:g} s")
-                chunk = os.read(fd, 256)
-                if not chunk:
-                    raise proc.error("exited before it was ready")
-                data += chunk
-                if len(data) > 256:
-                    raise proc.error("reported a malformed address")
-        finally:
-            proc.status_fd = None  # type: ignore[attr-defined]
-            os.close(fd)
-        return data.decode().strip()
+            pass  # it died at once; await_addr reports how, with its output
+        return _LocalProcess(name, popen, os.fdopen(status_r, "rb"))

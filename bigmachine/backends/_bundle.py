@@ -19,7 +19,7 @@ import sysconfig
 import tarfile
 from typing import Sequence
 
-from .errors import Error
+from ..errors import Error
 
 MAX_BUNDLE_FILES = 20000
 MAX_BUNDLE_BYTES = 128 << 20
