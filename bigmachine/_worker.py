@@ -6,7 +6,8 @@ JSON line), serves until its owner lets it go, and on the way out kills any
 processes its services left in its process group. It never writes a core
 file (its memory holds the cluster's secrets) and raises its open-file limit.
 
-Config keys: name, sys_path, cwd, lease, parent_pipe; listen (the address to
+Config keys: name, sys_path, cwd, lease, parent_pipe, hold (cache entries to
+flock while it runs); listen (the address to
 listen on: "unix:/path" or "host:port"); status_fd (a pipe for the status line).
 The status line, ``bigmachine-status listening ADDR``, goes to status_fd, or
 without one (SSH, where there is no extra pipe) to stdout before anything else
@@ -25,7 +26,7 @@ from ._connection import SOCKET_BUFFER
 from ._limits import no_core_dumps, raise_open_files
 from ._node import Node
 from ._supervisor import start_machine
-from .backends._bootstrap import STATUS_PREFIX, read_bootstrap
+from .backends._bootstrap import STATUS_PREFIX, hold, read_bootstrap
 
 
 def main() -> None:
@@ -33,6 +34,7 @@ def main() -> None:
     raise_open_files()
     stdin = sys.stdin.buffer
     config, creds, owner_token, identity = read_bootstrap(stdin)
+    hold(config.get("hold", ()))
     sys.path[:] = config["sys_path"]
     os.chdir(config["cwd"])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

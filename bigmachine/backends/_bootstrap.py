@@ -8,6 +8,8 @@
   ADDR``, on its stdout or on a status pipe. A shell that starts a machine
   may report its pid first (``bigmachine-status pid PID``), so that the
   driver can kill the machine's process group on a host.
+- The hold: a machine started from a host's cache holds a shared flock on
+  each cache entry it uses (bundles, environment, run dir) while it runs.
 - The output: a machine's stdout and stderr reach the driver's stderr line by
   line with a prefix (its name, and on another host the host's), and the last
   lines are kept for the error that says why it failed to start.
@@ -15,7 +17,9 @@
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
+import os
 import sys
 import threading
 import time
@@ -47,6 +51,21 @@ def read_bootstrap(stream: IO[bytes]) -> tuple[dict, Credentials, bytes, Optiona
     creds, owner_token = Credentials.decode(stream.read(BOOTSTRAP_SIZE))
     identity = Identity.from_dict(json.loads(stream.readline())) if config.get("tls") else None
     return config, creds, owner_token, identity
+
+
+def hold(paths: Sequence[str]) -> None:
+    """The machine's side of a host's cache: a shared flock on each entry it uses, kept
+    until the process exits, so that pruning (remote/cache.py) never removes them under it."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise Error(f"{path} was pruned from the cache while the machine started; "
+                        "start it again")
 
 
 def forward_output(line: str) -> None:

@@ -11,6 +11,9 @@ out = {"version": list(sys.version_info[:3]), "executable": sys.executable,
 try:
     import sysconfig
     out["ext_suffix"] = sysconfig.get_config_var("EXT_SUFFIX") or ""
+    out["soabi"] = sysconfig.get_config_var("SOABI") or ""
+    out["implementation"] = sys.implementation.name
+    out["libc"] = list(platform.libc_ver())
 except Exception:
     out["ext_suffix"] = ""
 def version(name):
@@ -27,10 +30,5 @@ def version(name):
         return "unknown"
 for name in sys.argv[2:]:
     out["packages"][name] = version(name)
-cache = os.path.abspath(os.path.expanduser(sys.argv[1]))
-out["cache"] = cache
-try:
-    out["bundles"] = sorted(os.listdir(os.path.join(cache, "bundles")))
-except OSError:
-    out["bundles"] = []
+out["cache"] = os.path.abspath(os.path.expanduser(sys.argv[1]))
 sys.stdout.write(json.dumps(out) + "\n")

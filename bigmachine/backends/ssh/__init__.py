@@ -15,10 +15,13 @@ which code bundles the host already holds. It then ships what is missing:
   that are not part of an installation (stdlib, site-packages), each walked
   for files matching `include` (default ``*.py``) less `exclude`.
 
-Each bundle is a gzipped tar stored under ``<cache_dir>/bundles/<sha256 of
-its contents>``, unpacked into a staging dir and renamed into place, so a
-later start (from this driver or another) uploads nothing the host already
-has; `uploads` counts what was sent.
+Each bundle is a gzipped tar unpacked into the host's cache (remote/cache.py:
+private directories, path and manifest checked before anything cached is
+trusted, old entries pruned unless a running machine holds them) under
+``<cache_dir>/bundles/<sha256 of its contents>``, so a later start (from this
+driver or another) uploads nothing the host already has; `uploads` counts
+what was sent. `python=` and every other value that reaches the remote shell
+is quoted (backends/_shell.py).
 
 Each machine is ``python -m bigmachine._worker`` started through an exec
 channel (the account's login shell must be a POSIX shell), in its own run dir
@@ -32,7 +35,7 @@ SSH_CONNECTION; `bind` overrides it) and reports that address as its first
 stdout line; the driver connects to it directly, or with `tunnel` through a
 local forwarding listener. Its output reaches the driver's stderr line by
 line, prefixed with host and machine name. Stopping a machine removes its run
-dir; the bundle cache stays (nothing prunes it yet).
+dir; the bundle cache stays.
 
 Modules: hosts (connections, commands), hostkeys (known_hosts), probe (the
 host's Python), process (a machine), tunnel (forwarding), system (SSH).

@@ -11,9 +11,10 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ...errors import AuthError, Error
+from .._shell import join
 from .hostkeys import HostKeyPolicy, changed_key_error
 
 MACHINES_PER_CONNECTION = 8  # sshd's MaxSessions defaults to 10; leave room for short execs
@@ -180,6 +181,11 @@ class Host:
                 pass
 
     # -- running commands
+
+    def run_argv(self, argv: Sequence[str], stdin: bytes, deadline: float
+                 ) -> tuple[int, bytes, bytes]:
+        """run() for an argv, each word quoted for the remote shell (a _remote.Run)."""
+        return self.run(join(argv), deadline, stdin=stdin)
 
     def run(self, command: str, deadline: float, stdin: bytes = b"",
             client: Any = None) -> tuple[int, bytes, bytes]:

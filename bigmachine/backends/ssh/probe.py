@@ -9,16 +9,12 @@ import sys
 from typing import Optional
 
 from ...errors import Error
+from .._remote import indent
 
 log = logging.getLogger("bigmachine.ssh")
 
 MIN_PYTHON = (3, 9)
 REQUIRED = ("numpy", "cloudpickle")
-
-
-def indent(text: str, limit: int = 20) -> str:
-    lines = text.splitlines()[-limit:]
-    return "\n".join(f"  {line}" for line in lines)
 
 
 def check_probe(label: str, python: str, status: int, out: bytes, err: bytes) -> dict:

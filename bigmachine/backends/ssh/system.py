@@ -4,21 +4,21 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import shlex
 import sysconfig
 import threading
 import time
 import uuid
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from ..._auth import Credentials
 from ...errors import Error
 from .. import Process, System
 from .._bootstrap import PID_PREFIX, bootstrap
 from .._bundle import DEFAULT_EXCLUDE, Bundle, bigmachine_bundle, user_bundle, user_paths
-from .._remote import script
+from .._remote import HostCache, script
+from .._shell import join, python_argv
 from .hosts import Host, open_session, parse_host
-from .probe import REQUIRED, bind_address, check_probe, indent
+from .probe import REQUIRED, bind_address, check_probe
 from .process import SSHProcess
 
 log = logging.getLogger("bigmachine.ssh")
@@ -36,11 +36,20 @@ class SSH(System):
         entries are understood. A host whose key is not there is refused
         unless accept_new_hosts, which appends it; a host whose key differs
         from the recorded one is always refused (bigmachine.AuthError).
-    python: the command that runs Python on the hosts (a shell word; it must
-        be the driver's major.minor version, with numpy and cloudpickle).
+    python: the command that runs Python on the hosts: a command name or path
+        (``~/`` is the home directory), or an argv list such as
+        ``["prlimit", "--nofile=1024:", "python3"]``; a string with spaces or
+        other characters a shell would interpret is refused. It must be the
+        driver's major.minor version, with numpy and cloudpickle.
     machines_per_host: how many machines each host runs at once; machines
         are placed round-robin, on the host running the fewest.
-    cache_dir: where hosts keep bundles and run dirs (default ~/.cache/bigmachine).
+    cache_dir: where hosts keep bundles, environments and run dirs (default
+        ~/.cache/bigmachine): private (0700), checked before use (see
+        remote/cache.py); a cache that others could write is refused.
+    cache_keep, cache_max_age: after each start a host keeps the cache_keep
+        most recently used bundles (and as many environments) that were used
+        within cache_max_age seconds, and removes the others, except those a
+        running machine holds.
     user_paths: the directories of user code to ship; None means the driver's
         cwd and its sys.path entries outside any installation.
     include, exclude: glob patterns (matched on file/dir names and on paths
@@ -75,13 +84,14 @@ class SSH(System):
 
     def __init__(self, hosts: Iterable[str], user: Optional[str] = None, port: int = 22,
                  key_filename: Any = None, known_hosts: Optional[str] = None,
-                 accept_new_hosts: bool = False, python: str = "python3",
+                 accept_new_hosts: bool = False, python: Union[str, Sequence[str]] = "python3",
                  machines_per_host: int = 1, tls: bool = True, tunnel: bool = False,
                  agent: bool = True, cache_dir: str = "~/.cache/bigmachine",
                  user_paths: Optional[Sequence[str]] = None,
                  include: Sequence[str] = ("*.py",), exclude: Sequence[str] = (),
                  build: str = "auto", bind: Optional[str] = None,
-                 connect_timeout: float = 10.0, **options: Any):
+                 connect_timeout: float = 10.0, cache_keep: int = 16,
+                 cache_max_age: float = 14 * 86400.0, **options: Any):
         if isinstance(hosts, str):
             hosts = [hosts]
         specs = [parse_host(h, user, port) for h in hosts]
@@ -91,6 +101,11 @@ class SSH(System):
             raise Error(f"machines_per_host must be a positive int, not {machines_per_host!r}")
         if build not in ("auto", "always"):
             raise Error(f"build must be 'auto' or 'always', not {build!r}")
+        if not isinstance(cache_keep, int) or cache_keep < 1:
+            raise Error(f"cache_keep must be a positive int, not {cache_keep!r}")
+        if not isinstance(cache_max_age, (int, float)) or cache_max_age <= 0:
+            raise Error(f"cache_max_age must be a positive number of seconds, not "
+                        f"{cache_max_age!r}")
         self.user = user
         self.port = port
         self.key_filename = key_filename
@@ -99,6 +114,7 @@ class SSH(System):
         self.known_hosts_path = os.path.expanduser(known_hosts or "~/.ssh/known_hosts")
         self.accept_new_hosts = accept_new_hosts
         self.python = python
+        self.python_argv = python_argv(python)
         self.machines_per_host = machines_per_host
         self.tunnel = bool(tunnel)
         self.agent = agent
@@ -109,6 +125,8 @@ class SSH(System):
         self.build = build
         self.bind = bind
         self.connect_timeout = float(connect_timeout)
+        self.cache_keep = cache_keep
+        self.cache_max_age = float(cache_max_age)
         self.uploads: list[tuple[str, str, str, int]] = []
         self._lock = threading.Lock()  # over placement: each host's reserved and procs
         self._hosts = [Host(self, h, u, p, self._lock) for h, u, p in specs]
@@ -169,50 +187,37 @@ class SSH(System):
     def _prepare(self, host: Host, user: list[Bundle], deadline: float) -> dict:
         """Connect, probe, and ship what the host lacks; return the launch plan."""
         host.client(deadline)
-        status, out, err = host.run(
-            f"{self.python} -c {shlex.quote(script('probe'))} {shlex.quote(self.cache_dir)} "
-            + " ".join(REQUIRED), deadline)
-        probe = check_probe(host.label, self.python, status, out, err)
+        status, out, err = host.run_argv(
+            self.python_argv + ["-c", script("probe"), self.cache_dir, *REQUIRED], b"", deadline)
+        probe = check_probe(host.label, join(self.python_argv), status, out, err)
         ours = sysconfig.get_config_var("EXT_SUFFIX") or ""
         binaries = self.build == "auto" and probe["ext_suffix"] == ours
         bm, exts = bigmachine_bundle(probe["ext_suffix"], binaries)
-        present = set(probe["bundles"])
-        cache = probe["cache"]
-        mode = "check" if binaries else "build"
-        for bundle, how in [(bm, mode)] + [(b, "plain") for b in user]:
-            if bundle.hash in present:
-                continue
-            data = bundle.tar()
-            status, out, err = host.run(
-                f"{self.python} -c {shlex.quote(script('unpack'))} {shlex.quote(cache)} {bundle.hash} "
-                f"{how} " + " ".join(exts if how != "plain" else []), deadline, stdin=data)
-            if status != 0:
-                text = (out + err).decode("utf-8", "replace").strip()
-                raise Error(f"cannot install {bundle.label} on {host.label} "
-                            f"(status {status}):\n{indent(text)}")
-            present.add(bundle.hash)
+        cache = HostCache(host.label, host.run_argv, self.python_argv, probe["cache"])
+        wanted = [(bm, {"build": "check" if binaries else "build", "exts": exts})]
+        wanted += [(b, {}) for b in user]
+        sent = cache.ship(wanted, deadline, self.cache_keep, self.cache_max_age)
+        for bundle, size in sent:
             with self._lock:
-                self.uploads.append((host.label, bundle.label, bundle.hash, len(data)))
-            log.info("shipped %s to %s (%d bytes)", bundle.label, host.label, len(data))
-        bundles = os.path.join(cache, "bundles")
-        sys_path = ([os.path.join(bundles, bm.hash)]
-                    + [os.path.join(bundles, b.hash) for b in user]
-                    + [p for p in probe["path"] if p != os.path.join(bundles, bm.hash)])
-        return {"cache": cache, "bigmachine": os.path.join(bundles, bm.hash),
-                "sys_path": sys_path, "bind": bind_address(host.label, probe, self.bind, self.tunnel)}
+                self.uploads.append((host.label, bundle.label, bundle.hash, size))
+            log.info("shipped %s to %s (%d bytes)", bundle.label, host.label, size)
+        dirs = [cache.where(cache.entry(b)) for b, _ in wanted]
+        return {"cache": probe["cache"], "bigmachine": dirs[0], "hold": dirs,
+                "sys_path": dirs + [p for p in probe["path"] if p != dirs[0]],
+                "bind": bind_address(host.label, probe, self.bind, self.tunnel)}
 
     def _spawn(self, host: Host, plan: dict, creds: Credentials, name: str,
                launch_id: str, deadline: float) -> SSHProcess:
         client = host.machine_client(deadline)
         try:
             run_dir = os.path.join(plan["cache"], "run", launch_id, name)
-            q = shlex.quote
+            tmp = join([run_dir + "/tmp"])
             command = (
-                f"mkdir -p {q(run_dir + '/tmp')} && cd {q(run_dir)} && "
+                f"(umask 077 && mkdir -p {tmp}) && cd {join([run_dir])} && "
                 f"echo {PID_PREFIX}$$ && "
-                f"TMPDIR={q(run_dir + '/tmp')} PYTHONPATH={q(plan['bigmachine'])} "
+                f"TMPDIR={tmp} PYTHONPATH={join([plan['bigmachine']])} "
                 f"PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 "
-                f"exec {self.python} -m bigmachine._worker")
+                f"exec {join(self.python_argv)} -m bigmachine._worker")
             chan = open_session(client, host.label, deadline)
         except BaseException:
             host.release_session(client)
@@ -221,6 +226,7 @@ class SSH(System):
         config = {
             "sys_path": plan["sys_path"],
             "cwd": run_dir,
+            "hold": plan["hold"] + [run_dir],
             "lease": self.lease,
             "socket_buffer": self.socket_buffer,
             "parent_pipe": True,
