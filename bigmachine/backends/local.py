@@ -22,6 +22,7 @@ from typing import IO, Any, Optional
 from .._auth import Credentials
 from . import Process, SocketDir, System
 from ._bootstrap import Output, Spawned, bootstrap
+from ._packages import Packages, PackagesArg
 
 # The directory holding the bigmachine package, for the machine's PYTHONPATH.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -102,13 +103,17 @@ class Local(System):
     checked to come from a process of our own user before the handshake.
     parent_pipe: machines exit as soon as the driver's process is gone (they
     see their stdin close); False leaves only the keepalive lease (for tests).
+    packages, requirements: what the machines need, checked against the
+        driver's environment (which they share): a missing one is an Error here.
     tls: off by default here, since the traffic never leaves the host; True
     links the machines by TLS over loopback TCP instead (as remote ones are).
     """
 
     name = "local"
 
-    def __init__(self, parent_pipe: bool = True, **options: Any):
+    def __init__(self, parent_pipe: bool = True, packages: PackagesArg = None,
+                 requirements: Optional[str] = None, **options: Any):
+        Packages(packages, requirements).check_local()
         self.parent_pipe = parent_pipe
         self.sockets: Optional[SocketDir] = None
         self.configure(**options)

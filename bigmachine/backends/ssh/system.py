@@ -15,6 +15,7 @@ from ...errors import Error
 from .. import Process, System
 from .._bootstrap import PID_PREFIX, bootstrap
 from .._bundle import DEFAULT_EXCLUDE, Bundle, bigmachine_bundle, user_bundle, user_paths
+from .._packages import Packages, PackagesArg, env_key, pip_bundle
 from .._remote import HostCache, script
 from .._shell import join, python_argv
 from .hosts import Host, open_session, parse_host
@@ -22,6 +23,7 @@ from .probe import REQUIRED, bind_address, check_probe
 from .process import SSHProcess
 
 log = logging.getLogger("bigmachine.ssh")
+LAUNCH_IN_ENV = "import os, sys; os.execv(sys.argv[1], sys.argv[1:])"
 
 
 class SSH(System):
@@ -71,7 +73,19 @@ class SSH(System):
         goes through paramiko's pure-Python SSH, and machines cannot call each
         other by handle (a handle carries the driver's forwarding address).
 
-    uploads lists (host, bundle label, hash, bytes) for every bundle sent.
+    packages: requirement strings or paths of local wheels (as pip takes
+        them), or "driver": what the user's code imports, at the driver's
+        versions. requirements: a requirements file. pip_options: more
+        options of pip download, such as ["--index-url", URL] or
+        ["--find-links", DIR]. The driver downloads wheels for each host's
+        platform and Python, ships them (with its own pip) as bundles, and
+        each host installs them into a cached venv that also reaches the
+        host's own packages; machines run in it. A package without a wheel
+        for a host fails the start before any machine launches.
+
+    uploads lists (host, bundle label, hash, bytes) for every bundle sent;
+    envs lists (host, env python, seconds, why it was rebuilt or None) for
+    every environment a start used.
     Defaults suit networks: lost_after 15 s, lease 30 s, and socket buffers
     left to the kernel's autotuning (socket_buffer=0).
     """
@@ -91,7 +105,9 @@ class SSH(System):
                  include: Sequence[str] = ("*.py",), exclude: Sequence[str] = (),
                  build: str = "auto", bind: Optional[str] = None,
                  connect_timeout: float = 10.0, cache_keep: int = 16,
-                 cache_max_age: float = 14 * 86400.0, **options: Any):
+                 cache_max_age: float = 14 * 86400.0, packages: PackagesArg = None,
+                 requirements: Optional[str] = None, pip_options: Optional[Sequence[str]] = None,
+                 **options: Any):
         if isinstance(hosts, str):
             hosts = [hosts]
         specs = [parse_host(h, user, port) for h in hosts]
@@ -127,7 +143,9 @@ class SSH(System):
         self.connect_timeout = float(connect_timeout)
         self.cache_keep = cache_keep
         self.cache_max_age = float(cache_max_age)
+        self.packages = Packages(packages, requirements, pip_options)
         self.uploads: list[tuple[str, str, str, int]] = []
+        self.envs: list[tuple[str, str, float, Optional[str]]] = []
         self._lock = threading.Lock()  # over placement: each host's reserved and procs
         self._hosts = [Host(self, h, u, p, self._lock) for h, u, p in specs]
         self._known_lock = threading.Lock()
@@ -196,15 +214,33 @@ class SSH(System):
         cache = HostCache(host.label, host.run_argv, self.python_argv, probe["cache"])
         wanted = [(bm, {"build": "check" if binaries else "build", "exts": exts})]
         wanted += [(b, {}) for b in user]
-        sent = cache.ship(wanted, deadline, self.cache_keep, self.cache_max_age)
+        env_entry = []
+        if self.packages:
+            wheels, args = self.packages.resolve(probe, host.label, user)
+            pip = pip_bundle()
+            key = env_key(wheels, pip, args, probe)
+            wanted += [(wheels, {}), (pip, {})]
+            env_entry = [f"envs/{key}"]
+        sent = cache.ship(wanted, deadline, self.cache_keep, self.cache_max_age, env_entry)
         for bundle, size in sent:
             with self._lock:
                 self.uploads.append((host.label, bundle.label, bundle.hash, size))
             log.info("shipped %s to %s (%d bytes)", bundle.label, host.label, size)
-        dirs = [cache.where(cache.entry(b)) for b, _ in wanted]
-        return {"cache": probe["cache"], "bigmachine": dirs[0], "hold": dirs,
-                "sys_path": dirs + [p for p in probe["path"] if p != dirs[0]],
+        dirs = [cache.where(cache.entry(b)) for b, _ in wanted[:1 + len(user)]]
+        plan = {"cache": probe["cache"], "bigmachine": dirs[0], "hold": list(dirs),
+                "sys_path": dirs + [p for p in probe["path"] if p != dirs[0]], "python": None,
                 "bind": bind_address(host.label, probe, self.bind, self.tunnel)}
+        if env_entry:
+            env = cache.env(key, wheels, pip, args, deadline)
+            if env["rebuilt"]:
+                log.warning("%s: rebuilt the environment %s: %s", host.label, env_entry[0],
+                            env["rebuilt"])
+            log.info("%s: environment %s ready in %.1f s", host.label, env_entry[0],
+                     env["seconds"])
+            self.envs.append((host.label, env["python"], env["seconds"], env["rebuilt"]))
+            plan.update(python=env["python"], hold=dirs + [cache.where(env_entry[0])],
+                        sys_path=dirs + [p for p in env["path"] if p != dirs[0]])
+        return plan
 
     def _spawn(self, host: Host, plan: dict, creds: Credentials, name: str,
                launch_id: str, deadline: float) -> SSHProcess:
@@ -217,7 +253,8 @@ class SSH(System):
                 f"echo {PID_PREFIX}$$ && "
                 f"TMPDIR={tmp} PYTHONPATH={join([plan['bigmachine']])} "
                 f"PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 "
-                f"exec {join(self.python_argv)} -m bigmachine._worker")
+                f"exec {join(self.python_argv + self._in_env(plan['python']))} "
+                "-m bigmachine._worker")
             chan = open_session(client, host.label, deadline)
         except BaseException:
             host.release_session(client)
@@ -246,6 +283,10 @@ class SSH(System):
             host.reserved -= 1
             host.procs.append(proc)
         return proc
+
+    def _in_env(self, python: Optional[str]) -> list[str]:
+        """Words that make python= exec the env's interpreter (keeping what wraps it)."""
+        return [] if python is None else ["-c", LAUNCH_IN_ENV, python]
 
     def shutdown(self) -> None:
         for host in self._hosts:
