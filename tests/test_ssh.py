@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 import bigmachine as bm
-from bigmachine.backends.ssh import _parse_host
+from bigmachine.backends.ssh.hosts import parse_host as _parse_host
 from tests.conftest import poll
 from tests.ssh_services import Remote
 from tests import sshd as sshd_fixture
@@ -475,7 +475,7 @@ def test_a_machine_that_never_reports_times_out(system, venv, tmp_path):
 
 
 def test_user_bundles_follow_include_and_exclude(tmp_path):
-    from bigmachine._bundle import DEFAULT_EXCLUDE, user_bundle, user_paths
+    from bigmachine.backends._bundle import DEFAULT_EXCLUDE, user_bundle, user_paths
 
     root = tmp_path / "project"
     for rel in ("a.py", "notes.txt", "data.bin", "sub/b.py", "skip/c.py", "sub/skip/d.py",

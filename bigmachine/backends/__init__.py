@@ -6,17 +6,12 @@ keepalives) the same way for every system.
 """
 from __future__ import annotations
 
-import collections
-import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
-import threading
-import time
 from abc import ABC, abstractmethod
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from .._auth import Credentials
 from .._tls import LIFETIME
@@ -24,109 +19,6 @@ from ..errors import Error
 
 log = logging.getLogger("bigmachine")
 _warned_insecure = False
-
-
-OUTPUT_BUFFER = 1 << 20  # characters of one machine's output the driver holds for a slow stderr
-
-
-class _Output:
-    """Copies machines' output lines to the driver's stderr on a thread of its own.
-
-    Machines must never block because nobody reads the driver's stderr (the
-    original drops rather than block): each machine's lines wait in a buffer
-    bounded per machine, and when it is full they are dropped and counted;
-    once stderr takes lines again, a line says how many were dropped.
-    """
-
-    def __init__(self, limit: int = OUTPUT_BUFFER):
-        self.limit = limit
-        self.lines: collections.deque = collections.deque()  # (source, line)
-        self.size: dict[str, int] = {}
-        self.dropped: dict[str, int] = {}
-        self.cond = threading.Condition()
-        self.thread: Optional[threading.Thread] = None
-
-    def put(self, source: str, line: str) -> None:
-        with self.cond:
-            size = self.size.get(source, 0)
-            if size + len(line) > self.limit:
-                self.dropped[source] = self.dropped.get(source, 0) + 1
-                return
-            self.lines.append((source, line))
-            self.size[source] = size + len(line)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, daemon=True,
-                                               name="bigmachine-output")
-                self.thread.start()
-            self.cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.lines:
-                    if not self.cond.wait(1.0) and not self.lines:
-                        self.thread = None  # idle: the next line starts another
-                        return
-                source, line = self.lines.popleft()
-                left = self.size[source] - len(line)
-                if left:
-                    self.size[source] = left
-                else:
-                    del self.size[source]
-                dropped = self.dropped.pop(source, 0)
-            if dropped:
-                _write(f"{source}: [{dropped} lines of output were dropped while the driver's "
-                       "stderr was not being read]\n")
-            _write(line)
-
-    def flush(self, timeout: float) -> None:
-        """Wait up to timeout for the buffered lines to be written."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.cond:
-                if not self.lines:
-                    return
-            time.sleep(0.01)
-
-
-def _write(line: str) -> None:
-    """Write one line to the driver's stderr; never raise.
-
-    The driver's sys.stderr may be replaced or closed while machines run (a
-    test harness capturing it, a closed terminal). The line then goes to the
-    original stderr, or is dropped.
-    """
-    for stream in (sys.stderr, sys.__stderr__):
-        try:
-            stream.write(line)
-            stream.flush()
-            return
-        except (OSError, ValueError, AttributeError):
-            continue
-
-
-_output = _Output()
-
-
-def forward_output(line: str, source: str = "machines") -> None:
-    """Copy one line of a machine's output (source: its name) to the driver's stderr;
-    never block or raise."""
-    _output.put(source, line)
-
-
-def flush_output(timeout: float = 1.0) -> None:
-    """Wait (up to timeout) until the machines' output gathered so far is written."""
-    _output.flush(timeout)
-
-
-def bootstrap(creds: Credentials, name: str, config: dict, hosts: Sequence[str]) -> bytes:
-    """What a new machine reads first (see _worker): its config line, the cluster's
-    credentials with its owner token, and with TLS its certificate for hosts."""
-    config = dict(config, name=name, tls=creds.ca is not None)
-    data = json.dumps(config).encode() + b"\n" + creds.encode_for(name)
-    if creds.ca is not None:
-        data += json.dumps(creds.ca.issue(name, tuple(hosts)).to_dict()).encode() + b"\n"
-    return data
 
 
 class SocketDir:
