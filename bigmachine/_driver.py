@@ -54,6 +54,7 @@ class Driver(B):
         set_default(node)
         self.start_timer()
         _live.add(self)
+        self.system.init()
 
     # ---- machines ------------------------------------------------------------
 

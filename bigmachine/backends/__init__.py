@@ -141,6 +141,9 @@ class System(ABC):
             log.warning("insecure=True: %s links are plain TCP; anyone on the path can read "
                         "and rewrite calls", type(self).__name__)
 
+    def init(self) -> None:
+        """Prepare to launch machines, once the session has started (as Go's System.Init)."""
+
     @abstractmethod
     def launch(self, creds: Credentials, names: list[str], timeout: float,
                env: Optional[dict] = None) -> list[Process]:

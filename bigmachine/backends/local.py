@@ -1,7 +1,11 @@
 """Local: each machine is a child process of the driver on this host.
 
 The child runs the driver's interpreter with its sys.path and working
-directory. Its bootstrap (config, then the cluster credentials and its owner
+directory: forked from the session's template (_template.py), which has
+already imported what a machine runs, or, when the machine's environment
+changes what an interpreter reads at start-up (or no template can run), a
+fresh ``python -m bigmachine._worker``. Either way it is the driver's child,
+in a process group of its own. Its bootstrap (config, then the cluster credentials and its owner
 token) arrives on stdin, never argv or the environment; stdin then stays
 open, and the machine exits at once when it closes, that is when the driver
 is gone. The child listens on a Unix socket in the session's private
@@ -11,25 +15,29 @@ to the driver's stderr prefixed with the machine's name.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any, Optional
+from typing import IO, Any, Optional, Union
 
 from .._auth import Credentials
 from . import Process, SocketDir, System
 from ._bootstrap import Output, Spawned, bootstrap
 from ._packages import Packages, PackagesArg
+from ._template import STATUS_FD, Child, Template, TemplateError, startup_vars, supported
+
+log = logging.getLogger("bigmachine")
 
 # The directory holding the bigmachine package, for the machine's PYTHONPATH.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class _LocalProcess(Spawned):
-    def __init__(self, name: str, popen: subprocess.Popen, status: IO[bytes]):
+    def __init__(self, name: str, popen: Union[subprocess.Popen, Child], status: IO[bytes]):
         self.name = name
         self.popen = popen
         self.addr = ""
@@ -116,6 +124,8 @@ class Local(System):
         Packages(packages, requirements).check_local()
         self.parent_pipe = parent_pipe
         self.sockets: Optional[SocketDir] = None
+        self._template: Optional[Template] = None
+        self._template_lock = threading.Lock()
         self.configure(**options)
 
     @property
@@ -129,7 +139,15 @@ class Local(System):
             self.sockets = SocketDir()
         return self.sockets.addr(name)
 
+    def init(self) -> None:
+        """Start the session's template now, so that it warms up while the driver does."""
+        self._template_for(_machine_env({}))
+
     def shutdown(self) -> None:
+        with self._template_lock:
+            if self._template is not None:
+                self._template.close()
+                self._template = None
         if self.sockets is not None:
             self.sockets.remove()
 
@@ -150,7 +168,15 @@ class Local(System):
         return procs
 
     def _spawn(self, creds: Credentials, name: str, extra_env: dict) -> _LocalProcess:
+        env = _machine_env(extra_env)
         status_r, status_w = os.pipe()
+        try:
+            child, status_fd = self._start(env, status_w)
+        except BaseException:
+            os.close(status_r)
+            raise
+        finally:
+            os.close(status_w)
         config = {
             "sys_path": [p if p else os.getcwd() for p in sys.path],
             "cwd": os.getcwd(),
@@ -158,27 +184,64 @@ class Local(System):
             "keepalive_period": self.keepalive_period,
             "lost_after": self.lost_after,
             "socket_buffer": self.socket_buffer,
-            "status_fd": status_w,
+            "status_fd": status_fd,
             "parent_pipe": self.parent_pipe,
             "listen": self._listen_addr(name),
         }
-        env = dict(os.environ, **extra_env)
-        env["PYTHONUNBUFFERED"] = "1"  # machine output reaches the driver as it is printed
-        env["PYTHONPATH"] = os.pathsep.join(
-            [_PACKAGE_PARENT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         try:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "bigmachine._worker"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=os.getcwd(), env=env, pass_fds=(status_w,), start_new_session=True)
-        except BaseException:
-            os.close(status_r)
-            raise
-        finally:
-            os.close(status_w)
-        try:
-            popen.stdin.write(bootstrap(creds, name, config, ("127.0.0.1",)))
-            popen.stdin.flush()
+            child.stdin.write(bootstrap(creds, name, config, ("127.0.0.1",)))
+            child.stdin.flush()
         except BrokenPipeError:
             pass  # it died at once; await_addr reports how, with its output
-        return _LocalProcess(name, popen, os.fdopen(status_r, "rb"))
+        return _LocalProcess(name, child, os.fdopen(status_r, "rb"))
+
+    def _start(self, env: dict, status_w: int) -> tuple[Union[subprocess.Popen, Child], int]:
+        """Start a machine process with env and the status pipe status_w: forked from the
+        template where it fits, else a fresh interpreter. Returns it and the status
+        pipe's descriptor in it."""
+        template = self._template_for(env)
+        if template is not None:
+            try:
+                return template.fork(env, status_w, self.start_timeout), STATUS_FD
+            except TemplateError as exc:
+                log.warning("cannot fork a machine from the template (%s): starting a fresh "
+                            "interpreter, and a new template next time", exc)
+                with self._template_lock:
+                    if self._template is template:
+                        self._template = None
+                template.close()
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "bigmachine._worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=os.getcwd(), env=env, pass_fds=(status_w,), start_new_session=True)
+        return popen, status_w
+
+    def _template_for(self, env: dict) -> Optional[Template]:
+        """The session's template, started (again) if it is not running or the
+        driver's environment changed since; None when env does not fit it."""
+        if not supported():
+            return None
+        base = _machine_env({})
+        if startup_vars(env) != startup_vars(base):
+            return None
+        with self._template_lock:
+            if self._template is not None and not self._template.fits(base):
+                self._template.close()
+                self._template = None
+            if self._template is None:
+                try:
+                    self._template = Template(base)
+                except OSError as exc:
+                    log.warning("cannot start a template for machines (%s): starting each "
+                                "in a fresh interpreter", exc)
+            return self._template
+
+
+def _machine_env(extra: dict) -> dict:
+    """A machine's environment: the driver's, with extra, unbuffered output, and this
+    bigmachine first on its path."""
+    env = dict(os.environ, **extra)
+    env["PYTHONUNBUFFERED"] = "1"  # machine output reaches the driver as it is printed
+    env["PYTHONPATH"] = os.pathsep.join(
+        [_PACKAGE_PARENT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env

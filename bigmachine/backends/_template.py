@@ -1,0 +1,303 @@
+"""The template: a fork server from which Local machines start in milliseconds.
+
+A session's first Local machine starts it (``python -c "...main()" FD``
+running main() below, in a session of its own, with the
+machines' environment and thread pools limited to one thread: _blas.LIMITS).
+It imports a machine's side of bigmachine, then serves fork requests on the
+socket FD, one at a time, from its only thread: a request carries a machine's
+environment and four descriptors (the machine's stdin, stdout, stderr and
+status pipe: they become its 0, 1, 2 and STATUS_FD); the reply is the
+machine's pid. After its first fork it imports numpy and cloudpickle and
+freezes its heap (gc.freeze), so that later machines share those pages
+without touching them; the first machine is not kept waiting for them.
+
+- A machine is forked through an intermediate process that exits at once,
+  so it is reparented to the driver, which is a child subreaper while it
+  asks: the driver waits for it and learns how it ended, as for a process it
+  spawned, and a machine outlives its template.
+- The template holds no secret: the driver writes the machine's bootstrap
+  (its credentials and owner token) to the machine's stdin after the fork.
+- Each machine has its own process group, its environment (the request's),
+  RNGs that differ from every other machine's (random reseeds itself at
+  fork; numpy's global one is reseeded here), and its thread pools sized as a
+  fresh interpreter's would be (_blas.restore).
+- A variable an interpreter reads at start-up (startup_vars) cannot change
+  in a fork: a machine whose environment differs there is spawned fresh.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import IO, Iterator, Mapping, NoReturn, Optional
+
+from .._blas import LIMITS
+from ..errors import Error
+
+STATUS_FD = 3          # the status pipe's descriptor in a forked machine
+MAX_REQUEST = 1 << 20  # bytes of one fork request (a machine's environment)
+_STARTUP_PREFIXES = ("PYTHON", "LD_", "OMP_", "OPENBLAS_", "GOTO_", "MKL_", "BLIS_", "VECLIB_",
+                     "MALLOC_", "GLIBC_TUNABLES")
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
+
+
+class TemplateError(Error):
+    """The template could not fork a machine: it is gone, or it refused."""
+
+
+def startup_vars(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables of env that an interpreter (or a library it loads) reads at start-up."""
+    return {k: v for k, v in env.items() if k.startswith(_STARTUP_PREFIXES)}
+
+
+def supported() -> bool:
+    """Whether machines can be forked from a template on this platform."""
+    return sys.platform == "linux" and hasattr(os, "fork") and hasattr(socket, "send_fds")
+
+
+# ---- the driver's side -----------------------------------------------------------
+
+
+class Child:
+    """A forked machine, as the driver sees it: the part of subprocess.Popen's
+    interface the Local system uses (pid, stdin, stdout, stderr, poll, wait,
+    returncode: negative for a signal)."""
+
+    def __init__(self, pid: int, stdin: IO[bytes], stdout: IO[bytes], stderr: IO[bytes]):
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.returncode: Optional[int] = None
+        self._lock = threading.Lock()
+
+    def poll(self) -> Optional[int]:
+        """The exit code if the machine has ended (it is then reaped), else None."""
+        if self.returncode is None and self._lock.acquire(blocking=False):
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid == self.pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                self.returncode = 0  # reaped by someone else (SIGCHLD ignored): as Popen says
+            finally:
+                self._lock.release()
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """Wait for the machine to end; subprocess.TimeoutExpired after timeout seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"machine pid {self.pid}", timeout)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return self.returncode
+
+
+class Template:
+    """The driver's handle on one running template (started here, with env)."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.startup = startup_vars(env)
+        self.executable = sys.executable
+        self._lock = threading.Lock()
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-c", f"from {__name__} import main; main()",
+                 str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=dict(env, **LIMITS),
+                pass_fds=(theirs.fileno(),), start_new_session=True)
+        except BaseException:
+            self._sock.close()
+            raise
+        finally:
+            theirs.close()
+
+    def fits(self, env: Mapping[str, str]) -> bool:
+        """Whether it runs, and a machine with env (and the driver's sys.executable
+        now) may be forked from it."""
+        return (self.popen.poll() is None and sys.executable == self.executable
+                and startup_vars(env) == self.startup)
+
+    def fork(self, env: Mapping[str, str], status: int, timeout: float) -> Child:
+        """Fork a machine with env whose status pipe is status; TemplateError if it cannot."""
+        pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr
+        theirs = [pipes[0][0], pipes[1][1], pipes[2][1], status]
+        ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
+        try:
+            with self._lock, _subreaper():
+                self._sock.settimeout(timeout)
+                socket.send_fds(self._sock, [json.dumps({"env": dict(env)}).encode()], theirs)
+                reply = self._sock.recv(4096)
+        except OSError as exc:
+            _close(ours)
+            raise TemplateError(f"cannot reach the template: {exc}") from exc
+        finally:
+            _close(theirs[:3])
+        if not reply:
+            _close(ours)
+            raise TemplateError(f"the template is gone ({self._describe_exit()})")
+        answer = json.loads(reply)
+        if "pid" not in answer:
+            _close(ours)
+            raise TemplateError(answer.get("error", "no pid in its reply"))
+        return Child(answer["pid"], os.fdopen(ours[0], "wb"), os.fdopen(ours[1], "rb"),
+                     os.fdopen(ours[2], "rb"))
+
+    def _describe_exit(self) -> str:
+        code = self.popen.poll()
+        return "still running" if code is None else f"exit code {code}"
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the template (it exits when its socket closes); machines go on."""
+        self._sock.close()
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+_subreaper_lock = threading.Lock()
+_subreaper_users = 0
+_subreaper_before = 0
+
+
+@contextlib.contextmanager
+def _subreaper() -> Iterator[None]:
+    """Make this process a child subreaper (prctl) while the block runs, so that a
+    machine whose intermediate parent exits becomes our child. Nested and
+    concurrent uses share one setting; a process that was a subreaper stays one."""
+    global _subreaper_users, _subreaper_before
+    libc = ctypes.CDLL(None, use_errno=True)
+    with _subreaper_lock:
+        if _subreaper_users == 0:
+            before = ctypes.c_int(0)
+            libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(before), 0, 0, 0)
+            _subreaper_before = before.value
+            if not _subreaper_before and libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "cannot become a child subreaper")
+        _subreaper_users += 1
+    try:
+        yield
+    finally:
+        with _subreaper_lock:
+            _subreaper_users -= 1
+            if _subreaper_users == 0 and not _subreaper_before:
+                libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+# ---- the template's side ---------------------------------------------------------
+
+
+def main() -> None:
+    """Serve fork requests until the driver closes the socket (or is gone)."""
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    from .. import _worker  # noqa: F401  what every machine runs, imported once here
+
+    warm = False
+    while True:
+        try:
+            message, fds, flags, _ = socket.recv_fds(sock, MAX_REQUEST, 4)
+        except OSError:
+            return
+        if not message:
+            return  # the driver closed its end, or is gone
+        try:
+            if flags & socket.MSG_TRUNC or len(fds) != 4:
+                raise Error("malformed fork request")
+            reply = {"pid": _fork(sock, json.loads(message)["env"], fds)}
+        except Exception as exc:  # the driver starts that machine fresh instead
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            _close(fds)
+        sock.send(json.dumps(reply).encode())
+        if not warm:
+            _warm()
+            warm = True
+
+
+def _warm() -> None:
+    """Import what most machines use, then freeze the heap so that the machines'
+    collections never write to (and so copy) the pages they share with us."""
+    import cloudpickle  # noqa: F401
+    import numpy  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
+def _fork(sock: socket.socket, env: dict, fds: list[int]) -> int:
+    """Fork a machine through an intermediate process; return its pid."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        raise Error(f"the template runs {threads} threads: forking it is unsafe")
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    report_r, report_w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(report_r)
+            pid = os.fork()
+            if pid == 0:
+                os.close(report_w)
+                _machine(sock, env, fds)
+            os.setpgid(pid, pid)  # before the driver learns the pid and may signal its group
+            os.write(report_w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    try:
+        report = os.read(report_r, 32)
+    finally:
+        os.close(report_r)
+        os.waitpid(middle, 0)  # once it is gone, the machine is the driver's child
+    if not report:
+        raise Error("the intermediate process could not fork the machine")
+    return int(report)
+
+
+def _machine(sock: socket.socket, env: dict, fds: list[int]) -> NoReturn:
+    """In the forked machine: take its descriptors and environment, then run it."""
+    try:
+        sock.close()
+        for target, fd in enumerate(fds):  # fds are all > 2, and only the last target is 3
+            os.dup2(fd, target)
+        _close([fd for fd in fds if fd > STATUS_FD])
+        os.environ.clear()
+        os.environ.update(env)
+        _reseed()
+        from .._blas import restore
+        restore(env)
+        from .._worker import main as run_machine
+        run_machine()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        os._exit(1)
+
+
+def _reseed() -> None:
+    """Reseed numpy's global RNG from the OS (random reseeds itself after a fork)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
