@@ -15,6 +15,7 @@ from ._dispatch import cancelled
 from ._machine import Machine, State
 from ._retry import retry
 from ._service import service
+from ._status import CallStats, MachineStatus, Status
 from ._version import __version__
 from .backends import Process, System
 from .backends.inprocess import InProcess
@@ -25,6 +26,7 @@ from .errors import AuthError, Error, MachineLost, ProtocolError, RemoteError
 __all__ = [
     "B", "Machine", "State", "System", "Process", "Local", "InProcess", "SSH",
     "start", "current", "service", "cancelled", "retry",
+    "Status", "MachineStatus", "CallStats",
     "Error", "RemoteError", "MachineLost", "AuthError", "ProtocolError",
     "__version__",
 ]

@@ -10,13 +10,14 @@ import time
 import weakref
 from typing import Any, Optional
 
-from . import _rpc
+from . import _resources, _rpc
 from ._auth import Credentials
 from ._connection import Connection
 from ._machine import Machine, State
 from ._node import Node, current_node, set_default
 from ._serialize import dumps
 from ._service import check_services
+from ._status import MachineStatus, Status
 from ._wire import KIND_PING
 from .backends import System
 from .backends.local import Local
@@ -41,6 +42,9 @@ class B:
         self._closed = False
         self._counter = 0
         self.machine: Optional[Machine] = None  # on a machine: its own handle
+        # addr -> (memory cgroup, its OOM kills) as the machine last reported them,
+        # to tell an out-of-memory death from another SIGKILL.
+        self._memory_seen: dict[str, tuple[Optional[str], int]] = {}
         if _node is not None:  # a machine's own B
             self.system = None
             self.node = _node
@@ -123,7 +127,7 @@ class B:
                 # It died while starting: say how, with its last words if the system kept them.
                 describe = getattr(m.process, "error", None)
                 reason = (str(describe("exited while starting")) if describe is not None else
-                          f"it exited while starting ({m.process.describe_exit()})")
+                          f"it exited while starting ({self._exit_reason(m)})")
                 lost = MachineLost(m.addr, reason)
                 m._set_state(State.STOPPED, lost)
                 raise lost from exc
@@ -174,7 +178,7 @@ class B:
         if now - conn.last_recv > lost_after:
             conn._fail(MachineLost(m.addr, f"no reply to keepalives for {lost_after:g} s"))
         elif m.process is not None and not m.process.alive():
-            conn._fail(MachineLost(m.addr, f"its process exited ({m.process.describe_exit()})"))
+            conn._fail(MachineLost(m.addr, f"its process exited ({self._exit_reason(m)})"))
         else:
             try:
                 conn.send_control(KIND_PING, 0, int(now * 1e6))
@@ -186,8 +190,15 @@ class B:
         if m is not None and m._conn is conn:
             err = conn.error
             if m.process is not None and not m.process.alive(0.05):
-                err = MachineLost(m.addr, f"its process exited ({m.process.describe_exit()})")
+                err = MachineLost(m.addr, f"its process exited ({self._exit_reason(m)})")
             m._set_state(State.STOPPED, err)
+
+    def _exit_reason(self, m: Machine) -> str:
+        """How m's process ended, naming the OOM killer when there is evidence of it."""
+        how = m.process.describe_exit()
+        cgroup, kills = self._memory_seen.get(m.addr, (None, 0))
+        oom = _resources.oom_evidence(m.process.local_pid(), cgroup, kills)
+        return f"{how}: out of memory; {oom}" if oom else how
 
     # ---- shutdown -------------------------------------------------------------
 
@@ -227,6 +238,34 @@ class B:
         if machines:
             with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(machines), 16)) as pool:
                 list(pool.map(stop, machines))
+
+    # ---- observing ------------------------------------------------------------
+
+    def status(self, timeout: float = 10.0) -> Status:
+        """Every machine's state, resources, memory health, keepalives and calls.
+
+        Running machines are asked in parallel (each within timeout seconds);
+        one that does not answer has its error in its record.
+        """
+        machines = sorted(self.machines(), key=lambda m: (len(m.name), m.name))
+        if not machines:
+            return Status([])
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(machines), 16)) as pool:
+            return Status(list(pool.map(lambda m: self._machine_status(m, timeout), machines)))
+
+    def _machine_status(self, m: Machine, timeout: float) -> MachineStatus:
+        record: dict = {"name": m.name, "addr": m.addr, "state": m.state.name,
+                        "err": None if m.err is None else str(m.err),
+                        "keepalive_rtt": m.keepalive_rtt, "caller_calls": m.counters.snapshot()}
+        if m.state == State.RUNNING:
+            try:
+                figures = m.call("Supervisor.status", timeout=timeout)
+            except (Error, TimeoutError) as exc:
+                record["err"] = f"no status: {exc}"
+            else:
+                self._memory_seen[m.addr] = (figures["memory_cgroup"], figures["oom_kills"])
+                record.update({k: v for k, v in figures.items() if k not in record})
+        return MachineStatus.from_dict(record)
 
 
 def start(system: Optional[System] = None, **options: Any) -> B:

@@ -46,6 +46,7 @@ WRITE_BUDGET = 4
 # 1 MiB keeps bulk speed (bench/bulk.py) and bounds that wait. Links with a
 # larger bandwidth-delay product (SSH hosts) pass 0: the kernel's autotuning.
 SOCKET_BUFFER = 1 << 20
+KEEPALIVE_HISTORY = 60  # keepalive round trips remembered per connection, for status
 
 
 class FaultInjector:
@@ -281,6 +282,7 @@ class Connection:
         self.closed = False
         self.last_recv = time.monotonic()
         self.pong_at = 0.0
+        self.keepalive_rtts: deque = deque(maxlen=KEEPALIVE_HISTORY)  # seconds, oldest first
         sock.setblocking(True)  # the reader blocks; writers pass MSG_DONTWAIT
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
                                        name=f"bigmachine-read-{peer}")
@@ -604,6 +606,8 @@ class Connection:
             self.send_control(KIND_PONG, 0, event[2])
         elif kind == KIND_PONG:
             self.pong_at = time.monotonic()
+            # The value is our PING's: time.monotonic() in microseconds when sent.
+            self.keepalive_rtts.append(self.pong_at - event[2] / 1e6)
         elif kind == KIND_GOAWAY:
             self._fail(MachineLost(self.peer, "peer shut down"))
 

@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Any, Optional
 
+from . import _resources
+from ._health import MemoryHealth
 from ._version import __version__
 from ._connection import Connection
 from ._dispatch import _local as _dispatch_local
@@ -43,6 +45,7 @@ class Supervisor:
         self._owner: Optional[Connection] = None
         self._started = time.time()
         self._lock = threading.Lock()
+        self.health = MemoryHealth()
 
     def register(self, services: dict, lease: Optional[float] = None) -> None:
         """Install services and run their init; the calling connection owns the machine."""
@@ -80,6 +83,9 @@ class Supervisor:
             "bigmachine": __version__,
             "started": self._started,
             "services": sorted(self._node.registry.services),
+            "hostname": socket.gethostname(),
+            "cpus": _resources.usable_cpus(),
+            "mem_total": _resources.memory()["mem_total"],
         }
 
     def stats(self) -> dict:
@@ -126,6 +132,19 @@ class Supervisor:
                 self._on_stop(f"lease expired: no keepalive for {self._lease} s")
                 return
 
+    def status(self) -> dict:
+        """This machine's figures for b.status(): resources, memory health, calls served."""
+        return {
+            "name": self._node.name,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "uptime": time.time() - self._started,
+            "cpus": _resources.usable_cpus(),
+            "load1": os.getloadavg()[0],
+            **self.health.check(),
+            "calls": self._node.dispatcher.counters.snapshot(),
+        }
+
 
 def start_machine(node: Node, lease: float, on_stop: Any, host: str = "127.0.0.1") -> str:
     """Start serving on node: Supervisor, listener, watchdog. Returns the address."""
@@ -137,4 +156,5 @@ def start_machine(node: Node, lease: float, on_stop: Any, host: str = "127.0.0.1
     addr = node.run_sync(node.listen(host))
     node.b = B._for_machine(node)
     node.loop.call_soon_threadsafe(lambda: node.loop.create_task(supervisor.watchdog()))
+    node.loop.call_soon_threadsafe(lambda: node.loop.create_task(supervisor.health.watch()))
     return addr

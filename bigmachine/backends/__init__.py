@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Optional
 
 from .._auth import Credentials
 from ..errors import Error
@@ -47,6 +47,10 @@ class Process(ABC):
     @abstractmethod
     def stop(self, timeout: float) -> None:
         """Wait up to timeout for the machine to end, then kill it; collect its output."""
+
+    def local_pid(self) -> Optional[int]:
+        """The machine's process id when it is a process of this host, else None."""
+        return None
 
 
 class System(ABC):

@@ -1,0 +1,43 @@
+"""A machine's memory health: checked every second, warned about once.
+
+A machine whose memory use passes 90% of its limit (its cgroup's when set,
+else the host's) is unhealthy: ``b.status()`` says so, and the machine logs
+one warning (which reaches the driver's logging) until it is healthy again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from . import _resources
+
+log = logging.getLogger("bigmachine.health")
+
+PERIOD = 1.0  # seconds between checks
+
+
+class MemoryHealth:
+    """The latest memory figures of this process, and whether we warned about them."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def check(self) -> dict:
+        """Read the figures now (see _resources.memory); warn once on turning unhealthy."""
+        figures = _resources.memory()
+        if not figures["healthy"] and not self.warned:
+            self.warned = True
+            log.warning("memory use %.0f MiB is over %d%% of the limit of %.0f MiB%s",
+                        figures["mem_used"] / 2**20, _resources.UNHEALTHY_FRACTION * 100,
+                        figures["mem_total"] / 2**20,
+                        f" (cgroup {figures['memory_cgroup']})" if figures["memory_cgroup"] else "")
+        elif figures["healthy"] and self.warned:
+            self.warned = False
+            log.info("memory use is back under %d%% of the limit", _resources.UNHEALTHY_FRACTION * 100)
+        return figures
+
+    async def watch(self) -> None:
+        """Check every PERIOD seconds, forever (a task on the machine's IO loop)."""
+        while True:
+            await asyncio.sleep(PERIOD)
+            self.check()

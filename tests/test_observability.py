@@ -1,0 +1,99 @@
+"""Observability: status, profiles, memory health, logs, status page, progress."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+import bigmachine as bm
+from tests.conftest import TIMING, poll
+from tests.obs_services import Work
+
+
+@pytest.fixture(scope="module")
+def duo():
+    b = bm.start(**TIMING)
+    try:
+        machines = b.start(2, services={"Work": Work()})
+        yield b, machines
+    finally:
+        b.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Module sessions outlive single tests; test_api's leak check would flag them."""
+    yield
+
+
+def stats_of(status: bm.Status, name: str) -> bm.MachineStatus:
+    return next(m for m in status if m.name == name)
+
+
+# ---- status ------------------------------------------------------------------
+
+
+def test_status_counts_equal_the_traffic(duo):
+    b, (m0, m1) = duo
+    for i in range(25):
+        assert m0.call("Work.echo", i) == i
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            m0.call("Work.fail", "no")
+    with pytest.raises(TimeoutError):
+        m1.call("Work.slow", 2.0, timeout=0.2)
+    status = b.status()
+    s0, s1 = stats_of(status, "m0"), stats_of(status, "m1")
+    echo, fail = s0.calls["Work.echo"], s0.calls["Work.fail"]
+    assert (echo.count, echo.errors, echo.in_flight) == (25, 0, 0)
+    assert (fail.count, fail.errors, fail.in_flight) == (3, 3, 0)
+    assert (s0.caller_calls["Work.echo"].count, s0.caller_calls["Work.fail"].errors) == (25, 3)
+    assert 0 < echo.p50 <= echo.p99 < 5
+    assert s0.caller_calls["Work.echo"].p50 >= echo.p50  # the caller's includes the transport
+    assert "Work.echo" not in s1.calls
+    # The call that timed out is an error at the caller and, once cancelled, on the machine.
+    assert s1.caller_calls["Work.slow"].errors == 1
+    poll(lambda: stats_of(b.status(), "m1").calls["Work.slow"].errors == 1, timeout=10)
+
+
+def test_status_in_flight_during_a_slow_call(duo):
+    b, (m0, _) = duo
+    t = threading.Thread(target=m0.call, args=("Work.slow", 1.5), daemon=True)
+    t.start()
+    try:
+        s0 = poll(lambda: (s := stats_of(b.status(), "m0")).calls.get("Work.slow")
+                  and s.calls["Work.slow"].in_flight == 1 and s, timeout=5)
+        assert s0.caller_calls["Work.slow"].in_flight == 1
+    finally:
+        t.join(10)
+    s0 = stats_of(b.status(), "m0")
+    assert s0.calls["Work.slow"].in_flight == 0 and s0.caller_calls["Work.slow"].in_flight == 0
+
+
+def test_status_records_and_table(duo):
+    b, _ = duo
+    poll(lambda: all(m.keepalive_rtt for m in b.status()), timeout=5)
+    status = b.status()
+    assert [m.name for m in status] == ["m0", "m1"]
+    for m in status:
+        assert m.state == "RUNNING" and m.healthy and m.err is None
+        assert m.cpus >= 1 and 0 < m.rss < m.mem_total and m.uptime > 0 and m.load1 >= 0
+        assert all(0 < rtt < 5 for rtt in m.keepalive_rtt)
+    data = json.loads(json.dumps(status.to_dict()))
+    assert bm.Status.from_dict(data).to_dict() == status.to_dict()
+    table = str(status)
+    assert "m0" in table and "m1" in table and "RUNNING" in table and "Work.echo" in table
+    info = duo[1][0].info()
+    assert info["cpus"] >= 1 and info["mem_total"] > 0 and info["hostname"] and info["pid"] > 0
+
+
+def test_status_of_a_stopped_machine():
+    with bm.start(**TIMING) as b:
+        m, = b.start(1, services={"Work": Work()})
+        m.call("Supervisor.shutdown")
+        m.wait(bm.State.STOPPED, timeout=10)
+        status = b.status()
+        assert status[0].state == "STOPPED" and not status[0].healthy and status[0].err
+        assert "STOPPED" in str(status)
