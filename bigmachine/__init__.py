@@ -14,6 +14,7 @@ from ._cluster import B, current, start
 from ._dispatch import cancelled
 from ._machine import Machine, State
 from ._retry import retry
+from ._profile import MemoryProfile, Profile
 from ._service import service
 from ._status import CallStats, MachineStatus, Status
 from ._version import __version__
@@ -26,7 +27,7 @@ from .errors import AuthError, Error, MachineLost, ProtocolError, RemoteError
 __all__ = [
     "B", "Machine", "State", "System", "Process", "Local", "InProcess", "SSH",
     "start", "current", "service", "cancelled", "retry",
-    "Status", "MachineStatus", "CallStats",
+    "Status", "MachineStatus", "CallStats", "Profile", "MemoryProfile",
     "Error", "RemoteError", "MachineLost", "AuthError", "ProtocolError",
     "__version__",
 ]

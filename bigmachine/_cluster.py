@@ -10,14 +10,14 @@ import time
 import weakref
 from typing import Any, Optional
 
-from . import _resources, _rpc
+from . import _rpc
 from ._auth import Credentials
 from ._connection import Connection
 from ._machine import Machine, State
 from ._node import Node, current_node, set_default
+from ._observe import Observing
 from ._serialize import dumps
 from ._service import check_services
-from ._status import MachineStatus, Status
 from ._wire import KIND_PING
 from .backends import System
 from .backends.local import Local
@@ -28,7 +28,7 @@ log = logging.getLogger("bigmachine")
 _live: "weakref.WeakSet[B]" = weakref.WeakSet()
 
 
-class B:
+class B(Observing):
     """A bigmachine session: the machines it started and those it dialed.
 
     Use it as a context manager, or call ``shutdown()`` (idempotent; also run
@@ -42,9 +42,7 @@ class B:
         self._closed = False
         self._counter = 0
         self.machine: Optional[Machine] = None  # on a machine: its own handle
-        # addr -> (memory cgroup, its OOM kills) as the machine last reported them,
-        # to tell an out-of-memory death from another SIGKILL.
-        self._memory_seen: dict[str, tuple[Optional[str], int]] = {}
+        Observing.__init__(self)
         if _node is not None:  # a machine's own B
             self.system = None
             self.node = _node
@@ -193,13 +191,6 @@ class B:
                 err = MachineLost(m.addr, f"its process exited ({self._exit_reason(m)})")
             m._set_state(State.STOPPED, err)
 
-    def _exit_reason(self, m: Machine) -> str:
-        """How m's process ended, naming the OOM killer when there is evidence of it."""
-        how = m.process.describe_exit()
-        cgroup, kills = self._memory_seen.get(m.addr, (None, 0))
-        oom = _resources.oom_evidence(m.process.local_pid(), cgroup, kills)
-        return f"{how}: out of memory; {oom}" if oom else how
-
     # ---- shutdown -------------------------------------------------------------
 
     def shutdown(self) -> None:
@@ -238,34 +229,6 @@ class B:
         if machines:
             with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(machines), 16)) as pool:
                 list(pool.map(stop, machines))
-
-    # ---- observing ------------------------------------------------------------
-
-    def status(self, timeout: float = 10.0) -> Status:
-        """Every machine's state, resources, memory health, keepalives and calls.
-
-        Running machines are asked in parallel (each within timeout seconds);
-        one that does not answer has its error in its record.
-        """
-        machines = sorted(self.machines(), key=lambda m: (len(m.name), m.name))
-        if not machines:
-            return Status([])
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(machines), 16)) as pool:
-            return Status(list(pool.map(lambda m: self._machine_status(m, timeout), machines)))
-
-    def _machine_status(self, m: Machine, timeout: float) -> MachineStatus:
-        record: dict = {"name": m.name, "addr": m.addr, "state": m.state.name,
-                        "err": None if m.err is None else str(m.err),
-                        "keepalive_rtt": m.keepalive_rtt, "caller_calls": m.counters.snapshot()}
-        if m.state == State.RUNNING:
-            try:
-                figures = m.call("Supervisor.status", timeout=timeout)
-            except (Error, TimeoutError) as exc:
-                record["err"] = f"no status: {exc}"
-            else:
-                self._memory_seen[m.addr] = (figures["memory_cgroup"], figures["oom_kills"])
-                record.update({k: v for k, v in figures.items() if k not in record})
-        return MachineStatus.from_dict(record)
 
 
 def start(system: Optional[System] = None, **options: Any) -> B:

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from . import _resources
+from . import _profile, _resources
 from ._health import MemoryHealth
 from ._version import __version__
 from ._connection import Connection
@@ -144,6 +144,14 @@ class Supervisor:
             **self.health.check(),
             "calls": self._node.dispatcher.counters.snapshot(),
         }
+
+    def profile(self, seconds: float, hz: float = _profile.HZ) -> list:
+        """Stack samples of every thread for seconds (see _profile.sample)."""
+        return _profile.sample(seconds, hz)
+
+    def memory_profile(self, seconds: float, top: int = 20) -> list:
+        """The top allocation sites of a window of seconds (see _profile.allocation_sites)."""
+        return _profile.allocation_sites(seconds, top)
 
 
 def start_machine(node: Node, lease: float, on_stop: Any, host: str = "127.0.0.1") -> str:

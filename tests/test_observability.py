@@ -97,3 +97,44 @@ def test_status_of_a_stopped_machine():
         status = b.status()
         assert status[0].state == "STOPPED" and not status[0].healthy and status[0].err
         assert "STOPPED" in str(status)
+
+
+# ---- profiles ----------------------------------------------------------------
+
+
+def test_merged_profile_names_a_function_under_the_one_machine_that_ran_it(duo, tmp_path):
+    b, (m0, m1) = duo
+    burning = threading.Thread(target=m0.call, args=("Work.burn", 2.5), daemon=True)
+    burning.start()
+    try:
+        profile = b.profile(seconds=1.5, driver=True)
+    finally:
+        burning.join(10)
+    assert profile.errors == {}
+    assert profile.machines[:1] == ["driver"] or "m0" in profile.machines
+    folded = profile.collapsed().splitlines()
+    burns = [line for line in folded if "only_on_one_machine" in line]
+    assert burns and all(line.startswith("m0;") for line in burns)
+    assert sum(int(line.rsplit(" ", 1)[1]) for line in burns) >= 50  # ~100 Hz for 1.5 s
+    assert "only_on_one_machine" in profile.top(5) and "m0" in profile.top(5)
+    assert "only_on_one_machine" not in profile.machine("m1").collapsed()
+    profile.save(str(tmp_path / "p.folded"))
+    profile.save(str(tmp_path / "p.json"))
+    assert (tmp_path / "p.folded").read_text() == profile.collapsed()
+    speedscope = json.loads((tmp_path / "p.json").read_text())
+    names = [p["name"] for p in speedscope["profiles"]]
+    assert "m0" in names and speedscope["shared"]["frames"]
+    with pytest.raises(bm.Error):
+        profile.save(str(tmp_path / "p.png"))
+
+
+def test_memory_profile_names_the_allocation_site(duo):
+    b, (m0, _) = duo
+    holding = threading.Thread(target=lambda: (time.sleep(0.3), m0.call("Work.hold", 8)), daemon=True)
+    holding.start()
+    memory = b.memory_profile(seconds=1.5, top=5, machines=[m0])
+    holding.join(10)
+    assert list(memory.sites) == ["m0"] and memory.errors == {}
+    site, size, count = memory.sites["m0"][0]
+    assert "obs_services.py" in site and size >= 8 << 20
+    assert "obs_services.py" in str(memory)
