@@ -24,6 +24,7 @@ HZ = 100.0
 IDLE = frozenset({
     ("threading.py", "wait"), ("threading.py", "_wait_for_tstate_lock"),
     ("selectors.py", "select"), ("queue.py", "get"), ("socket.py", "accept"),
+    ("thread.py", "_worker"), ("_connection.py", "get"),
     ("_pool.py", "_work"), ("_connection.py", "_read_loop"), ("_worker.py", "_watch_parent"),
     ("local.py", "_pump"), ("local.py", "_reap_group"), ("_profile.py", "sample"),
 })
