@@ -13,6 +13,7 @@ from typing import Any, Optional
 from . import _rpc
 from ._auth import Credentials
 from ._connection import Connection
+from ._logforward import LogFollower
 from ._machine import Machine, State
 from ._node import Node, current_node, set_default
 from ._observe import Observing
@@ -56,6 +57,7 @@ class B(Observing):
                          socket_buffer=self.system.socket_buffer)
         self.node.b = self
         self.node.start_thread()
+        self._logs = LogFollower(self.node.name)
         self.node.on_connection_lost.append(self._on_connection_lost)
         set_default(self.node)
         self._keepalive = self.node.run_sync(self._start_keepalive())
@@ -114,6 +116,8 @@ class B(Observing):
         if failed:
             self._stop_machines(machines)
             raise failed[0]
+        for m in machines:
+            self._logs.follow(m)
         return machines
 
     def _boot(self, m: Machine, services: dict, timeout: float) -> None:
@@ -201,6 +205,7 @@ class B(Observing):
             self._closed = True
         if self.system is not None:
             self._stop_machines([m for m in self.machines() if m.owned])
+            self._logs.close()
             self.system.shutdown()
         self.node.close()
         _live.discard(self)

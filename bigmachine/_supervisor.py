@@ -18,9 +18,9 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
-from . import _profile, _resources
+from . import _logforward, _profile, _resources
 from ._health import MemoryHealth
 from ._version import __version__
 from ._connection import Connection
@@ -148,6 +148,15 @@ class Supervisor:
     def profile(self, seconds: float, hz: float = _profile.HZ) -> list:
         """Stack samples of every thread for seconds (see _profile.sample)."""
         return _profile.sample(seconds, hz)
+
+    async def logs(self, level: int, driver_pid: int) -> AsyncIterator[list]:
+        """Stream this machine's log records at level or above (see _logforward).
+
+        Nothing when the driver is this very process: its records are there already.
+        """
+        if os.getpid() != driver_pid:
+            async for batch in _logforward.records(level):
+                yield batch
 
     def memory_profile(self, seconds: float, top: int = 20) -> list:
         """The top allocation sites of a window of seconds (see _profile.allocation_sites)."""

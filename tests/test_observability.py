@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -138,3 +139,33 @@ def test_memory_profile_names_the_allocation_site(duo):
     site, size, count = memory.sites["m0"][0]
     assert "obs_services.py" in site and size >= 8 << 20
     assert "obs_services.py" in str(memory)
+
+
+# ---- logs --------------------------------------------------------------------
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_machines_warning_reaches_the_drivers_logging_with_its_name(duo):
+    b, (m0, m1) = duo
+    records = Records()
+    logger = logging.getLogger("bigmachine")
+    logger.addHandler(records)
+    try:
+        m1.call("Work.warn", "careful")
+        m1.call("Work.debug", "too fine for the driver's level")
+        found = poll(lambda: [r for r in records.records if "careful" in r.getMessage()], timeout=5)
+    finally:
+        logger.removeHandler(records)
+    record, = found
+    assert record.machine == "m1" and record.getMessage() == "m1: careful from the machine"
+    assert record.levelno == logging.WARNING and record.name == "bigmachine.machine.m1"
+    assert record.remote_logger == "tests.obs"
+    assert not any("too fine" in r.getMessage() for r in records.records)
