@@ -13,7 +13,7 @@ from typing import Any, Optional
 from . import _rpc
 from ._auth import Credentials
 from ._connection import Connection
-from ._logforward import LogFollower
+from ._logforward import SERVICE as LOGS, Logs
 from ._machine import Machine, State
 from ._node import Node, current_node, set_default
 from ._observe import Observing
@@ -57,7 +57,7 @@ class B(Observing):
                          socket_buffer=self.system.socket_buffer)
         self.node.b = self
         self.node.start_thread()
-        self._logs = LogFollower(self.node.name)
+        self.node.registry.add(LOGS, Logs())  # machines send their log records here
         self.node.on_connection_lost.append(self._on_connection_lost)
         set_default(self.node)
         self._keepalive = self.node.run_sync(self._start_keepalive())
@@ -116,8 +116,7 @@ class B(Observing):
         if failed:
             self._stop_machines(machines)
             raise failed[0]
-        for m in machines:
-            self._logs.follow(m)
+        self._forward_logs(machines)
         return machines
 
     def _boot(self, m: Machine, services: dict, timeout: float) -> None:
@@ -205,7 +204,6 @@ class B(Observing):
             self._closed = True
         if self.system is not None:
             self._stop_machines([m for m in self.machines() if m.owned])
-            self._logs.close()
             self.system.shutdown()
         self.node.close()
         _live.discard(self)

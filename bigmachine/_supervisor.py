@@ -18,7 +18,7 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
 from . import _logforward, _profile, _resources
 from ._health import MemoryHealth
@@ -149,14 +149,15 @@ class Supervisor:
         """Stack samples of every thread for seconds (see _profile.sample)."""
         return _profile.sample(seconds, hz)
 
-    async def logs(self, level: int, driver_pid: int) -> AsyncIterator[list]:
-        """Stream this machine's log records at level or above (see _logforward).
+    def forward_logs(self, level: int, driver_pid: int) -> None:
+        """Send this machine's log records at level or above to the caller (see _logforward).
 
         Nothing when the driver is this very process: its records are there already.
         """
-        if os.getpid() != driver_pid:
-            async for batch in _logforward.records(level):
-                yield batch
+        served = getattr(_dispatch_local, "served", None)
+        if os.getpid() != driver_pid and served is not None:
+            self._node.loop.call_soon_threadsafe(_logforward.forward, self._node.name,
+                                                 served.conn, level)
 
     def memory_profile(self, seconds: float, top: int = 20) -> list:
         """The top allocation sites of a window of seconds (see _profile.allocation_sites)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 
@@ -169,3 +170,69 @@ def test_a_machines_warning_reaches_the_drivers_logging_with_its_name(duo):
     assert record.levelno == logging.WARNING and record.name == "bigmachine.machine.m1"
     assert record.remote_logger == "tests.obs"
     assert not any("too fine" in r.getMessage() for r in records.records)
+
+
+# ---- memory health -----------------------------------------------------------
+
+
+@pytest.fixture
+def small_memory_cgroup():
+    """A fresh memory cgroup limited to 300 MiB; removed after the test.
+
+    v1 (this host): a child of our own memory cgroup. v2: a child of the root,
+    where the memory controller is delegated. Never skipped: a host where it
+    cannot be made fails the test, saying why.
+    """
+    from bigmachine import _resources
+
+    limit = 300 << 20
+    own = _resources.cgroup_dir("memory")
+    if own is None:
+        pytest.fail("no memory cgroup is visible under /sys/fs/cgroup: cannot test OOM handling")
+    v2 = os.path.exists(f"{own}/cgroup.controllers")
+    parent = _resources.CGROUP_ROOT if v2 else own
+    path = f"{parent}/bigmachine-test-{os.getpid()}"
+    try:
+        os.mkdir(path)
+        with open(f"{path}/{'memory.max' if v2 else 'memory.limit_in_bytes'}", "w") as f:
+            f.write(str(limit))
+    except OSError as exc:
+        pytest.fail(f"cannot make a memory cgroup at {path} (root: {os.geteuid() == 0}): {exc}")
+    try:
+        yield path, limit
+    finally:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.rmdir(path)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def test_memory_hog_is_unhealthy_then_lost_out_of_memory(small_memory_cgroup):
+    path, limit = small_memory_cgroup
+    records = Records()
+    logging.getLogger("bigmachine").addHandler(records)
+    try:
+        with bm.start(**TIMING) as b:
+            m, = b.start(1, services={"Work": Work()})
+            with open(f"{path}/cgroup.procs", "w") as f:
+                f.write(str(m.info()["pid"]))
+            assert m.call("Work.hold", 280) == 280  # 93% of 300 MiB
+            s = b.status()[0]
+            assert s.mem_total == limit and not s.healthy and "UNHEALTHY" in str(b.status())
+            warnings = poll(lambda: [r for r in records.records if r.name == "bigmachine.machine.m0"
+                                     and "over 90% of the limit" in r.getMessage()], timeout=5)
+            assert len(warnings) == 1
+            with pytest.raises(bm.MachineLost):
+                m.call("Work.hold", 100, timeout=30)
+            m.wait(bm.State.STOPPED, timeout=10)
+            assert "out of memory" in str(m.err), m.err
+            with pytest.raises(bm.MachineLost, match="out of memory"):
+                m.call("Work.echo", 1)
+            assert "out of memory" in str(b.status()[0].err)
+    finally:
+        logging.getLogger("bigmachine").removeHandler(records)
