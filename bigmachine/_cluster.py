@@ -19,6 +19,7 @@ from ._node import Node, current_node, set_default
 from ._observe import Observing
 from ._serialize import dumps
 from ._service import check_services
+from ._statuspage import StatusPage
 from ._wire import KIND_PING
 from .backends import System
 from .backends.local import Local
@@ -43,6 +44,7 @@ class B(Observing):
         self._closed = False
         self._counter = 0
         self.machine: Optional[Machine] = None  # on a machine: its own handle
+        self._page: Optional[StatusPage] = None
         Observing.__init__(self)
         if _node is not None:  # a machine's own B
             self.system = None
@@ -62,6 +64,12 @@ class B(Observing):
         set_default(self.node)
         self._keepalive = self.node.run_sync(self._start_keepalive())
         _live.add(self)
+        if self.system.status_addr is not None:
+            try:
+                self._page = StatusPage(self, self.system.status_addr)
+            except BaseException:
+                self.shutdown()
+                raise
 
     @classmethod
     def _for_machine(cls, node: Node) -> "B":
@@ -77,6 +85,11 @@ class B(Observing):
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+    @property
+    def status_url(self) -> Optional[str]:
+        """The status page's address, "http://HOST:PORT/TOKEN/" (None without status_addr)."""
+        return self._page.url if self._page is not None else None
 
     # ---- machines ------------------------------------------------------------
 
@@ -202,6 +215,8 @@ class B(Observing):
             if self._closed:
                 return
             self._closed = True
+        if self._page is not None:
+            self._page.close()
         if self.system is not None:
             self._stop_machines([m for m in self.machines() if m.owned])
             self.system.shutdown()

@@ -4,9 +4,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
+import urllib.error
+import urllib.request
 
+import psutil
 import pytest
 
 import bigmachine as bm
@@ -236,3 +240,65 @@ def test_memory_hog_is_unhealthy_then_lost_out_of_memory(small_memory_cgroup):
             assert "out of memory" in str(b.status()[0].err)
     finally:
         logging.getLogger("bigmachine").removeHandler(records)
+
+
+# ---- status page -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    from tests.browser import ensure_chromium
+
+    return ensure_chromium()
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_status_page_on_loopback_with_a_token_renders_in_chromium(chromium):
+    from tests.browser import render
+
+    with bm.start(status_addr="127.0.0.1:0", **TIMING) as b:
+        m0, m1 = b.start(2, services={"Work": Work()})
+        for i in range(7):
+            m0.call("Work.echo", i)
+        url = b.status_url
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/[A-Za-z0-9_-]{20,}/", url)
+        port = int(url.split(":")[2].split("/")[0])
+        listening = [c.laddr for c in psutil.Process().net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
+
+        base = url.rsplit("/", 2)[0]
+        assert get(f"{base}/")[0] == 404
+        assert get(f"{base}/wrong-token/status.json")[0] == 404
+        assert get(url + "nothing-here")[0] == 404
+        code, body = get(url + "status.json")
+        assert code == 200
+        data = json.loads(body)
+        assert [m["name"] for m in data["machines"]] == ["m0", "m1"]
+        assert data["machines"][0]["calls"]["Work.echo"]["count"] == 7
+        code, body = get(url + "profile?seconds=0.3")
+        assert code == 200 and all(line.rsplit(" ", 1)[1].isdigit()
+                                   for line in body.decode().splitlines())
+        assert get(url + "profile?seconds=1000")[0] == 400
+
+        dom, console = render(chromium, url)
+        assert console == []
+        rows = re.findall(r'<tr class="machine"><td>(m\d)</td><td>RUNNING</td>', dom)
+        assert rows == ["m0", "m1"]
+        assert "Work.echo" in dom and "<polyline" in dom
+    with pytest.raises(urllib.error.URLError):  # shut down with its session
+        urllib.request.urlopen(url + "status.json", timeout=5)
+
+
+def test_status_addr_is_checked():
+    with pytest.raises(bm.Error, match="status_addr"):
+        bm.start(status_addr="no-port")
+    with pytest.raises(bm.Error, match="status_addr"):
+        bm.start(status_addr=8080)

@@ -66,6 +66,10 @@ class System(ABC):
     socket_buffer: kernel socket buffer bytes of the cluster's connections
         (small on local links keeps pings prompt beside bulk transfers);
         0 leaves them to the kernel's autotuning, for long-distance links.
+    status_addr: "host:port" where the driver serves its status page (None:
+        no page); give a loopback host unless others must reach it.
+    progress: show progress bars on a terminal (starting machines, large
+        transfers); never when stderr is not a terminal.
     """
 
     name = "system"
@@ -75,11 +79,23 @@ class System(ABC):
     start_timeout = 60.0
     tls = False
     socket_buffer = 1 << 20
+    status_addr: Optional[str] = None
+    progress = True
 
     def configure(self, **options: Any) -> None:
-        """Set options: tls, socket_buffer, and timing (keepalive_period, lost_after, lease,
-        start_timeout)."""
+        """Set options: tls, socket_buffer, status_addr, progress, and timing
+        (keepalive_period, lost_after, lease, start_timeout)."""
         for key, value in options.items():
+            if key == "status_addr":
+                if value is not None and not isinstance(value, str):
+                    raise Error(f"option status_addr must be 'host:port' or None, not {value!r}")
+                self.status_addr = value
+                continue
+            if key == "progress":
+                if not isinstance(value, bool):
+                    raise Error(f"option progress must be True or False, not {value!r}")
+                self.progress = value
+                continue
             if key == "tls":
                 if not isinstance(value, bool):
                     raise Error(f"option tls must be True or False, not {value!r}")
