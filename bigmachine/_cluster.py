@@ -10,7 +10,7 @@ import time
 import weakref
 from typing import Any, Optional
 
-from . import _rpc
+from . import _progress, _rpc
 from ._auth import Credentials
 from ._connection import Connection
 from ._logforward import SERVICE as LOGS, Logs
@@ -45,6 +45,7 @@ class B(Observing):
         self._counter = 0
         self.machine: Optional[Machine] = None  # on a machine: its own handle
         self._page: Optional[StatusPage] = None
+        self._transfers: Optional[_progress.TransferBars] = None
         Observing.__init__(self)
         if _node is not None:  # a machine's own B
             self.system = None
@@ -64,6 +65,8 @@ class B(Observing):
         set_default(self.node)
         self._keepalive = self.node.run_sync(self._start_keepalive())
         _live.add(self)
+        if _progress.on_terminal(self.system.progress):
+            self._transfers = _progress.TransferBars(self.node)
         if self.system.status_addr is not None:
             try:
                 self._page = StatusPage(self, self.system.status_addr)
@@ -122,8 +125,11 @@ class B(Observing):
             machines.append(m)
             with self._lock:
                 self._machines[m.addr] = m
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(n, 16)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(n, 16)) as pool, \
+                _progress.machines_bar(n, _progress.on_terminal(self.system.progress)) as bar:
             futures = [pool.submit(self._boot, m, services, timeout) for m in machines]
+            for _ in concurrent.futures.as_completed(futures):
+                bar.update(1)
             errors = [f.exception() for f in futures]
         failed = [e for e in errors if e is not None]
         if failed:
@@ -217,6 +223,8 @@ class B(Observing):
             self._closed = True
         if self._page is not None:
             self._page.close()
+        if self._transfers is not None:
+            self._transfers.close()
         if self.system is not None:
             self._stop_machines([m for m in self.machines() if m.owned])
             self.system.shutdown()

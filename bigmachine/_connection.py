@@ -283,6 +283,8 @@ class Connection:
         self.last_recv = time.monotonic()
         self.pong_at = 0.0
         self.keepalive_rtts: deque = deque(maxlen=KEEPALIVE_HISTORY)  # seconds, oldest first
+        self.bytes_sent = 0      # of message frames (before TLS), for progress
+        self.bytes_received = 0  # off the socket
         sock.setblocking(True)  # the reader blocks; writers pass MSG_DONTWAIT
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
                                        name=f"bigmachine-read-{peer}")
@@ -290,6 +292,11 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection to {self.peer}{' closed' if self.closed else ''}>"
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of messages waiting to be written (for progress)."""
+        return self._queued
 
     # ---- outgoing calls -------------------------------------------------
 
@@ -459,6 +466,7 @@ class Connection:
                     return False
                 out.offset += n
                 out.sent += n
+                self.bytes_sent += n
                 unit = _skip(unit, n)
             out.index += 1
             out.offset = 0
@@ -474,7 +482,9 @@ class Connection:
                 return False
             unit = out.units[out.index]
             self._ciphertext = memoryview(self.tls.encrypt(unit))
-            out.sent += sum(memoryview(b).nbytes for b in unit)
+            n = sum(memoryview(b).nbytes for b in unit)
+            out.sent += n
+            self.bytes_sent += n
             out.index += 1
             encrypted += 1
         return False
@@ -539,6 +549,7 @@ class Connection:
                 if n == 0:
                     self._fail(MachineLost(self.peer, "connection closed by peer"))
                     return
+                self.bytes_received += n
                 self.last_recv = time.monotonic()
                 _batch.pending = pending = {}
                 try:

@@ -5,6 +5,12 @@ import json
 import logging
 import os
 import re
+import fcntl
+import select
+import struct
+import subprocess
+import sys
+import termios
 import threading
 import time
 import urllib.error
@@ -302,3 +308,63 @@ def test_status_addr_is_checked():
         bm.start(status_addr="no-port")
     with pytest.raises(bm.Error, match="status_addr"):
         bm.start(status_addr=8080)
+
+
+# ---- progress ----------------------------------------------------------------
+
+PROGRESS_SCRIPT = """
+import sys, numpy, bigmachine as bm
+from tests.obs_services import Work
+with bm.start(progress=sys.argv[1] == "on", keepalive_period=0.25) as b:
+    m0, m1, m2 = b.start(3, services={"Work": Work()})
+    assert m0.call("Work.sink", numpy.ones(48 << 20)) == 384 << 20
+print("done", flush=True)
+"""
+
+
+def run_with_stderr(on_pty: bool, option: str) -> str:
+    """Run PROGRESS_SCRIPT with stderr on a pseudo-terminal or a pipe; its stderr."""
+    import pty
+
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, "-c", PROGRESS_SCRIPT, option]
+    if not on_pty:
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout == "done\n", done.stderr
+        return done.stderr
+    master, slave = pty.openpty()
+    # A fresh pty is 0 columns wide, where tqdm draws nothing: make it a terminal's size.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=slave)
+    finally:
+        os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every writer of the terminal is gone
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(10) == 0 and proc.stdout.read() == b"done\n", out[-2000:]
+    finally:
+        os.close(master)
+        proc.stdout.close()
+    return out.decode("utf-8", "replace")
+
+
+def test_progress_shows_on_a_terminal_and_not_in_a_pipe():
+    shown = run_with_stderr(True, "on")
+    assert "starting machines" in shown and "sending to 127.0.0.1:" in shown and "B/s" in shown
+    piped = run_with_stderr(False, "on")
+    assert "starting machines" not in piped and "sending to" not in piped and "\r" not in piped
+    hidden = run_with_stderr(True, "off")
+    assert "starting machines" not in hidden and "sending to" not in hidden
