@@ -13,6 +13,7 @@ from typing import Any, Optional
 from . import _progress, _rpc
 from ._auth import Credentials
 from ._connection import Connection
+from ._limits import raise_open_files
 from ._logforward import SERVICE as LOGS, Logs
 from ._machine import Machine, State
 from ._node import Node, current_node, set_default
@@ -20,6 +21,7 @@ from ._observe import Observing
 from ._serialize import dumps
 from ._service import check_services
 from ._statuspage import StatusPage
+from ._tls import ClusterCA
 from ._wire import KIND_PING
 from .backends import System
 from .backends.local import Local
@@ -54,8 +56,11 @@ class B(Observing):
         self.system = system if system is not None else Local()
         if options:
             self.system.configure(**options)
-        creds = Credentials.generate(tls=self.system.tls)
+        self.system.check()
+        raise_open_files()
+        creds = Credentials.generate(ClusterCA(self.system.cert_lifetime) if self.system.tls else None)
         identity = creds.ca.issue("driver") if creds.ca is not None else None
+        self._renewed = time.monotonic()
         self.node = Node(creds, "driver", user_timeout=self.system.lost_after, identity=identity,
                          socket_buffer=self.system.socket_buffer)
         self.node.b = self
@@ -77,7 +82,7 @@ class B(Observing):
     @classmethod
     def _for_machine(cls, node: Node) -> "B":
         b = cls(_node=node)
-        b.machine = Machine(node, node.addr, name=node.name, state=State.RUNNING)
+        b.machine = Machine(node, node.addr, name=node.name, state=State.RUNNING, expect=node.name)
         return b
 
     def __repr__(self) -> str:
@@ -120,7 +125,7 @@ class B(Observing):
         launched = self.system.launch(self.node.creds, names, timeout)
         machines = []
         for name, proc in zip(names, launched):
-            m = Machine(self.node, proc.addr, name=name, owned=True)
+            m = Machine(self.node, proc.addr, name=name, owned=True, expect=name)
             m.process = proc
             machines.append(m)
             with self._lock:
@@ -141,7 +146,9 @@ class B(Observing):
     def _boot(self, m: Machine, services: dict, timeout: float) -> None:
         try:
             conn = m._connect_now(timeout)
-            _rpc.call(conn, "Supervisor.register", (services,), {"lease": self.system.lease}, timeout)
+            _rpc.call(conn, "Supervisor.register", (services,),
+                      {"lease": self.system.lease, "token": self.node.creds.owner_token(m.name)},
+                      timeout)
         except BaseException as exc:
             if isinstance(exc, MachineLost) and m.process is not None and not m.process.alive(0.5):
                 # It died while starting: say how, with its last words if the system kept them.
@@ -160,17 +167,21 @@ class B(Observing):
         with self._lock:
             return list(self._machines.values())
 
-    def dial(self, addr: str) -> Machine:
-        """A handle on the machine at addr ("host:port"), which this session does not own.
+    def dial(self, addr: str, name: Optional[str] = None) -> Machine:
+        """A handle on the machine at addr ("host:port" or "unix:/path"), which this
+        session does not own.
 
         The connection is made on first use; no keepalives are sent to it.
+        name, when given, is the member meant: a connection that reaches
+        another member at addr fails with AuthError.
         """
         if self._closed:
             raise Error("this session is shut down")
         with self._lock:
             m = self._machines.get(addr)
             if m is None or m.state == State.STOPPED and not m.owned:
-                m = self._machines[addr] = Machine(self.node, addr, state=State.RUNNING)
+                m = self._machines[addr] = Machine(self.node, addr, name=name, state=State.RUNNING,
+                                                   expect=name)
             return m
 
     # ---- keepalives -----------------------------------------------------------
@@ -183,6 +194,9 @@ class B(Observing):
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
+            if self.node.creds.ca is not None and now - self._renewed > self.system.cert_lifetime / 2:
+                self._renewed = now
+                self.node.loop.run_in_executor(None, self._renew_certificates)
             for m in self.machines():
                 try:
                     self._ping(m, now)
@@ -205,8 +219,28 @@ class B(Observing):
             except MachineLost:
                 pass
 
+    def _renew_certificates(self) -> None:
+        """Renew the CA's and every member's certificate before they expire.
+
+        Connections already open stay as they are; new ones use the new
+        certificates. A machine that cannot be reached keeps its old one and
+        gets another chance at the next renewal.
+        """
+        ca = self.node.creds.ca
+        ca.renew()
+        self.node.set_identity(ca.issue("driver"))
+        for m in self.machines():
+            if not m.owned or m.state != State.RUNNING or m.process is None:
+                continue
+            try:
+                identity = ca.issue(m.name, m.process.cert_hosts)
+                m.call("Supervisor.renew", identity.to_dict(),
+                       token=self.node.creds.owner_token(m.name), timeout=10.0)
+            except Exception as exc:  # one machine's trouble must not stop the others' renewal
+                log.warning("could not renew the certificate of %s: %s", m.name, exc)
+
     def _on_connection_lost(self, conn: Connection) -> None:
-        m = self._machines.get(getattr(conn, "addr_key", None) or "")
+        m = self._machines.get(conn.addr_key or "")
         if m is not None and m._conn is conn:
             err = conn.error
             if m.process is not None and not m.process.alive(0.05):
@@ -242,7 +276,8 @@ class B(Observing):
             asked = False
             if conn is not None and not conn.closed and m.state != State.STOPPED:
                 try:
-                    _rpc.call(conn, "Supervisor.shutdown", (), {}, 1.0)
+                    _rpc.call(conn, "Supervisor.shutdown", (),
+                              {"token": self.node.creds.owner_token(m.name)}, 1.0)
                     asked = True
                 except Exception:
                     pass  # it is stopped below either way

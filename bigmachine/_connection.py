@@ -82,11 +82,13 @@ def configure_socket(sock: socket.socket, user_timeout: float, buffer: int = SOC
 
     buffer: kernel send and receive buffer bytes; 0 leaves them to autotuning.
     """
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if buffer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+    if sock.family == socket.AF_UNIX:
+        return  # the rest is TCP's
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
     if hasattr(socket, "TCP_KEEPIDLE"):
@@ -252,8 +254,12 @@ class Connection:
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, peer: str,
                  initiator: bool, on_request: Callable, on_close: Callable,
                  max_in_flight: int = MAX_IN_FLIGHT, max_queued: int = MAX_QUEUED,
-                 max_message: int = _wire.MAX_MESSAGE, tls: Any = None):
+                 max_message: int = _wire.MAX_MESSAGE, tls: Any = None, node: Any = None,
+                 addr_key: Optional[str] = None, peer_name: Optional[str] = None):
         self.sock = sock
+        self.node = node                  # the node this connection belongs to (replies unpickle in it)
+        self.addr_key = addr_key          # the address we dialled, or None if the peer dialled us
+        self.peer_name = peer_name        # the member's name, when we dialled it
         self.tls = tls                    # a _tls.TLSChannel, or None for plain TCP
         self._ciphertext = b""            # encrypted bytes not yet written
         self.fd = sock.fileno()

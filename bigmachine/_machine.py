@@ -30,10 +30,11 @@ class Machine:
     """
 
     def __init__(self, node: Node, addr: str, name: Optional[str] = None, owned: bool = False,
-                 state: State = State.STARTING):
+                 state: State = State.STARTING, expect: Optional[str] = None):
         self._node = node
         self.addr = addr
         self.name = name or addr
+        self._expect = expect  # the member's name, when known: the link must reach that member
         self.owned = owned
         self._state = state
         self._err: Optional[BaseException] = None
@@ -47,7 +48,7 @@ class Machine:
         return f"<Machine {self.name} {self.addr} {self._state.name}>"
 
     def __reduce__(self):
-        return (_dial, (self.addr,))
+        return (_dial, (self.addr, self._expect))
 
     @property
     def state(self) -> State:
@@ -159,7 +160,7 @@ class Machine:
         if not self._usable(conn):
             self._check_owner_link(conn)
             try:
-                conn = self._conn = self._node.connect(self.addr, timeout)
+                conn = self._conn = self._node.connect(self.addr, timeout, self._expect)
             except MachineLost as exc:
                 self._set_state(State.STOPPED, exc)
                 raise
@@ -177,7 +178,7 @@ class Machine:
         if not self._usable(conn):
             await self._acheck_owner_link(conn)
             try:
-                conn = self._conn = await self._node.aconnect(self.addr, timeout)
+                conn = self._conn = await self._node.aconnect(self.addr, timeout, self._expect)
             except MachineLost as exc:
                 self._set_state(State.STOPPED, exc)
                 raise
@@ -249,9 +250,10 @@ def _resolve(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
-def _dial(addr: str) -> Machine:
-    """Unpickle a Machine: a handle on addr in the receiving process's cluster."""
+def _dial(addr: str, name: Optional[str] = None) -> Machine:
+    """Unpickle a Machine: a handle on the member name at addr in the receiving
+    process's cluster."""
     node = current_node()
     if node is None or node.b is None:
         raise Error(f"cannot rebuild a handle on machine {addr}: no bigmachine cluster here")
-    return node.b.dial(addr)
+    return node.b.dial(addr, name)

@@ -13,12 +13,15 @@ import concurrent.futures
 import logging
 import os
 import socket
+import struct
 import threading
 from typing import Any, Callable, Optional
 
-from . import _auth
+from . import _auth, _handshake
+from ._admission import Admission, RefusalLog
 from ._auth import Credentials
 from ._connection import SOCKET_BUFFER, Connection, configure_socket, mark_loop_thread
+from ._limits import open_files
 from ._dispatch import Dispatcher
 from ._pool import Pool
 from ._service import Registry
@@ -30,9 +33,9 @@ log = logging.getLogger("bigmachine.node")
 _local = threading.local()
 _default: Optional["Node"] = None
 CONNECT_TIMEOUT = 10.0
-MAX_HANDSHAKES = 4096  # unauthenticated connections at once; more are closed at accept
 ACCEPT_PAUSE = 0.5     # seconds to stop accepting after accept() fails
 USER_TIMEOUT = 15.0  # TCP_USER_TIMEOUT: how long unacknowledged data may sit
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def current_node() -> Optional["Node"]:
@@ -74,7 +77,8 @@ class Node:
         self.accepted: set[Connection] = set()        # the ones peers dialed
         self._connecting: dict[str, asyncio.Future] = {}
         self.listener: Optional[socket.socket] = None
-        self._handshaking = 0                 # accepted connections not yet authenticated
+        self.admission: Optional[Admission] = None  # accepted connections not yet authenticated
+        self.refusals = RefusalLog(log, name, self.loop)
         self._dialing: set[bytes] = set()     # nonces of our handshakes in progress
         self.addr: Optional[str] = None
         self.on_connection_lost: list[Callable[[Connection], None]] = []
@@ -82,6 +86,10 @@ class Node:
         self.thread: Optional[threading.Thread] = None
         self.thread_id: Optional[int] = None
         self.closed = False
+
+    def set_identity(self, identity: Identity) -> None:
+        """Use identity (a renewed certificate) for connections made from now on."""
+        self.tls_contexts = identity.contexts()
 
     def _enter(self) -> None:
         _local.node = self
@@ -133,15 +141,25 @@ class Node:
 
     # ---- serving ------------------------------------------------------------
 
-    async def listen(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Bind and accept connections; returns "host:port"."""
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+    async def listen(self, addr: str = "127.0.0.1:0") -> str:
+        """Bind addr ("host:port", or "unix:/path" in a private directory) and accept
+        connections; returns the address peers dial."""
+        kind, where = parse_addr(addr)
+        if kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(where)
+            os.chmod(where, 0o600)
+            self.addr = addr
+        else:
+            host, port = where
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            self.addr = f"{host}:{sock.getsockname()[1]}"
         sock.listen(1024)
         sock.setblocking(False)
         self.listener = sock
-        self.addr = f"{host}:{sock.getsockname()[1]}"
+        self.admission = Admission(open_files())
         self.loop.add_reader(sock.fileno(), self._on_accept)
         return self.addr
 
@@ -158,10 +176,13 @@ class Node:
                 self.loop.remove_reader(self.listener.fileno())
                 self.loop.call_later(ACCEPT_PAUSE, self._resume_accept)
                 return
-            if self._handshaking >= MAX_HANDSHAKES:
-                sock.close()  # unauthenticated peers may not crowd out real ones
-                continue
-            self.loop.create_task(self._serve(sock, f"{peer[0]}:{peer[1]}"))
+            if sock.family == socket.AF_UNIX:
+                source = peer_label = "unix"
+            else:
+                source, peer_label = peer[0], f"{peer[0]}:{peer[1]}"
+            task = self.loop.create_task(self._serve(sock, peer_label))
+            key = self.admission.admit(source, task.cancel)
+            task.add_done_callback(lambda _, k=key: self.admission.done(k))
 
     def _resume_accept(self) -> None:
         if not self.closed and self.listener is not None:
@@ -169,128 +190,126 @@ class Node:
 
     async def _serve(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
-        tls = None
-        self._handshaking += 1
         try:
-            tls = await asyncio.wait_for(self._server_handshake(sock, peer), _auth.HANDSHAKE_TIMEOUT)
+            if sock.family == socket.AF_UNIX:
+                check_peer_user(sock, peer)
+            tls = TLSChannel(self.tls_contexts[0], server_side=True) if self.tls_contexts else None
+            await asyncio.wait_for(_readable(self.loop, sock), _auth.FIRST_BYTE_TIMEOUT)
+            await asyncio.wait_for(
+                _handshake.serve(self.creds, self.name, self.loop, sock, peer, tls, self._dialing),
+                _auth.HANDSHAKE_TIMEOUT - _auth.FIRST_BYTE_TIMEOUT)
+        except asyncio.CancelledError:
+            sock.close()
+            if not self.closed:
+                self.refusals.refused(peer, "dropped to make room for newer connections")
+            return
         except (asyncio.TimeoutError, ProtocolError, AuthError, OSError, EOFError) as exc:
             reason = "handshake timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
-            log.warning("%s: refused connection from %s: %s", self.name, peer, reason)
+            self.refusals.refused(peer, reason)
             sock.close()
             return
-        finally:
-            self._handshaking -= 1
         configure_socket(sock, self.user_timeout, self.socket_buffer)
         self._register(Connection(sock, self.loop, peer, False, self.dispatcher.on_request,
-                                  self._on_close, tls=tls))
-
-    async def _server_handshake(self, sock: socket.socket, peer: str) -> Optional[TLSChannel]:
-        channel = _Channel(self.loop, sock, peer)
-        if self.tls_contexts is not None:
-            channel.tls = TLSChannel(self.tls_contexts[0], server_side=True)
-            await channel.tls.handshake(self.loop, sock, peer)
-        hello = await channel.recv_exact(_auth.HELLO_SIZE, magic=True)
-        if _auth.nonce(hello) in self._dialing:
-            # Our own hello, relayed back to us by whoever we dialed.
-            raise AuthError(peer, "it reflected our own handshake back to us")
-        reply, ok = _auth.server_reply(self.creds, hello)
-        await channel.send(reply)
-        if not ok:
-            raise AuthError(peer, "wrong version or cluster")
-        proof = await channel.recv_exact(_auth.PROOF_SIZE)
-        if not _auth.check_client_proof(self.creds, hello, reply, proof):
-            raise AuthError(peer, "it does not know the cluster secret")
-        await channel.send(_auth.OK)
-        return channel.tls
+                                  self._on_close, tls=tls, node=self))
 
     # ---- connecting ---------------------------------------------------------
 
-    def connect(self, addr: str, timeout: Optional[float] = CONNECT_TIMEOUT) -> Connection:
-        """The connection to addr, dialing and authenticating it if needed.
+    def connect(self, addr: str, timeout: Optional[float] = CONNECT_TIMEOUT,
+                name: Optional[str] = None) -> Connection:
+        """The connection to addr, dialling and authenticating it if needed.
 
-        timeout bounds the dial and handshake (None: CONNECT_TIMEOUT).
+        timeout bounds the dial and handshake (None: CONNECT_TIMEOUT); name,
+        when given, is the member we mean: another member there is an AuthError.
         """
-        conn = self.connections.get(addr)
-        if conn is not None and not conn.closed:
+        conn = self._usable(addr, name)
+        if conn is not None:
             return conn
         if self.closed:
             raise MachineLost(addr, "this session is shut down")
-        return self.run_sync(self.aconnect_here(addr, timeout))
+        return self.run_sync(self.aconnect_here(addr, timeout, name))
 
-    async def aconnect(self, addr: str, timeout: Optional[float] = CONNECT_TIMEOUT) -> Connection:
-        conn = self.connections.get(addr)
-        if conn is not None and not conn.closed:
+    async def aconnect(self, addr: str, timeout: Optional[float] = CONNECT_TIMEOUT,
+                       name: Optional[str] = None) -> Connection:
+        conn = self._usable(addr, name)
+        if conn is not None:
             return conn
         if self.closed:
             raise MachineLost(addr, "this session is shut down")
-        return await self.run_async(self.aconnect_here(addr, timeout))
+        return await self.run_async(self.aconnect_here(addr, timeout, name))
 
-    async def aconnect_here(self, addr: str, timeout: Optional[float]) -> Connection:
+    def _usable(self, addr: str, name: Optional[str]) -> Optional[Connection]:
+        conn = self.connections.get(addr)
+        if conn is None or conn.closed:
+            return None
+        if name is not None and conn.peer_name != name:
+            raise AuthError(addr, f"it is member {conn.peer_name!r}, not {name!r}")
+        return conn
+
+    async def aconnect_here(self, addr: str, timeout: Optional[float],
+                            name: Optional[str] = None) -> Connection:
         """On the IO loop: one dial per address at a time; later callers share it."""
-        conn = self.connections.get(addr)
-        if conn is not None and not conn.closed:
+        conn = self._usable(addr, name)
+        if conn is not None:
             return conn
         pending = self._connecting.get(addr)
         if pending is None:
             timeout = CONNECT_TIMEOUT if timeout is None else timeout  # a dial is always bounded
             pending = self._connecting[addr] = self.loop.create_task(self._dial(addr, timeout))
             pending.add_done_callback(lambda _: self._connecting.pop(addr, None))
-        return await asyncio.shield(pending)
+        await asyncio.shield(pending)
+        conn = self._usable(addr, name)
+        if conn is None:
+            raise MachineLost(addr, "the connection closed as it opened")
+        return conn
 
     async def _dial(self, addr: str, timeout: Optional[float]) -> Connection:
         if self.closed:
             raise MachineLost(addr, "this node is shut down")
-        host, port = split_addr(addr)
         try:
-            sock, tls = await asyncio.wait_for(self._open(host, port), timeout)
+            sock, tls, peer_name = await asyncio.wait_for(self._open(addr), timeout)
         except asyncio.TimeoutError:
             raise MachineLost(addr, f"cannot connect within {timeout} s") from None
         except OSError as exc:
             raise MachineLost(addr, f"cannot connect: {exc}") from exc
         configure_socket(sock, self.user_timeout, self.socket_buffer)
         conn = Connection(sock, self.loop, addr, True, self.dispatcher.on_request, self._on_close,
-                          tls=tls)
-        self._register(conn, addr)
+                          tls=tls, node=self, addr_key=addr, peer_name=peer_name)
+        self._register(conn)
         return conn
 
-    async def _open(self, host: str, port: int) -> tuple[socket.socket, Optional[TLSChannel]]:
-        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, type_, proto, _, sockaddr = infos[0]
-        sock = socket.socket(family, type_, proto)
-        name = f"{host}:{port}"
-        hello = _auth.client_hello(self.creds)
-        self._dialing.add(_auth.nonce(hello))
+    async def _open(self, addr: str) -> tuple[socket.socket, Optional[TLSChannel], str]:
+        kind, where = parse_addr(addr)
+        if kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sockaddr: Any = where
+        else:
+            infos = await self.loop.getaddrinfo(*where, type=socket.SOCK_STREAM)
+            family, type_, proto, _, sockaddr = infos[0]
+            sock = socket.socket(family, type_, proto)
+        mine = _auth.hello()
+        self._dialing.add(_auth.nonce(mine))
         try:
             sock.setblocking(False)
             await self.loop.sock_connect(sock, sockaddr)
-            channel = _Channel(self.loop, sock, name)
-            if self.tls_contexts is not None:
-                channel.tls = TLSChannel(self.tls_contexts[1], server_side=False)
-                await channel.tls.handshake(self.loop, sock, name)
-            await channel.send(hello)
-            reply = await channel.recv_exact(_auth.SERVER_HELLO_SIZE)
-            proof = _auth.check_server_hello(self.creds, name, hello, reply)
-            await channel.send(proof)
-            ok = await channel.recv_exact(1)
-            if ok != _auth.OK:
-                raise AuthError(name, "refused our proof")
-            return sock, channel.tls
+            if kind == "unix":
+                check_peer_user(sock, addr)
+            tls = TLSChannel(self.tls_contexts[1], server_side=False) if self.tls_contexts else None
+            peer_name = await _handshake.dial(self.creds, self.loop, sock, addr, tls, mine, None)
+            return sock, tls, peer_name
         except BaseException:
             sock.close()
             raise
         finally:
-            self._dialing.discard(_auth.nonce(hello))
+            self._dialing.discard(_auth.nonce(mine))
 
-    def _register(self, conn: Connection, addr: Optional[str] = None) -> None:
-        conn.node = self  # type: ignore[attr-defined]  # replies on it belong to this cluster
-        if addr is not None:
-            self.connections[addr] = conn
+    def _register(self, conn: Connection) -> None:
+        if conn.addr_key is not None:
+            self.connections[conn.addr_key] = conn
         else:
             self.accepted.add(conn)
-        conn.addr_key = addr  # type: ignore[attr-defined]
 
     def _on_close(self, conn: Connection) -> None:
-        key = getattr(conn, "addr_key", None)
+        key = conn.addr_key
         if key is not None and self.connections.get(key) is conn:
             del self.connections[key]
         self.accepted.discard(conn)
@@ -309,6 +328,8 @@ class Node:
             if self.listener is not None:
                 self.loop.remove_reader(self.listener.fileno())
                 self.listener.close()
+                if self.addr is not None and self.addr.startswith("unix:"):
+                    _unlink(self.addr[5:])
             for conn in list(self.connections.values()) + list(self.accepted):
                 conn._fail(MachineLost(conn.peer, "shut down"))
             for task in asyncio.all_tasks(self.loop):
@@ -324,48 +345,39 @@ class Node:
         self.executor.shutdown()
 
 
-class _Channel:
-    """Handshake I/O on a non-blocking socket, inside TLS when tls is set."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, host: str):
-        self.loop = loop
-        self.sock = sock
-        self.host = host
-        self.tls: Optional[TLSChannel] = None
-
-    async def send(self, data: bytes) -> None:
-        if self.tls is None:
-            await self.loop.sock_sendall(self.sock, data)
-        else:
-            await self.tls.send(self.loop, self.sock, data)
-
-    async def recv_exact(self, n: int, magic: bool = False) -> bytes:
-        """Read exactly n bytes (n is ours, never the peer's).
-
-        With magic, the bytes must start with the protocol magic: a peer
-        speaking anything else is refused as soon as its first bytes differ.
-        """
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        m = len(_auth.MAGIC)
-        while got < n:
-            if self.tls is None:
-                k = await self.loop.sock_recv_into(self.sock, view[got:])
-            else:
-                k = await self.tls.recv_into(self.loop, self.sock, view[got:], self.host)
-            if k == 0:
-                if got == 0 and n != 1:
-                    raise AuthError(self.host, "the peer closed the connection during the handshake")
-                raise AuthError(self.host, "handshake truncated")
-            got += k
-            if magic and buf[:min(got, m)] != _auth.MAGIC[:min(got, m)]:
-                raise ProtocolError(f"not a bigmachine peer (it sent {bytes(buf[:min(got, 16)])!r})")
-        return bytes(buf)
-
-
-def split_addr(addr: str) -> tuple[str, int]:
+def parse_addr(addr: str) -> tuple[str, Any]:
+    """("unix", path) for "unix:/path", ("tcp", (host, port)) for "host:port"."""
+    if addr.startswith("unix:"):
+        path = addr[5:]
+        if not path.startswith("/"):
+            raise Error(f"address {addr!r}: a Unix socket path must be absolute")
+        return "unix", path
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit():
-        raise Error(f"address {addr!r} must look like 'host:port'")
-    return host.strip("[]"), int(port)
+        raise Error(f"address {addr!r} must look like 'host:port' or 'unix:/path'")
+    return "tcp", (host.strip("[]"), int(port))
+
+
+def check_peer_user(sock: socket.socket, peer: str) -> None:
+    """Refuse a Unix-socket peer running as another user (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    _, uid, _ = _UCRED.unpack(raw)
+    if uid != os.getuid():
+        raise AuthError(peer, f"its process runs as uid {uid}, not as us ({os.getuid()})")
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait until sock has bytes to read (or is closed)."""
+    fut = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())

@@ -1,10 +1,13 @@
 """The machine side: the built-in Supervisor service and the machine's lease.
 
-Every machine serves ``Supervisor``. The driver that owns the machine calls
-``Supervisor.register`` once to install the user's services (running their
-``init``); that connection becomes the owner. The owner's keepalives (PING
-frames, answered on the IO loop) renew the machine's lease; when the lease
-runs out or the owner's connection closes, the machine stops itself.
+Every machine serves ``Supervisor``. Its owner (the driver that started it)
+proves itself with the owner token the machine received in its bootstrap, not
+by which connection it calls on: only the owner may ``register`` services
+(once, running their ``init``), ``renew`` the machine's certificate or
+``shutdown`` the machine. The connection that registered carries the owner's
+keepalives (PING frames, answered on the IO loop), which renew the machine's
+lease; when the lease runs out or that connection closes, the machine stops
+itself. Other members may call the rest (``ping``, ``info``, ``stats``).
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ from typing import Any, Optional
 from . import _logforward, _profile, _resources
 from ._health import MemoryHealth
 from ._version import __version__
+from ._auth import check_token
 from ._connection import Connection
 from ._dispatch import _local as _dispatch_local
 from ._node import Node
 from ._service import service
-from .errors import Error
+from ._tls import Identity
+from .errors import AuthError, Error
 
 log = logging.getLogger("bigmachine.supervisor")
 
@@ -38,17 +43,23 @@ BOOT_TIMEOUT = 60.0  # how long a machine waits for its owner to register
 class Supervisor:
     """Built-in service on every machine."""
 
-    def __init__(self, node: Node, lease: float, on_stop: Any):
+    def __init__(self, node: Node, lease: float, on_stop: Any, owner_token: bytes):
         self._node = node
         self._lease = lease
         self._on_stop = on_stop
+        self._token = owner_token
         self._owner: Optional[Connection] = None
         self._started = time.time()
         self._lock = threading.Lock()
         self.health = MemoryHealth()
 
-    def register(self, services: dict, lease: Optional[float] = None) -> None:
-        """Install services and run their init; the calling connection owns the machine."""
+    def _check_owner(self, token: Any, what: str) -> None:
+        if not check_token(self._token, token):
+            raise AuthError(self._node.name, f"only its owner may {what}")
+
+    def register(self, services: dict, lease: Optional[float] = None, token: Any = None) -> None:
+        """Install services and run their init (owner only); this connection keeps the lease."""
+        self._check_owner(token, "register services")
         served = getattr(_dispatch_local, "served", None)
         with self._lock:
             if self._owner is not None:
@@ -101,13 +112,19 @@ class Supervisor:
             "uptime": time.time() - self._started,
         }
 
-    async def shutdown(self, delay: float = 0.05) -> None:
-        """Stop this machine shortly after replying.
+    async def shutdown(self, token: Any = None, delay: float = 0.05) -> None:
+        """Stop this machine shortly after replying (owner only).
 
         A coroutine, so that it runs on the IO loop even when every worker
         thread is busy with the owner's calls.
         """
+        self._check_owner(token, "shut it down")
         asyncio.get_running_loop().call_later(delay, self._on_stop, "shut down by its owner")
+
+    def renew(self, identity: dict, token: Any = None) -> None:
+        """Use a new certificate (and CA chain) for connections from now on (owner only)."""
+        self._check_owner(token, "renew its certificate")
+        self._node.set_identity(Identity.from_dict(identity))
 
     def _all_connections(self) -> list:
         conns = list(self._node.connections.values())
@@ -115,7 +132,7 @@ class Supervisor:
             conns.append(self._owner)
         return conns
 
-    async def watchdog(self) -> None:
+    async def _watchdog(self) -> None:
         """Stop the machine when its owner goes away or stops renewing the lease."""
         while True:
             await asyncio.sleep(min(0.25, self._lease / 4))
@@ -164,15 +181,16 @@ class Supervisor:
         return _profile.allocation_sites(seconds, top)
 
 
-def start_machine(node: Node, lease: float, on_stop: Any, host: str = "127.0.0.1") -> str:
-    """Start serving on node: Supervisor, listener, watchdog. Returns the address."""
+def start_machine(node: Node, lease: float, on_stop: Any, owner_token: bytes,
+                  listen: str = "127.0.0.1:0") -> str:
+    """Start serving on node at listen: Supervisor, listener, watchdog. Returns the address."""
     from ._cluster import B  # the machine's own B, for bigmachine.current()
 
     node.start_thread()
-    supervisor = Supervisor(node, lease, on_stop)
+    supervisor = Supervisor(node, lease, on_stop, owner_token)
     node.registry.add("Supervisor", supervisor)
-    addr = node.run_sync(node.listen(host))
+    addr = node.run_sync(node.listen(listen))
     node.b = B._for_machine(node)
-    node.loop.call_soon_threadsafe(lambda: node.loop.create_task(supervisor.watchdog()))
+    node.loop.call_soon_threadsafe(lambda: node.loop.create_task(supervisor._watchdog()))
     node.loop.call_soon_threadsafe(lambda: node.loop.create_task(supervisor.health.watch()))
     return addr

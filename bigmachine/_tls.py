@@ -2,9 +2,13 @@
 
 The driver makes the cluster's CA in memory; its private key never leaves the
 driver's memory. Each member (driver and machines) gets its own key and
-certificate signed by that CA, delivered over the bootstrap channel. Both
-sides of every connection require a certificate chaining to the cluster CA,
-and only TLS 1.3 is spoken.
+certificate signed by that CA, delivered over the bootstrap channel; the
+certificate's common name is the member's name. Both sides of every
+connection require a certificate chaining to the cluster CA, and only TLS 1.3
+is spoken. Keys never touch a file system: OpenSSL reads them from an
+anonymous memory file (memfd). Certificates live for ``lifetime`` seconds;
+the driver renews every member's before half of it has passed (the CA's
+certificate is re-issued under the same key, so old and new chains verify).
 
 A connection's TLS runs over memory BIOs (``ssl.SSLObject``) rather than an
 ``SSLSocket`` so that the connection's reader thread and its writers (any
@@ -19,14 +23,13 @@ import ipaddress
 import os
 import socket
 import ssl
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import AuthError
 
-CA_LIFETIME = datetime.timedelta(days=7)
+LIFETIME = 7 * 24 * 3600.0  # seconds a certificate is valid, by default
 RECV_SIZE = 256 << 10
 
 
@@ -34,7 +37,7 @@ RECV_SIZE = 256 << 10
 class Identity:
     """A member's TLS material: the CA certificate, its own certificate and key (PEM)."""
 
-    ca_pem: bytes
+    ca_pem: bytes   # one or more CA certificates (the same key, successive lifetimes)
     cert_pem: bytes
     key_pem: bytes = field(repr=False)
 
@@ -54,26 +57,49 @@ def _context(identity: Identity, protocol: int) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.check_hostname = False  # membership is the CA's signature, not a name
+    ctx.check_hostname = False  # membership is the CA's signature; the name is checked by us
     ctx.load_verify_locations(cadata=identity.ca_pem.decode())
-    # load_cert_chain reads files only: the key lives for an instant in a
-    # 0600 file inside a 0700 directory, and is removed before we return.
-    with tempfile.TemporaryDirectory(prefix="bigmachine-tls-") as tmp:
-        os.chmod(tmp, 0o700)
-        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
-        with open(cert_path, "wb") as f:
-            f.write(identity.cert_pem)
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(identity.key_pem)
+    with _memory_file(identity.cert_pem) as cert_path, _memory_file(identity.key_pem) as key_path:
         ctx.load_cert_chain(cert_path, key_path)
     return ctx
+
+
+class _memory_file:
+    """A path to data held in an anonymous memory file, never on a file system.
+
+    load_cert_chain reads paths only; /proc/self/fd/N of a memfd is a path
+    whose bytes live in memory and vanish when the descriptor is closed.
+    """
+
+    def __init__(self, data: bytes):
+        self.fd = os.memfd_create("bigmachine-tls", os.MFD_CLOEXEC)
+        try:
+            os.write(self.fd, data)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def __enter__(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def peer_name(obj: ssl.SSLObject) -> str:
+    """The common name of a verified peer's certificate ("" if it has none)."""
+    cert = obj.getpeercert() or {}
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return ""
 
 
 class ClusterCA:
     """The cluster's certificate authority, held in the driver's memory only."""
 
-    def __init__(self) -> None:
+    def __init__(self, lifetime: float = LIFETIME) -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -81,32 +107,47 @@ class ClusterCA:
 
         self._x509, self._hashes, self._ec = x509, hashes, ec
         self._serialization, self._NameOID = serialization, NameOID
+        self.lifetime = lifetime
         self._key = ec.generate_private_key(ec.SECP256R1())
+        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bigmachine cluster CA")])
+        self._pems: list[bytes] = []
+        self.renew()
+
+    def _validity(self) -> tuple[datetime.datetime, datetime.datetime]:
         now = datetime.datetime.now(datetime.timezone.utc)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bigmachine cluster CA")])
-        self._name = name
-        self._cert = (
+        return now - datetime.timedelta(minutes=5), now + datetime.timedelta(seconds=self.lifetime)
+
+    def renew(self) -> None:
+        """Re-issue the CA's own certificate under the same key for another lifetime.
+
+        Members trust the last two CA certificates, so chains made under either
+        verify while a renewal spreads through the cluster.
+        """
+        x509 = self._x509
+        start, end = self._validity()
+        cert = (
             x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name)
+            .subject_name(self._name).issuer_name(self._name)
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + CA_LIFETIME)
+            .not_valid_before(start)
+            .not_valid_after(end + datetime.timedelta(seconds=self.lifetime))  # outlives its members
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
                            critical=True)
-            .sign(self._key, hashes.SHA256())
+            .sign(self._key, self._hashes.SHA256())
         )
-        self.ca_pem = self._cert.public_bytes(serialization.Encoding.PEM)
+        self._pems = (self._pems + [cert.public_bytes(self._serialization.Encoding.PEM)])[-2:]
+        self.ca_pem = b"".join(self._pems)
 
     def __repr__(self) -> str:
         return "<ClusterCA>"
 
     def issue(self, name: str, hosts: tuple[str, ...] = ("127.0.0.1",)) -> Identity:
-        """A fresh key and certificate for one member of the cluster."""
+        """A fresh key and certificate for the member called name."""
         x509, NameOID = self._x509, self._NameOID
         key = self._ec.generate_private_key(self._ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        start, end = self._validity()
         alt = []
         for host in hosts:
             try:
@@ -119,8 +160,8 @@ class ClusterCA:
             .issuer_name(self._name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + CA_LIFETIME)
+            .not_valid_before(start)
+            .not_valid_after(end)
             .add_extension(x509.SubjectAlternativeName(alt), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,

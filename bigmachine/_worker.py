@@ -1,11 +1,13 @@
 """The machine process: ``python -m bigmachine._worker``, started by a system.
 
 It reads its bootstrap from stdin (a JSON config line, then the cluster
-credentials), serves until its owner lets it go, and on the way out kills any
-processes its services left in its process group.
+credentials and its owner token, then with TLS its certificate and key as a
+JSON line), serves until its owner lets it go, and on the way out kills any
+processes its services left in its process group. It never writes a core
+file (its memory holds the cluster's secrets) and raises its open-file limit.
 
-Config keys: name, sys_path, cwd, lease, parent_pipe; host (the address to
-listen on, default 127.0.0.1); status_fd (a pipe for the "host:port" line).
+Config keys: name, sys_path, cwd, lease, parent_pipe; listen (the address to
+listen on: "unix:/path" or "host:port"); status_fd (a pipe for the address line).
 Without status_fd (SSH, where there is no extra pipe) the address goes to
 stdout as one line ``bigmachine-status listening host:port``, before anything
 else the machine prints.
@@ -19,8 +21,9 @@ import signal
 import sys
 import threading
 
-from ._auth import Credentials
+from ._auth import BOOTSTRAP_SIZE, Credentials
 from ._connection import SOCKET_BUFFER
+from ._limits import no_core_dumps, raise_open_files
 from ._node import Node
 from ._supervisor import start_machine
 from ._tls import Identity
@@ -29,9 +32,11 @@ STATUS_PREFIX = "bigmachine-status listening "  # the stdout status line, when n
 
 
 def main() -> None:
+    no_core_dumps()
+    raise_open_files()
     stdin = sys.stdin.buffer
     config = json.loads(stdin.readline())
-    creds = Credentials.decode(stdin.read(48))
+    creds, owner_token = Credentials.decode(stdin.read(BOOTSTRAP_SIZE))
     identity = Identity.from_dict(json.loads(stdin.readline())) if config.get("tls") else None
     sys.path[:] = config["sys_path"]
     os.chdir(config["cwd"])
@@ -46,7 +51,7 @@ def main() -> None:
 
     node = Node(creds, config["name"], identity=identity,
                 socket_buffer=config.get("socket_buffer", SOCKET_BUFFER))
-    addr = start_machine(node, config["lease"], on_stop, host=config.get("host", "127.0.0.1"))
+    addr = start_machine(node, config["lease"], on_stop, owner_token, listen=config["listen"])
     if config.get("status_fd") is None:
         sys.stdout.write(f"{STATUS_PREFIX}{addr}\n")
         sys.stdout.flush()

@@ -1,4 +1,4 @@
-"""A loopback TCP relay that breaks the network on demand, for fault tests.
+"""A relay (loopback TCP, or a Unix socket beside a Unix-socket machine) that breaks the network on demand, for fault tests.
 
 Modelled on asyncpg's ``TCPFuzzingProxy``: real sockets on port 0, one
 thread of its own. Each accepted connection is paired with a fresh
@@ -21,6 +21,8 @@ Every control method takes effect on the relay thread before it returns.
 """
 from __future__ import annotations
 
+import itertools
+import os
 import queue
 import selectors
 import socket
@@ -33,6 +35,9 @@ HIGH_WATER = 1 << 20  # bytes pending towards one side before we stop reading th
 
 TO_BACKEND = "to_backend"
 TO_CLIENT = "to_client"
+
+
+_serial = itertools.count()
 
 
 def _reset(sock: socket.socket) -> None:
@@ -71,16 +76,26 @@ class _Link:
 
 
 class FaultProxy:
-    """Relay from ``addr`` (loopback, port 0) to ``backend`` ("host:port")."""
+    """Relay from ``addr`` to ``backend`` ("host:port", or "unix:/path": then addr is a
+    Unix socket beside it)."""
 
     def __init__(self, backend: str, host: str = "127.0.0.1"):
-        bhost, _, bport = backend.rpartition(":")
-        self.backend = (bhost.strip("[]"), int(bport))
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind((host, 0))
+        if backend.startswith("unix:"):  # a Unix-socket machine: relay from a socket beside it
+            self.backend = backend[5:]
+            self.family = socket.AF_UNIX
+            path = f"{self.backend}.proxy{next(_serial)}"
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(path)
+            self.addr = f"unix:{path}"
+        else:
+            bhost, _, bport = backend.rpartition(":")
+            self.backend = (bhost.strip("[]"), int(bport))
+            self.family = socket.AF_INET
+            self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.listener.bind((host, 0))
+            self.addr = f"{host}:{self.listener.getsockname()[1]}"
         self.listener.listen(64)
         self.listener.setblocking(False)
-        self.addr = f"{host}:{self.listener.getsockname()[1]}"
         self.links: list[_Link] = []
         self.stalled = False
         self.accepted = 0          # connections accepted so far
@@ -98,7 +113,7 @@ class FaultProxy:
         self._thread.start()
 
     def __repr__(self) -> str:
-        return f"<FaultProxy {self.addr} -> {self.backend[0]}:{self.backend[1]}>"
+        return f"<FaultProxy {self.addr} -> {self.backend}>"
 
     def __enter__(self) -> "FaultProxy":
         return self
@@ -200,15 +215,19 @@ class FaultProxy:
             client, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        try:  # blocking, but on loopback a connect succeeds or is refused at once
-            backend = socket.create_connection(self.backend, timeout=5)
+        try:  # blocking, but on one host a connect succeeds or is refused at once
+            backend = socket.socket(self.family, socket.SOCK_STREAM)
+            backend.settimeout(5)
+            backend.connect(self.backend)
         except OSError:
+            backend.close()
             _reset(client)  # the backend is gone: so is the link
             return
         self.accepted += 1
         for sock in (client, backend):
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.links.append(_Link(client, backend))  # watched from the next turn of _run
 
     def _update_interest(self) -> None:
@@ -322,4 +341,9 @@ class FaultProxy:
         except KeyError:
             pass
         self.listener.close()
+        if self.family == socket.AF_UNIX:
+            try:
+                os.unlink(self.addr[5:])
+            except OSError:
+                pass
         self._closed = True

@@ -82,7 +82,8 @@ def test_secret_is_not_in_cmdline_or_environment(cluster):
     assert len(secret) >= 16
     forms = [secret, secret.hex().encode(), secret.hex().upper().encode(),
              base64.b64encode(secret), base64.urlsafe_b64encode(secret),
-             base64.b64encode(secret).rstrip(b"="), creds.encode()]
+             base64.b64encode(secret).rstrip(b"="), creds.encode_for(m0.name),
+             creds.owner_token(m0.name)]
     for form in forms:
         assert form not in cmdline
         assert form not in environ

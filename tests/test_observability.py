@@ -7,6 +7,7 @@ import os
 import re
 import fcntl
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_status_records_and_table(duo):
 def test_status_of_a_stopped_machine():
     with bm.start(**TIMING) as b:
         m, = b.start(1, services={"Work": Work()})
-        m.call("Supervisor.shutdown")
+        os.kill(m.info()["pid"], signal.SIGKILL)
         m.wait(bm.State.STOPPED, timeout=10)
         status = b.status()
         assert status[0].state == "STOPPED" and not status[0].healthy and status[0].err
@@ -363,7 +364,7 @@ def run_with_stderr(on_pty: bool, option: str) -> str:
 
 def test_progress_shows_on_a_terminal_and_not_in_a_pipe():
     shown = run_with_stderr(True, "on")
-    assert "starting machines" in shown and "sending to 127.0.0.1:" in shown and "B/s" in shown
+    assert "starting machines" in shown and "sending to " in shown and "B/s" in shown
     piped = run_with_stderr(False, "on")
     assert "starting machines" not in piped and "sending to" not in piped and "\r" not in piped
     hidden = run_with_stderr(True, "off")

@@ -118,7 +118,7 @@ def test_an_in_process_machine_that_stops_drops_the_connections_peers_made():
     with bm.start(bm.InProcess(), keepalive_period=0.25) as b:
         m0, m1 = b.start(2, services={"Echo": Echo(), "Relay": Relay()})
         assert m0.call("Relay.via_addr", m1.addr, "Echo.echo", 5, timeout=5) == 5
-        m1.call("Supervisor.shutdown", timeout=5)
+        m1.call("Supervisor.shutdown", token=b.node.creds.owner_token(m1.name), timeout=5)
         m1.wait(bm.State.STOPPED, timeout=5)
         t = time.monotonic()
         with pytest.raises(bm.MachineLost):

@@ -198,9 +198,12 @@ class NsHost:
         _kill_netns_pids(self.ns)  # the sessions sshd forked, and anything they left
         if os.path.exists(f"/run/netns/{self.ns}"):
             ip("netns", "del", self.ns)  # takes its veth pair with it
-        if subprocess.run(["ip", "link", "show", self.outer], capture_output=True,
-                          timeout=10).returncode == 0:
-            ip("link", "del", self.outer)
+        # Deleting the namespace removes the pair asynchronously: it may vanish
+        # between our look and our delete, which is no failure.
+        gone = subprocess.run(["ip", "link", "del", self.outer], capture_output=True, text=True,
+                              timeout=10)
+        if gone.returncode != 0 and "Cannot find device" not in gone.stderr:
+            raise RuntimeError(f"ip link del {self.outer} failed: {gone.stderr}")
 
 
 class Lab:

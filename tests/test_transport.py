@@ -41,7 +41,7 @@ from bigmachine._node import Node
 from bigmachine._serialize import dumps, load_exception, loads
 from tests.conftest import TIMING, poll, shared, unshare
 from tests.services import Echo
-from tests.rawpeer import recv_exact
+from tests.rawpeer import client_handshake, connect, recv_exact, server_handshake
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -138,24 +138,9 @@ def rss() -> int:
 
 def raw_connect(addr: str, creds: Credentials, timeout: float = 5.0) -> socket.socket:
     """A plain socket that has passed the client side of the handshake."""
-    host, port = addr.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=timeout)
-    hello = _auth.client_hello(creds)
-    sock.sendall(hello)
-    reply = recv_exact(sock, _auth.SERVER_HELLO_SIZE)
-    sock.sendall(_auth.check_server_hello(creds, addr, hello, reply))
-    assert recv_exact(sock, 1) == _auth.OK
+    sock = connect(addr, timeout)
+    client_handshake(sock, creds)
     return sock
-
-
-def server_handshake(sock: socket.socket, creds: Credentials) -> None:
-    hello = recv_exact(sock, _auth.HELLO_SIZE)
-    reply, ok = _auth.server_reply(creds, hello)
-    sock.sendall(reply)
-    assert ok
-    proof = recv_exact(sock, _auth.PROOF_SIZE)
-    assert _auth.check_client_proof(creds, hello, reply, proof)
-    sock.sendall(_auth.OK)
 
 
 def message_bytes(sid: int, mtype: int, obj, mflags: int = 0) -> bytes:
@@ -753,8 +738,7 @@ def test_unpicklable_reply_fails_that_call_only(local):
 ], ids=["http", "ssh", "random"])
 def test_foreign_protocols_are_dropped_at_once(local, greeting):
     b, m = local
-    host, port = m.addr.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
+    with connect(m.addr, timeout=5) as sock:
         sock.sendall(greeting)
         elapsed = closed_within(sock, 1.0)
     assert elapsed < 0.1, f"dropped after {elapsed * 1e3:.0f} ms"

@@ -6,12 +6,21 @@ keepalives) the same way for every system.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
+import shutil
 import sys
+import tempfile
 from abc import ABC, abstractmethod
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from .._auth import Credentials
+from .._tls import LIFETIME
 from ..errors import Error
+
+log = logging.getLogger("bigmachine")
+_warned_insecure = False
 
 
 def forward_output(line: str) -> None:
@@ -31,10 +40,40 @@ def forward_output(line: str) -> None:
             continue
 
 
+def bootstrap(creds: Credentials, name: str, config: dict, hosts: Sequence[str]) -> bytes:
+    """What a new machine reads first (see _worker): its config line, the cluster's
+    credentials with its owner token, and with TLS its certificate for hosts."""
+    config = dict(config, name=name, tls=creds.ca is not None)
+    data = json.dumps(config).encode() + b"\n" + creds.encode_for(name)
+    if creds.ca is not None:
+        data += json.dumps(creds.ca.issue(name, tuple(hosts)).to_dict()).encode() + b"\n"
+    return data
+
+
+class SocketDir:
+    """A private (0700) directory for the Unix sockets of one session's machines."""
+
+    def __init__(self) -> None:
+        base = tempfile.gettempdir()
+        if len(base) > 60:  # a socket path must fit in 108 bytes
+            base = "/tmp"
+        self.path = tempfile.mkdtemp(prefix="bigmachine-", dir=base)  # mode 0700
+        st = os.lstat(self.path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise Error(f"socket directory {self.path} is not private")
+
+    def addr(self, name: str) -> str:
+        return f"unix:{self.path}/{name}.sock"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 class Process(ABC):
     """A system's handle on one launched machine."""
 
     addr: str
+    cert_hosts: tuple = ("127.0.0.1",)  # the addresses its TLS certificate names
 
     @abstractmethod
     def alive(self, wait: float = 0.0) -> bool:
@@ -62,7 +101,12 @@ class System(ABC):
     lease: seconds a machine lives on without keepalives before it stops itself.
     start_timeout: seconds b.start() waits for a machine to come up.
     tls: every connection of the cluster is TLS 1.3 with certificates of a
-        per-cluster CA (inside it, the secret handshake still runs).
+        per-cluster CA (inside it, the secret handshake still runs). A system
+        whose links are TCP refuses tls=False unless insecure=True is also given.
+    insecure: allow plain TCP links (tls=False): anyone on the path between
+        hosts can then read and rewrite calls. Logs a warning.
+    cert_lifetime: seconds a member's certificate is valid; the session
+        renews every member's certificate before half of it has passed.
     socket_buffer: kernel socket buffer bytes of the cluster's connections
         (small on local links keeps pings prompt beside bulk transfers);
         0 leaves them to the kernel's autotuning, for long-distance links.
@@ -78,39 +122,56 @@ class System(ABC):
     lease = 5.0
     start_timeout = 60.0
     tls = False
+    insecure = False
+    cert_lifetime = LIFETIME
     socket_buffer = 1 << 20
     status_addr: Optional[str] = None
     progress = True
 
+    @property
+    def tcp(self) -> bool:
+        """Whether the machines' links are TCP (else Unix sockets on this host)."""
+        return True
+
     def configure(self, **options: Any) -> None:
-        """Set options: tls, socket_buffer, status_addr, progress, and timing
-        (keepalive_period, lost_after, lease, start_timeout)."""
+        """Set options: tls, insecure, cert_lifetime, socket_buffer, status_addr, progress,
+        and timing (keepalive_period, lost_after, lease, start_timeout)."""
         for key, value in options.items():
             if key == "status_addr":
                 if value is not None and not isinstance(value, str):
                     raise Error(f"option status_addr must be 'host:port' or None, not {value!r}")
                 self.status_addr = value
                 continue
-            if key == "progress":
+            if key in ("tls", "insecure", "progress"):
                 if not isinstance(value, bool):
-                    raise Error(f"option progress must be True or False, not {value!r}")
-                self.progress = value
-                continue
-            if key == "tls":
-                if not isinstance(value, bool):
-                    raise Error(f"option tls must be True or False, not {value!r}")
-                self.tls = value
+                    raise Error(f"option {key} must be True or False, not {value!r}")
+                setattr(self, key, value)
                 continue
             if key == "socket_buffer":
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise Error(f"option socket_buffer must be a number of bytes >= 0, not {value!r}")
                 self.socket_buffer = value
                 continue
-            if key not in ("keepalive_period", "lost_after", "lease", "start_timeout"):
+            if key not in ("keepalive_period", "lost_after", "lease", "start_timeout",
+                           "cert_lifetime"):
                 raise Error(f"unknown option {key!r} for {type(self).__name__}")
             if not isinstance(value, (int, float)) or value <= 0:
                 raise Error(f"option {key} must be a positive number of seconds, not {value!r}")
             setattr(self, key, float(value))
+
+    def check(self) -> None:
+        """Refuse plain TCP unless insecure=True (then warn once per process)."""
+        global _warned_insecure
+        if not self.tcp or self.tls:
+            return
+        if not self.insecure:
+            raise Error(f"{type(self).__name__} links are TCP and tls=False would send calls in "
+                        "the clear, open to reading and rewriting on the way; keep TLS, or pass "
+                        "insecure=True as well if you accept that")
+        if not _warned_insecure:
+            _warned_insecure = True
+            log.warning("insecure=True: %s links are plain TCP; anyone on the path can read "
+                        "and rewrite calls", type(self).__name__)
 
     @abstractmethod
     def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:

@@ -1,17 +1,18 @@
 """InProcess: machines inside the driver process, for users' own unit tests.
 
 Each machine is a full node (its own IO loop thread, thread pool and
-listener on loopback) spoken to over real sockets, so code tested here runs
-the same protocol it will run on a cluster.
+listener: a Unix socket in a private directory, or loopback TCP with
+tls=True) spoken to over real sockets, so code tested here runs the same
+protocol it will run on a cluster.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from .._auth import Credentials
 from .._node import Node
 from .._supervisor import start_machine
-from . import Process, System
+from . import Process, SocketDir, System
 
 
 class _InProcessMachine(Process):
@@ -41,16 +42,30 @@ class InProcess(System):
     name = "inprocess"
 
     def __init__(self, **options: Any):
+        self.sockets: Optional[SocketDir] = None
         self.configure(**options)
+
+    @property
+    def tcp(self) -> bool:
+        return self.tls
 
     def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
         machines = []
+        if not self.tcp and self.sockets is None:
+            self.sockets = SocketDir()
         for name in names:
             identity = creds.ca.issue(name) if creds.ca is not None else None
-            node = Node(creds, name, identity=identity, socket_buffer=self.socket_buffer)
+            machine_creds = Credentials(creds.cluster_id, creds.secret)  # no CA, no owner key
+            node = Node(machine_creds, name, identity=identity, socket_buffer=self.socket_buffer)
             holder: list = []
-            addr = start_machine(node, self.lease, lambda why, h=holder: h[0].on_stop(why))
+            listen = "127.0.0.1:0" if self.tcp else self.sockets.addr(name)
+            addr = start_machine(node, self.lease, lambda why, h=holder: h[0].on_stop(why),
+                                 creds.owner_token(name), listen=listen)
             machine = _InProcessMachine(node, addr)
             holder.append(machine)
             machines.append(machine)
         return machines
+
+    def shutdown(self) -> None:
+        if self.sockets is not None:
+            self.sockets.remove()

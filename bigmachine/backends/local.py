@@ -1,17 +1,17 @@
 """Local: each machine is a child process of the driver on this host.
 
 The child runs the driver's interpreter with its sys.path and working
-directory. Its bootstrap (config, then the cluster credentials) arrives on
-stdin, never argv or the environment; stdin then stays open, and the machine
-exits at once when it closes, that is when the driver is gone. The child binds
-port 0 on loopback itself and reports its address on a status pipe, so there
-is no bind-then-close race. Its stdout and stderr are copied, line by line,
+directory. Its bootstrap (config, then the cluster credentials and its owner
+token) arrives on stdin, never argv or the environment; stdin then stays
+open, and the machine exits at once when it closes, that is when the driver
+is gone. The child listens on a Unix socket in the session's private
+directory (or, with tls=True, on a loopback TCP port it binds itself) and
+reports its address on a status pipe. Its stdout and stderr are copied, line by line,
 to the driver's stderr prefixed with the machine's name.
 """
 from __future__ import annotations
 
 import collections
-import json
 import os
 import select
 import signal
@@ -21,9 +21,11 @@ import threading
 import time
 from typing import Any
 
+from typing import Optional
+
 from .._auth import Credentials
 from ..errors import Error
-from . import Process, System, forward_output
+from . import Process, SocketDir, System, bootstrap, forward_output
 
 # The directory holding the bigmachine package, for the machine's PYTHONPATH.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -122,18 +124,37 @@ class _LocalProcess(Process):
 
 
 class Local(System):
-    """Machines as child processes on this host, listening on loopback.
+    """Machines as child processes on this host, linked by Unix sockets.
 
+    The sockets live in a private (0700) directory and every connection is
+    checked to come from a process of our own user before the handshake.
     parent_pipe: machines exit as soon as the driver's process is gone (they
     see their stdin close); False leaves only the keepalive lease (for tests).
-    tls: off by default here, since the traffic never leaves the host.
+    tls: off by default here, since the traffic never leaves the host; True
+    links the machines by TLS over loopback TCP instead (as remote ones are).
     """
 
     name = "local"
 
     def __init__(self, parent_pipe: bool = True, **options: Any):
         self.parent_pipe = parent_pipe
+        self.sockets: Optional[SocketDir] = None
         self.configure(**options)
+
+    @property
+    def tcp(self) -> bool:
+        return self.tls
+
+    def _listen_addr(self, name: str) -> str:
+        if self.tcp:
+            return "127.0.0.1:0"
+        if self.sockets is None:
+            self.sockets = SocketDir()
+        return self.sockets.addr(name)
+
+    def shutdown(self) -> None:
+        if self.sockets is not None:
+            self.sockets.remove()
 
     def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
         procs: list[_LocalProcess] = []
@@ -154,14 +175,13 @@ class Local(System):
     def _spawn(self, creds: Credentials, name: str) -> _LocalProcess:
         status_r, status_w = os.pipe()
         config = {
-            "name": name,
             "sys_path": [p if p else os.getcwd() for p in sys.path],
             "cwd": os.getcwd(),
             "lease": self.lease,
             "socket_buffer": self.socket_buffer,
             "status_fd": status_w,
             "parent_pipe": self.parent_pipe,
-            "tls": creds.ca is not None,
+            "listen": self._listen_addr(name),
         }
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"  # machine output reaches the driver as it is printed
@@ -177,11 +197,8 @@ class Local(System):
             raise
         finally:
             os.close(status_w)
-        bootstrap = json.dumps(config).encode() + b"\n" + creds.encode()
-        if creds.ca is not None:
-            bootstrap += json.dumps(creds.ca.issue(name, ("127.0.0.1",)).to_dict()).encode() + b"\n"
         try:
-            popen.stdin.write(bootstrap)
+            popen.stdin.write(bootstrap(creds, name, config, ("127.0.0.1",)))
             popen.stdin.flush()
         except BrokenPipeError:
             pass  # it died at once; _await_addr reports how, with its output

@@ -55,7 +55,7 @@ from typing import Any, Iterable, Optional, Sequence
 from .._auth import Credentials
 from .._bundle import DEFAULT_EXCLUDE, Bundle, bigmachine_bundle, user_bundle, user_paths
 from ..errors import AuthError, Error
-from . import Process, System, forward_output
+from . import Process, System, bootstrap, forward_output
 
 log = logging.getLogger("bigmachine.ssh")
 
@@ -931,25 +931,22 @@ class SSH(System):
         except BaseException:
             host.release_session(client)
             raise
+        bind = plan["bind"]
         config = {
-            "name": name,
             "sys_path": plan["sys_path"],
             "cwd": run_dir,
             "lease": self.lease,
             "socket_buffer": self.socket_buffer,
             "parent_pipe": True,
-            "host": plan["bind"],
-            "tls": creds.ca is not None,
+            "listen": f"[{bind}]:0" if ":" in bind else f"{bind}:0",
         }
-        bootstrap = json.dumps(config).encode() + b"\n" + creds.encode()
-        if creds.ca is not None:
-            identity = creds.ca.issue(name, (plan["bind"],))
-            bootstrap += json.dumps(identity.to_dict()).encode() + b"\n"
+        data = bootstrap(creds, name, config, (bind,))
         chan.settimeout(None)
         chan.exec_command(command)
         proc = _SSHProcess(host, client, name, run_dir, chan)
+        proc.cert_hosts = (bind,)
         try:
-            chan.sendall(bootstrap)
+            chan.sendall(data)
         except BaseException:
             proc.stop(0.0, grace=0.5)
             raise
