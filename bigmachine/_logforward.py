@@ -1,13 +1,16 @@
 """Machines' log records, shipped to the driver's logging.
 
 After a machine starts, its driver calls ``Supervisor.forward_logs(level)``.
-The machine then replaces its root logger's handlers (its stderr) with a
-handler that queues records at the driver's level, and a task on its IO loop
-sends them in batches to the driver's built-in ``Logs`` service over the
-owner's connection, one batch at a time (the reply paces the next). On the
-driver each record goes to the logger ``bigmachine.machine.NAME``, with the
-machine's name in front of the message and as ``record.machine``.
-Machines in the driver's own process (``InProcess``) log there already.
+The machine then adds a handler to its root logger that queues records at the
+driver's level, and a task on its IO loop sends them in batches to the
+driver's built-in ``Logs`` service over the owner's connection, one batch at
+a time (the reply paces the next). On the driver each record goes to the
+logger ``bigmachine.machine.NAME``, with the machine's name in front of the
+message and as ``record.machine``, for the handlers the driver configured.
+The machine's own stderr handler stays, at its level: its lines still reach
+the driver's stderr with the machine's prefix (``m0: WARNING name: message``),
+which is all a driver that configured no logging shows. Machines in the
+driver's own process (``InProcess``) log there already.
 
 Records that cannot be sent (a driver that reads too slowly, a lost
 connection) are dropped and counted, never waited for: logging must not
@@ -61,12 +64,13 @@ def forward(name: str, conn: Any, level: int) -> None:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     shipper = _Shipper(loop, queue)
+    shipper.setLevel(level)
     root = logging.getLogger()
-    replaced = list(root.handlers)
-    for handler in replaced:
-        root.removeHandler(handler)
+    for handler in root.handlers:  # they keep printing what they printed before
+        if handler.level == logging.NOTSET:
+            handler.setLevel(root.getEffectiveLevel())
     root.addHandler(shipper)
-    root.setLevel(level)
+    root.setLevel(min(level, root.getEffectiveLevel()))
 
     async def send() -> None:
         try:
@@ -79,14 +83,13 @@ def forward(name: str, conn: Any, level: int) -> None:
                                   f"{shipper.dropped} log records were dropped",
                                   batch[-1][3], "", __file__, 0, "forward", "logs"))
                     shipper.dropped = 0
-                await _rpc.acall(conn, f"{SERVICE}.records", (name, batch), {}, SEND_TIMEOUT)
+                # The reply (None) is not unpickled: shipping logs costs a machine no loads.
+                await _rpc.acall(conn, f"{SERVICE}.records", (name, batch), {}, SEND_TIMEOUT,
+                                 decode=False)
         except (Error, TimeoutError):
             pass  # the driver is gone or stuck: its machine's records end here
         finally:
-            # Whatever is logged from now on goes where it went before.
             root.removeHandler(shipper)
-            for handler in replaced:
-                root.addHandler(handler)
 
     loop.create_task(send())
 
@@ -97,6 +100,8 @@ def emit(machine: str, item: tuple) -> None:
     logger = logging.getLogger(f"bigmachine.machine.{machine}")
     if not logger.isEnabledFor(levelno):
         return
+    if not logger.hasHandlers():
+        return  # no logging configured here: the machine's stderr line is already shown
     record = logger.makeRecord(logger.name, levelno, pathname, lineno, f"{machine}: {message}",
                                (), None, func, {"machine": machine, "remote_logger": name,
                                                 "remote_thread": thread})

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 MIN_MACHINES = 2          # starting fewer machines than this shows no bar
 MIN_TRANSFER = 64 << 20   # bytes: smaller messages show no bar
@@ -27,8 +28,10 @@ def on_terminal(option: bool) -> bool:
         return False  # stderr replaced or closed
 
 
-def machines_bar(n: int, show: bool) -> tqdm:
+def machines_bar(n: int, show: bool) -> "tqdm":
     """A bar for n machines starting (a disabled no-op one unless shown)."""
+    from tqdm import tqdm  # here: machines (an SSH host's venv) need not have it
+
     return tqdm(total=n, desc="starting machines", unit="machine", leave=False,
                 disable=not show or n < MIN_MACHINES)
 
@@ -38,7 +41,7 @@ class TransferBars:
 
     def __init__(self, node: Any):
         self.node = node
-        self.bars: dict[tuple, tuple[tqdm, int]] = {}  # (conn, direction) -> (bar, counter base)
+        self.bars: dict[tuple, tuple["tqdm", int]] = {}  # (conn, direction) -> (bar, counter base)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="bigmachine-progress")
         self.thread.start()
@@ -57,6 +60,8 @@ class TransferBars:
         entry: Optional[tuple] = self.bars.get(key)
         if entry is None:
             if pending >= MIN_TRANSFER:
+                from tqdm import tqdm
+
                 bar = tqdm(total=pending, desc=f"{direction} {conn.peer}", unit="B",
                            unit_scale=True, unit_divisor=1024, leave=False)
                 self.bars[key] = (bar, counter)

@@ -64,7 +64,7 @@ def test_status_counts_equal_the_traffic(duo):
     assert (fail.count, fail.errors, fail.in_flight) == (3, 3, 0)
     assert (s0.caller_calls["Work.echo"].count, s0.caller_calls["Work.fail"].errors) == (25, 3)
     assert 0 < echo.p50 <= echo.p99 < 5
-    assert s0.caller_calls["Work.echo"].p50 >= echo.p50  # the caller's includes the transport
+    assert 0 < s0.caller_calls["Work.echo"].p50 <= s0.caller_calls["Work.echo"].p99 < 5
     assert "Work.echo" not in s1.calls
     # The call that timed out is an error at the caller and, once cancelled, on the machine.
     assert s1.caller_calls["Work.slow"].errors == 1

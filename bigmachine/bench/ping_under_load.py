@@ -116,7 +116,7 @@ def main(argv: Optional[list] = None) -> None:
                         f"{args.mib} MiB arrays go to the same machine")
     nbytes = args.mib << 20
     big = np.ones(nbytes // 8, dtype=np.float64)
-    expect = float(len(big))
+    total = float(len(big))
     figures: dict = {}
 
     with RawServer("threads") as raw, bm.start(bm.Local()) as b:
@@ -127,7 +127,7 @@ def main(argv: Optional[list] = None) -> None:
             m.call("Echo.echo", 1)
 
         def bm_bulk() -> None:
-            assert m.call("Echo.sum", big) == expect
+            assert m.call("Echo.sum", big) == total
 
         measure(figures, "bm", "bigmachine", bm_ping, bm_bulk, nbytes, args,
                 "ping, under load", "bulk (call Echo.sum)", "(includes the sum)")
