@@ -179,6 +179,10 @@ class B(Observing):
             raise Error("this session is shut down")
         with self._lock:
             m = self._machines.get(addr)
+            if m is not None and name is not None and m.member != name:
+                # Another member than the one we know there: a handle of its own,
+                # which the connection's peer name will refuse unless it is name.
+                return Machine(self.node, addr, name=name, state=State.RUNNING, expect=name)
             if m is None or m.state == State.STOPPED and not m.owned:
                 m = self._machines[addr] = Machine(self.node, addr, name=name, state=State.RUNNING,
                                                    expect=name)

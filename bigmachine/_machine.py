@@ -51,6 +51,11 @@ class Machine:
         return (_dial, (self.addr, self._expect))
 
     @property
+    def member(self) -> Optional[str]:
+        """The member's name its links must reach, when known (None: whoever is at addr)."""
+        return self._expect
+
+    @property
     def state(self) -> State:
         return self._state
 
