@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any, Optional
 
+from . import _health, _logforward, _profile, _resources
 from ._version import __version__
 from ._auth import check_token
 from ._connection import Connection
@@ -50,6 +51,7 @@ class Supervisor:
         self._owner: Optional[Connection] = None
         self._started = time.time()
         self._lock = threading.Lock()
+        self.health = _health.watch(node)
         node.loop.call_soon_threadsafe(lambda: node.loop.create_task(self._watchdog()))
 
     def _check_owner(self, token: Any, what: str) -> None:
@@ -102,6 +104,9 @@ class Supervisor:
             "bigmachine": __version__,
             "started": self._started,
             "services": sorted(self._node.registry.services),
+            "hostname": socket.gethostname(),
+            "cpus": _resources.usable_cpus(),
+            "mem_total": _resources.memory()["mem_total"],
         }
 
     def stats(self) -> dict:
@@ -158,3 +163,35 @@ class Supervisor:
                 self._on_stop(f"lease expired: no keepalive for {self._lease} s")
                 return
             await asyncio.sleep(ends - now + 0.01)
+
+    def status(self) -> dict:
+        """This machine's figures for b.status(): resources, memory health, calls served."""
+        return {
+            "name": self._node.name,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "uptime": time.time() - self._started,
+            "cpus": _resources.usable_cpus(),
+            "load1": os.getloadavg()[0],
+            **self.health.check(),
+            "calls": self._node.dispatcher.counters.snapshot(),
+        }
+
+    def profile(self, seconds: float, hz: float = _profile.HZ) -> list:
+        """Stack samples of every thread for seconds (see _profile.sample)."""
+        return _profile.sample(seconds, hz)
+
+    def forward_logs(self, level: int, driver_pid: int) -> None:
+        """Send this machine's log records at level or above to the caller (see _logforward).
+
+        Nothing when the driver is this very process: its records are there already.
+        """
+        served = getattr(_dispatch_local, "served", None)
+        if os.getpid() != driver_pid and served is not None:
+            self._node.loop.call_soon_threadsafe(_logforward.forward, self._node.name,
+                                                 served.conn, level)
+
+    def memory_profile(self, seconds: float, top: int = 20) -> list:
+        """The top allocation sites of a window of seconds (see _profile.allocation_sites)."""
+        return _profile.allocation_sites(seconds, top)
+
