@@ -157,9 +157,9 @@ class Driver(B, Observing):
         m, proc = control.machine, control.process
         try:
             conn = control.connect(timeout)
+            lease = self.system.lease if self.system.keepalives else None
             _rpc.call(conn, "Supervisor.register", (services,),
-                      {"lease": self.system.lease, "token": self.node.creds.owner_token(m.name)},
-                      timeout)
+                      {"lease": lease, "token": self.node.creds.owner_token(m.name)}, timeout)
         except BaseException as exc:
             if isinstance(exc, MachineLost) and not proc.alive(0.5):
                 # It died while starting: say how, with its last words if the system kept them.
@@ -228,6 +228,10 @@ class Driver(B, Observing):
         conn = control.conn
         m = control.machine
         if m.state != State.RUNNING or conn is None or conn.closed:
+            return
+        if not self.system.keepalives:
+            if not control.process.alive():
+                conn.fail(MachineLost(m.addr, f"its process exited ({self._exit_reason(m)})"))
             return
         if now - conn.last_recv > self.lost_after:
             conn.fail(MachineLost(m.addr, f"no reply to keepalives for {self.lost_after:g} s"))

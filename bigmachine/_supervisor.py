@@ -3,12 +3,13 @@
 Every machine serves ``Supervisor``. Its owner (the driver that started it)
 proves itself with the owner token the machine received in its bootstrap, not
 by which connection it calls on: only the owner may ``register`` services
-(once, running their ``init``), ``renew`` the machine's certificate or
-``shutdown`` the machine. The connection that registered (or, after the owner re-dialled, the one that
-``claim``-ed the machine) carries the owner's keepalives (PING frames,
-answered on the IO loop), which renew the machine's lease; when the lease
-runs out the machine stops itself. A broken link alone does not stop it: its
-owner re-dials within lost_after, which is shorter than the lease. Other members may call the rest (``ping``, ``info``, ``stats``).
+(once, running their ``init``), ``claim`` it after re-dialling, ``renew`` its
+certificate or ``shutdown`` the machine. The connection that registered (or
+claimed) carries the owner's keepalives (PING frames, answered by the
+connection's reader), which renew the machine's lease; when the lease runs
+out the machine stops itself. A broken link alone does not stop it: its owner
+re-dials within lost_after, which is shorter than the lease. Other members
+may call the rest (``ping``, ``info``, ``stats``, ``status``, profiles).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ BOOT_TIMEOUT = 60.0  # how long a machine waits for its owner to register
 class Supervisor:
     """Built-in service on every machine."""
 
-    def __init__(self, node: Node, lease: float, on_stop: Any, owner_token: bytes):
+    def __init__(self, node: Node, lease: Optional[float], on_stop: Any, owner_token: bytes):
         self._node = node
         self._lease = lease
         self._on_stop = on_stop
@@ -158,6 +159,8 @@ class Supervisor:
                     return
                 await asyncio.sleep(min(0.5, boot_deadline - now + 0.01))
                 continue
+            if self._lease is None:
+                return  # no lease: the machine lives in its driver's process
             ends = owner.last_recv + self._lease
             if now > ends:
                 self._on_stop(f"lease expired: no keepalive for {self._lease} s")

@@ -106,6 +106,11 @@ class System(ABC):
     status_addr: Optional[str] = None
     progress = True
 
+    # Whether the driver keeps its machines alive with keepalives and a lease:
+    # machines that live inside the driver's process cannot outlive it, and the
+    # driver sees them end without I/O.
+    keepalives = True
+
     @property
     def tcp(self) -> bool:
         """Whether the machines' links are TCP (else Unix sockets on this host)."""
@@ -141,7 +146,7 @@ class System(ABC):
         """Refuse settings that cannot work: a lease that ends before the driver gives
         up re-dialling, and plain TCP unless insecure=True (then warn once per process)."""
         global _warned_insecure
-        if self.lease <= self.lost_after + self.keepalive_period:
+        if self.keepalives and self.lease <= self.lost_after + self.keepalive_period:
             raise Error(f"lease ({self.lease:g} s) must exceed lost_after ({self.lost_after:g} s) "
                         f"plus keepalive_period ({self.keepalive_period:g} s): a machine must not "
                         "stop itself while its driver may still re-dial it")
