@@ -1,15 +1,17 @@
 """The template: a fork server from which Local machines start in milliseconds.
 
-A session's first Local machine starts it (``python -c "...main()" FD``
-running main() below, in a session of its own, with the
-machines' environment and thread pools limited to one thread: _blas.LIMITS).
-It imports a machine's side of bigmachine, then serves fork requests on the
-socket FD, one at a time, from its only thread: a request carries a machine's
-environment and four descriptors (the machine's stdin, stdout, stderr and
-status pipe: they become its 0, 1, 2 and STATUS_FD); the reply is the
-machine's pid. After its first fork it imports numpy and cloudpickle and
-freezes its heap (gc.freeze), so that later machines share those pages
-without touching them; the first machine is not kept waiting for them.
+A Local session starts it as it starts (``python -c "...main()" FD`` running
+main() below, in a process session of its own, with the machines'
+environment and thread pools limited to one thread: _blas.LIMITS), so that it
+warms up while the driver does. It imports bigmachine's machine side, numpy
+and cloudpickle, freezes its heap (gc.freeze: the machines' collections then
+never write to, and so copy, the pages they share with it), then serves fork
+requests on the socket FD, one at a time, from its only thread. A request
+carries a machine's environment and four descriptors (the machine's stdin,
+stdout, stderr and status pipe: they become its 0, 1, 2 and STATUS_FD); the
+reply is the machine's pid. (Forking a first machine before importing numpy
+was measured slower: its services imported numpy themselves while the
+template did the same.)
 
 - A machine is forked through an intermediate process that exits at once,
   so it is reparented to the driver, which is a child subreaper while it
@@ -210,9 +212,7 @@ def _subreaper() -> Iterator[None]:
 def main() -> None:
     """Serve fork requests until the driver closes the socket (or is gone)."""
     sock = socket.socket(fileno=int(sys.argv[1]))
-    from .. import _worker  # noqa: F401  what every machine runs, imported once here
-
-    warm = False
+    _warm()
     while True:
         try:
             message, fds, flags, _ = socket.recv_fds(sock, MAX_REQUEST, 4)
@@ -229,16 +229,15 @@ def main() -> None:
         finally:
             _close(fds)
         sock.send(json.dumps(reply).encode())
-        if not warm:
-            _warm()
-            warm = True
 
 
 def _warm() -> None:
-    """Import what most machines use, then freeze the heap so that the machines'
-    collections never write to (and so copy) the pages they share with us."""
+    """Import what machines run and most of them use, then freeze the heap so that
+    the machines' collections never write to (and so copy) the pages they share."""
     import cloudpickle  # noqa: F401
     import numpy  # noqa: F401
+
+    from .. import _worker  # noqa: F401
 
     gc.collect()
     gc.freeze()

@@ -13,4 +13,6 @@ BENCHMARKS = {
     "bulk": "large float64 arrays between driver and machines, against raw TCP into numpy",
     "ping_under_load": "ping latency while 512 MiB arrays share the connection",
     "counting": "what per-method counting costs per call, and small calls with it on and off",
+    "scale": "starting 1-64 Local machines (forked and fresh), fan-out, idle CPU and memory, "
+             "against spawning Python with numpy",
 }
