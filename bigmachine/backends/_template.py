@@ -235,7 +235,7 @@ def _warm() -> None:
     """Import what machines run and most of them use, then freeze the heap so that
     the machines' collections never write to (and so copy) the pages they share."""
     import cloudpickle  # noqa: F401
-    import numpy  # noqa: F401
+    import numpy.random  # noqa: F401  numpy imports it lazily, and reseeding needs it
 
     from .. import _worker  # noqa: F401
 
@@ -297,6 +297,6 @@ def _machine(sock: socket.socket, env: dict, fds: list[int]) -> NoReturn:
 
 def _reseed() -> None:
     """Reseed numpy's global RNG from the OS (random reseeds itself after a fork)."""
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed()
+    random = sys.modules.get("numpy.random")
+    if random is not None:
+        random.seed()
