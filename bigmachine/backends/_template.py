@@ -164,6 +164,10 @@ class Template:
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the template (it exits when its socket closes); machines go on."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # also wakes a fork() waiting for a reply
+        except OSError:
+            pass  # the template is gone already
         self._sock.close()
         try:
             self.popen.wait(timeout)
