@@ -46,6 +46,7 @@ WRITE_BUDGET = 4
 # 1 MiB keeps bulk speed (bench/bulk.py) and bounds that wait. Links with a
 # larger bandwidth-delay product (SSH hosts) pass 0: the kernel's autotuning.
 SOCKET_BUFFER = 1 << 20
+KEEPALIVE_HISTORY = 60  # keepalive round trips remembered per connection, for status
 
 
 class FaultInjector:
@@ -287,6 +288,9 @@ class Connection:
         self.closed = False
         self.last_recv = time.monotonic()
         self.pong_at = 0.0
+        self.keepalive_rtts: deque = deque(maxlen=KEEPALIVE_HISTORY)  # seconds, oldest first
+        self.bytes_sent = 0      # of message frames (before TLS), for progress
+        self.bytes_received = 0  # off the socket
         sock.setblocking(True)  # the reader blocks; writers pass MSG_DONTWAIT
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
                                        name=f"bigmachine-read-{peer}")
@@ -294,6 +298,11 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection to {self.peer}{' closed' if self.closed else ''}>"
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of messages waiting to be written (for progress)."""
+        return self._queued
 
     # ---- outgoing calls -------------------------------------------------
 
@@ -463,6 +472,7 @@ class Connection:
                     return False
                 out.offset += n
                 out.sent += n
+                self.bytes_sent += n
                 unit = _skip(unit, n)
             out.index += 1
             out.offset = 0
@@ -478,7 +488,9 @@ class Connection:
                 return False
             unit = out.units[out.index]
             self._ciphertext = memoryview(self.tls.encrypt(unit))
-            out.sent += sum(memoryview(b).nbytes for b in unit)
+            n = sum(memoryview(b).nbytes for b in unit)
+            out.sent += n
+            self.bytes_sent += n
             out.index += 1
             encrypted += 1
         return False
@@ -543,6 +555,7 @@ class Connection:
                 if n == 0:
                     self._fail(MachineLost(self.peer, "connection closed by peer"))
                     return
+                self.bytes_received += n
                 self.last_recv = time.monotonic()
                 _batch.pending = pending = {}
                 try:
@@ -612,6 +625,8 @@ class Connection:
             self.send_control(KIND_PONG, 0, event[2])
         elif kind == KIND_PONG:
             self.pong_at = time.monotonic()
+            # The value is our PING's: time.monotonic() in microseconds when sent.
+            self.keepalive_rtts.append(self.pong_at - event[2] / 1e6)
         elif kind == KIND_GOAWAY:
             self._fail(MachineLost(self.peer, "peer shut down"))
 
