@@ -185,16 +185,16 @@ class Box:
 
     def agent_log(self) -> str:
         """The agent's log, read inside the instance's mount namespace."""
-        if self.proc is None or self.killed:
-            return ""
-        done = subprocess.run(["nsenter", "-t", str(self.pid1()), "-m", "cat",
-                               "/var/lib/bigmachine/agent.log"], capture_output=True, text=True)
-        return done.stdout
-
-    def pid1(self) -> int:
         import psutil
 
-        return psutil.Process(self.proc.pid).children()[0].pid
+        if self.proc is None or self.killed:
+            return ""
+        children = psutil.Process(self.proc.pid).children()  # PID 1, once unshare forked
+        if not children:
+            return ""
+        done = subprocess.run(["nsenter", "-t", str(children[0].pid), "-m", "cat",
+                               "/var/lib/bigmachine/agent.log"], capture_output=True, text=True)
+        return done.stdout
 
 
 class Harness:
