@@ -327,3 +327,18 @@ def test_boto3_is_imported_only_when_ec2_is_used():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_packages_are_shipped_to_instances(lab, system, tmp_path):
+    """Issue 17 through the boot harness: a wheel the instance lacks, installed into
+    its cached venv, which the machine runs in."""
+    from tests.package_services import Packaged
+    from tests.wheels import make_wheel
+
+    wheel = make_wheel(tmp_path, "bmtiny", "1.0", "VERSION = '1.0'\n")
+    ec2 = system(packages=[str(wheel)], pip_options=["--no-index"])
+    with bm.start(ec2) as b:
+        m, = b.start(1, {"Packaged": Packaged()})
+        seen = m.call("Packaged.where")
+    assert seen["version"] == "1.0" and seen["bmtiny"].startswith("/var/cache/bigmachine/envs/")
+    assert [label for _, label, _, _ in ec2.uploads][-2:] == ["packages", "pip"]
