@@ -7,16 +7,16 @@ warms up while the driver does. It imports bigmachine's machine side, numpy
 and cloudpickle, freezes its heap (gc.freeze: the machines' collections then
 never write to, and so copy, the pages they share with it), then serves fork
 requests on the socket FD, one at a time, from its only thread. A request
-carries a machine's environment and four descriptors (the machine's stdin,
-stdout, stderr and status pipe: they become its 0, 1, 2 and STATUS_FD); the
-reply is the machine's pid. (Forking a first machine before importing numpy
-was measured slower: its services imported numpy themselves while the
-template did the same.)
+carries the machines' environment and four descriptors per machine, up to
+BATCH machines (each machine's stdin, stdout, stderr and status pipe: they
+become its 0, 1, 2 and STATUS_FD); the reply lists the machines' pids.
+(Forking a first machine before importing numpy was measured slower: its
+services imported numpy themselves while the template did the same.)
 
-- A machine is forked through an intermediate process that exits at once,
-  so it is reparented to the driver, which is a child subreaper while it
-  asks: the driver waits for it and learns how it ended, as for a process it
-  spawned, and a machine outlives its template.
+- A request's machines are forked by one intermediate process, which exits
+  once it has forked them all, so they are reparented to the driver, a child
+  subreaper while it asks: the driver waits for each and learns how it
+  ended, as for a process it spawned, and a machine outlives its template.
 - The template holds no secret: the driver writes the machine's bootstrap
   (its credentials and owner token) to the machine's stdin after the fork.
 - Each machine has its own process group, its environment (the request's),
@@ -39,13 +39,14 @@ import sys
 import threading
 import time
 import traceback
-from typing import IO, Iterator, Mapping, NoReturn, Optional
+from typing import IO, Iterator, Mapping, NoReturn, Optional, Sequence
 
 from .._blas import LIMITS
 from ..errors import Error
 
 STATUS_FD = 3          # the status pipe's descriptor in a forked machine
-MAX_REQUEST = 1 << 20  # bytes of one fork request (a machine's environment)
+BATCH = 16  # machines per request: one intermediate forks them (4 descriptors each: <= 63)
+MAX_REQUEST = 1 << 20  # bytes of one fork request (the machines' environment)
 _STARTUP_PREFIXES = ("PYTHON", "LD_", "OMP_", "OPENBLAS_", "GOTO_", "MKL_", "BLIS_", "VECLIB_",
                      "MALLOC_", "GLIBC_TUNABLES")
 _PR_SET_CHILD_SUBREAPER = 36
@@ -53,7 +54,7 @@ _PR_GET_CHILD_SUBREAPER = 37
 
 
 class TemplateError(Error):
-    """The template could not fork a machine: it is gone, or it refused."""
+    """The template could not fork machines: it is gone, or it refused."""
 
 
 def startup_vars(env: Mapping[str, str]) -> dict[str, str]:
@@ -133,30 +134,34 @@ class Template:
         return (self.popen.poll() is None and sys.executable == self.executable
                 and startup_vars(env) == self.startup)
 
-    def fork(self, env: Mapping[str, str], status: int, timeout: float) -> Child:
-        """Fork a machine with env whose status pipe is status; TemplateError if it cannot."""
-        pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr
-        theirs = [pipes[0][0], pipes[1][1], pipes[2][1], status]
-        ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
+    def fork(self, env: Mapping[str, str], statuses: Sequence[int], timeout: float) -> list[Child]:
+        """Fork one machine with env per status pipe in statuses (at most BATCH), in order.
+
+        Fewer come back when the template forked only some (it ran out of
+        processes or memory); TemplateError when it could fork none.
+        """
+        pipes = [[os.pipe() for _ in range(3)] for _ in statuses]  # stdin, stdout, stderr
+        theirs = [fd for (stdin, out, err), status in zip(pipes, statuses)
+                  for fd in (stdin[0], out[1], err[1], status)]
+        request = json.dumps({"env": dict(env), "count": len(statuses)}).encode()
         try:
             with self._lock, _subreaper():
                 self._sock.settimeout(timeout)
-                socket.send_fds(self._sock, [json.dumps({"env": dict(env)}).encode()], theirs)
-                reply = self._sock.recv(4096)
+                socket.send_fds(self._sock, [request], theirs)
+                reply = self._sock.recv(MAX_REQUEST)
         except OSError as exc:
-            _close(ours)
-            raise TemplateError(f"cannot reach the template: {exc}") from exc
+            reply = json.dumps({"error": f"cannot reach the template: {exc}"}).encode()
         finally:
-            _close(theirs[:3])
-        if not reply:
-            _close(ours)
-            raise TemplateError(f"the template is gone ({self._describe_exit()})")
-        answer = json.loads(reply)
-        if "pid" not in answer:
-            _close(ours)
-            raise TemplateError(answer.get("error", "no pid in its reply"))
-        return Child(answer["pid"], os.fdopen(ours[0], "wb"), os.fdopen(ours[1], "rb"),
-                     os.fdopen(ours[2], "rb"))
+            _close([fd for fd in theirs if fd not in statuses])
+        answer = json.loads(reply) if reply else {
+            "error": f"the template is gone ({self._describe_exit()})"}
+        pids = answer.get("pids", [])
+        for stdin, out, err in pipes[len(pids):]:
+            _close([stdin[1], out[0], err[0]])
+        if not pids:
+            raise TemplateError(answer.get("error", "it forked no machine"))
+        return [Child(pid, os.fdopen(stdin[1], "wb"), os.fdopen(out[0], "rb"),
+                      os.fdopen(err[0], "rb")) for pid, (stdin, out, err) in zip(pids, pipes)]
 
     def _describe_exit(self) -> str:
         code = self.popen.poll()
@@ -219,16 +224,17 @@ def main() -> None:
     _warm()
     while True:
         try:
-            message, fds, flags, _ = socket.recv_fds(sock, MAX_REQUEST, 4)
+            message, fds, flags, _ = socket.recv_fds(sock, MAX_REQUEST, 4 * BATCH)
         except OSError:
             return
         if not message:
             return  # the driver closed its end, or is gone
         try:
-            if flags & socket.MSG_TRUNC or len(fds) != 4:
+            request = json.loads(message)
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 4 * request["count"]:
                 raise Error("malformed fork request")
-            reply = {"pid": _fork(sock, json.loads(message)["env"], fds)}
-        except Exception as exc:  # the driver starts that machine fresh instead
+            reply = {"pids": _fork(sock, request["env"], fds)}
+        except Exception as exc:  # the driver starts these machines fresh instead
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
             _close(fds)
@@ -247,8 +253,8 @@ def _warm() -> None:
     gc.freeze()
 
 
-def _fork(sock: socket.socket, env: dict, fds: list[int]) -> int:
-    """Fork a machine through an intermediate process; return its pid."""
+def _fork(sock: socket.socket, env: dict, fds: list[int]) -> list[int]:
+    """Fork a machine per four of fds through one intermediate process; their pids."""
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         raise Error(f"the template runs {threads} threads: forking it is unsafe")
@@ -259,32 +265,34 @@ def _fork(sock: socket.socket, env: dict, fds: list[int]) -> int:
     if middle == 0:
         try:
             os.close(report_r)
-            pid = os.fork()
-            if pid == 0:
-                os.close(report_w)
-                _machine(sock, env, fds)
-            os.setpgid(pid, pid)  # before the driver learns the pid and may signal its group
-            os.write(report_w, str(pid).encode())
+            for i in range(0, len(fds), 4):
+                pid = os.fork()
+                if pid == 0:
+                    os.close(report_w)
+                    _machine(sock, env, fds[i:i + 4], fds)
+                os.setpgid(pid, pid)  # before the driver learns the pid and may signal its group
+                os.write(report_w, f"{pid} ".encode())
         finally:
-            os._exit(0)
+            os._exit(0)  # having forked all it could: the template reports those
     os.close(report_w)
+    report = b""
     try:
-        report = os.read(report_r, 32)
+        while chunk := os.read(report_r, 4096):
+            report += chunk
     finally:
         os.close(report_r)
-        os.waitpid(middle, 0)  # once it is gone, the machine is the driver's child
-    if not report:
-        raise Error("the intermediate process could not fork the machine")
-    return int(report)
+        os.waitpid(middle, 0)  # once it is gone, the machines are the driver's children
+    return [int(pid) for pid in report.split()]
 
 
-def _machine(sock: socket.socket, env: dict, fds: list[int]) -> NoReturn:
-    """In the forked machine: take its descriptors and environment, then run it."""
+def _machine(sock: socket.socket, env: dict, own: list[int], batch: list[int]) -> NoReturn:
+    """In a forked machine: take its descriptors (own, of the batch's) and environment,
+    then run it."""
     try:
         sock.close()
-        for target, fd in enumerate(fds):  # fds are all > 2, and only the last target is 3
+        for target, fd in enumerate(own):  # fds are all > 2, and only the last target is 3
             os.dup2(fd, target)
-        _close([fd for fd in fds if fd > STATUS_FD])
+        _close([fd for fd in batch if fd > STATUS_FD])
         os.environ.clear()
         os.environ.update(env)
         _reseed()

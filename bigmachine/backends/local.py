@@ -28,7 +28,8 @@ from .._auth import Credentials
 from . import Process, SocketDir, System
 from ._bootstrap import Output, Spawned, bootstrap
 from ._packages import Packages, PackagesArg
-from ._template import STATUS_FD, Child, Template, TemplateError, startup_vars, supported
+from ._template import (BATCH, STATUS_FD, Child, Template, TemplateError, startup_vars,
+                        supported)
 
 log = logging.getLogger("bigmachine")
 
@@ -158,9 +159,12 @@ class Local(System):
                env: Optional[dict] = None) -> list[Process]:
         deadline = time.monotonic() + timeout
         procs: list[_LocalProcess] = []
+        env = _machine_env(env or {})
         try:
-            for name in names:
-                procs.append(self._spawn(creds, name, env or {}))
+            for i in range(0, len(names), BATCH):  # a batch starts while the next is forked
+                batch = names[i:i + BATCH]
+                for name, started in zip(batch, self._start(env, len(batch))):
+                    procs.append(self._bootstrap(creds, name, *started))
             for proc in procs:
                 proc.addr = proc.await_addr(deadline, timeout)
         except BaseException:
@@ -170,16 +174,47 @@ class Local(System):
             raise
         return procs
 
-    def _spawn(self, creds: Credentials, name: str, extra_env: dict) -> _LocalProcess:
-        env = _machine_env(extra_env)
-        status_r, status_w = os.pipe()
+    def _start(self, env: dict, n: int) -> list[tuple[Union[subprocess.Popen, Child], IO[bytes], int]]:
+        """Start n (at most BATCH) machine processes with env: forked from the template
+        where it fits, else (or those it could not fork) fresh interpreters. Returns
+        each with its status pipe, and the status pipe's descriptor in it."""
+        statuses = [os.pipe() for _ in range(n)]
+        writes = [w for _, w in statuses]
+        started: list[tuple[Union[subprocess.Popen, Child], int]] = []
         try:
-            child, status_fd = self._start(env, status_w)
+            template = self._template_for(env)
+            if template is not None:
+                try:
+                    started = [(child, STATUS_FD)
+                               for child in template.fork(env, writes, self.start_timeout)]
+                except TemplateError as exc:
+                    log.warning("cannot fork machines from the template (%s): starting fresh "
+                                "interpreters, and a new template next time", exc)
+                if len(started) < n:
+                    self._drop_template(template)
+            for w in writes[len(started):]:
+                started.append((subprocess.Popen(
+                    [sys.executable, "-m", "bigmachine._worker"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    cwd=os.getcwd(), env=env, pass_fds=(w,), start_new_session=True), w))
         except BaseException:
-            os.close(status_r)
+            for r, _ in statuses[len(started):]:
+                os.close(r)
+            for child, _ in started:
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                child.wait()
             raise
         finally:
-            os.close(status_w)
+            for w in writes:
+                os.close(w)
+        return [(child, os.fdopen(r, "rb"), fd) for (child, fd), (r, _) in zip(started, statuses)]
+
+    def _bootstrap(self, creds: Credentials, name: str, child: Union[subprocess.Popen, Child],
+                   status: IO[bytes], status_fd: int) -> _LocalProcess:
+        """Send a started machine its bootstrap; the handle on it."""
         config = {
             "sys_path": [p if p else os.getcwd() for p in sys.path],
             "cwd": os.getcwd(),
@@ -196,28 +231,14 @@ class Local(System):
             child.stdin.flush()
         except BrokenPipeError:
             pass  # it died at once; await_addr reports how, with its output
-        return _LocalProcess(name, child, os.fdopen(status_r, "rb"))
+        return _LocalProcess(name, child, status)
 
-    def _start(self, env: dict, status_w: int) -> tuple[Union[subprocess.Popen, Child], int]:
-        """Start a machine process with env and the status pipe status_w: forked from the
-        template where it fits, else a fresh interpreter. Returns it and the status
-        pipe's descriptor in it."""
-        template = self._template_for(env)
-        if template is not None:
-            try:
-                return template.fork(env, status_w, self.start_timeout), STATUS_FD
-            except TemplateError as exc:
-                log.warning("cannot fork a machine from the template (%s): starting a fresh "
-                            "interpreter, and a new template next time", exc)
-                with self._template_lock:
-                    if self._template is template:
-                        self._template = None
-                template.close()
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "bigmachine._worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=os.getcwd(), env=env, pass_fds=(status_w,), start_new_session=True)
-        return popen, status_w
+    def _drop_template(self, template: Template) -> None:
+        """Stop a template that failed; the next start makes another."""
+        with self._template_lock:
+            if self._template is template:
+                self._template = None
+        template.close()
 
     def _template_for(self, env: dict) -> Optional[Template]:
         """The session's template, started (again) if it is not running or the
