@@ -23,6 +23,7 @@ import pytest
 import bigmachine as bm
 from bigmachine import _blas
 from tests.conftest import TIMING, poll
+from tests.test_faults import gone
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -214,3 +215,34 @@ def test_how_a_forked_machine_ended_is_reported(session, how, expected):
     poll(lambda: m.state == bm.State.STOPPED, timeout=15)
     assert expected in str(m.err), m.err
     assert m.process.describe_exit() == expected
+
+
+DRIVER = """
+import json, os, sys, time
+import bigmachine as bm
+from tests.test_template import Probe
+b = bm.start()
+m, = b.start(1, services={"Probe": Probe()})
+print(json.dumps({"machine": m.process.local_pid()}), flush=True)
+time.sleep(1000)
+"""
+
+
+def test_the_template_and_its_machines_exit_when_the_driver_is_killed(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    driver = subprocess.Popen([sys.executable, str(script)], cwd=root, stdout=subprocess.PIPE,
+                              env=dict(os.environ, PYTHONPATH=root))
+    try:
+        machine = json.loads(driver.stdout.readline())["machine"]
+        kids = psutil.Process(driver.pid).children()
+        template, = [p.pid for p in kids if os.getsid(p.pid) == p.pid and p.pid != machine]
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(10)
+        poll(lambda: all(gone(p) for p in (template, machine)), timeout=5)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(10)
+        driver.stdout.close()
