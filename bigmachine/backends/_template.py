@@ -47,8 +47,10 @@ from ..errors import Error
 STATUS_FD = 3          # the status pipe's descriptor in a forked machine
 BATCH = 16  # machines per request: one intermediate forks them (4 descriptors each: <= 63)
 MAX_REQUEST = 1 << 20  # bytes of one fork request (the machines' environment)
-_STARTUP_PREFIXES = ("PYTHON", "LD_", "OMP_", "OPENBLAS_", "GOTO_", "MKL_", "BLIS_", "VECLIB_",
-                     "MALLOC_", "GLIBC_TUNABLES")
+# Read by the interpreter, the C library, the thread pools, or by numpy and bigmachine
+# as they are imported (BIGMACHINE_COUNTERS, BIGMACHINE_FAULTS).
+_STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "OPENBLAS_", "GOTO_",
+                     "MKL_", "BLIS_", "VECLIB_", "NPY_", "NUMPY_", "BIGMACHINE_")
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 
