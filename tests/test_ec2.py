@@ -95,6 +95,13 @@ def test_calls_arrays_machine_to_machine_and_shutdown(lab, system):
             assert b.node.creds.ca.ca_pem.split(b"\n")[1] not in text
         group = ec2.group
         assert group is not None
+        # The instance type's facts (describe_instance_types) appear in status;
+        # the machine measures its own cpus as everywhere.
+        status = b.status()
+        host = status[0].host
+        assert host["instance"] == instances[0]["InstanceId"] and host["vcpus"] >= 1
+        assert host["type"] == instances[0]["InstanceType"] and host["memory"] > 0
+        assert status[0].cpus >= 1 and host["instance"] in str(status)
     finally:
         b.shutdown()
     assert not live(lab, cluster)

@@ -63,6 +63,11 @@ class Process(ABC):
         ended, and its last output where the system kept it."""
         return Error(f"machine {what} ({self.describe_exit()})")
 
+    def host(self) -> dict:
+        """What the system knows of where the machine runs, for status (e.g. an EC2
+        instance's id, type, vCPUs and memory); empty when it has nothing to add."""
+        return {}
+
     def local_pid(self) -> Optional[int]:
         """The machine's process id when it is a process of this host, else None."""
         return None

@@ -188,7 +188,7 @@ class EC2(System):
                 run_instances(self.aws.ec2, spec, count, self.spot, launch_id, launched)
             finally:
                 with self._lock:
-                    self._booted.update((i.id, Booted(i)) for i in launched)
+                    self._booted.update((i.id, Booted(i, facts)) for i in launched)
             user = self._user_bundles()
             jobs = []
             for k, instance in enumerate(launched):
