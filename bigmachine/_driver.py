@@ -35,7 +35,7 @@ REDIAL_ATTEMPT = 2.0   # seconds one re-dial of a broken link may take
 REDIAL_PAUSE = 0.1     # seconds between re-dials
 
 
-class Driver(B, Observing):
+class Driver(Observing, B):
     """The driver's session: the machines it started (it owns them) and dialled."""
 
     def __init__(self, system: Optional[System] = None, **options: Any):
@@ -80,18 +80,7 @@ class Driver(B, Observing):
     def start(self, n: int, services: dict, timeout: Optional[float] = None, *,
               min_machines: Optional[int] = None, wait: bool = True,
               env: Optional[dict] = None) -> list[Machine]:
-        """Start n machines with these services.
-
-        services maps names to instances of @bigmachine.service classes; each
-        instance is pickled and shipped. With wait (the default) it returns the
-        machines once each is RUNNING; if one fails, all of this batch are
-        stopped and the first failure's cause is raised. min_machines=k keeps
-        the machines that came up (once every machine has come up or failed),
-        marks the rest STOPPED with their causes, and raises only when fewer
-        than k came up. wait=False returns STARTING handles at once; a call on
-        one waits for it to run, and fails with its start's cause if the start
-        fails. env adds variables to each machine's environment.
-        """
+        """Start n machines with these services (see B.start)."""
         if self._closed:
             raise Error("this session is shut down")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -349,11 +338,13 @@ class Driver(B, Observing):
             set_default(others[-1].node if others else None)
 
 
-def start(system: Optional[System] = None, **options: Any) -> Driver:
+def start(system: Optional[System] = None, **options: Any) -> B:
     """Start a bigmachine session on system (default: bigmachine.Local()).
 
-    options are the session's: tls, insecure, cert_lifetime, socket_buffer and
-    timing (keepalive_period, lost_after, lease, start_timeout).
+    options are the session's: tls, insecure, cert_lifetime, socket_buffer,
+    status_addr (serve a status page there, e.g. "127.0.0.1:0"), progress
+    (progress bars on a terminal) and timing (keepalive_period, lost_after,
+    lease, start_timeout). It returns the driver's session, a B.
     """
     return Driver(system, **options)
 

@@ -349,3 +349,10 @@ def test_packages_are_shipped_to_instances(lab, system, tmp_path):
         seen = m.call("Packaged.where")
     assert seen["version"] == "1.0" and seen["bmtiny"].startswith("/var/cache/bigmachine/envs/")
     assert [label for _, label, _, _ in ec2.uploads][-2:] == ["packages", "pip"]
+
+
+def test_ec2_links_are_always_tls():
+    system = bm.EC2(ami="ami-12345678", region="us-east-1")
+    for options in ({"tls": False}, {"tls": False, "insecure": True}):
+        with pytest.raises(bm.Error, match="always reached over TLS"):
+            bm.start(system, **options)

@@ -87,7 +87,7 @@ class EC2(System):
                  port: int = AGENT_PORT, packages: PackagesArg = None,
                  requirements: Optional[str] = None, pip_options: Optional[Sequence[str]] = None,
                  user_paths: Optional[Sequence[str]] = None, include: Sequence[str] = ("*.py",),
-                 exclude: Sequence[str] = (), tls: bool = True, **options: Any):
+                 exclude: Sequence[str] = (), **options: Any):
         if not ami:
             raise Error("EC2 needs ami=: an image id of the region, with a POSIX shell and "
                         "Python of the driver's major.minor (see the README's EC2 section)")
@@ -138,7 +138,14 @@ class EC2(System):
         self._cluster = ""
         self._admit_lock = threading.Lock()
         self._admitted: set[str] = set()  # the driver's addresses our group admits
-        self.configure(tls=tls, **options)
+        self.configure(tls=True, **options)
+
+    def check(self) -> None:
+        """EC2 links cross networks we do not control: always TLS (the contract's rule)."""
+        if not self.tls:
+            raise Error("EC2 machines are always reached over TLS: tls=False is not allowed, "
+                        "even with insecure=True")
+        super().check()
 
     def __repr__(self) -> str:
         return f"EC2(instance_type={self.instance_type!r}, ami={self.ami!r})"
