@@ -125,21 +125,33 @@ class Driver(Observing, B):
         except BaseException as exc:
             for control in controls:
                 control.stopped(exc)
+            if not isinstance(exc, Exception):
+                raise  # Ctrl-C and the like: the system ended what it launched
             return [exc]
-        for control, proc in zip(controls, launched):
-            control.launched(proc)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(controls), 16)) as pool, \
-                _progress.machines_bar(len(controls), _progress.on_terminal(self.system.progress)) as bar:
-            futures = [pool.submit(self._boot, c, services, timeout) for c in controls]
-            for _ in concurrent.futures.as_completed(futures):
-                bar.update(1)
-            errors = [f.exception() for f in futures]
-        failed = [e for e in errors if e is not None]
+        errors: dict[str, BaseException] = {}
+        for control, result in zip(controls, launched):
+            if isinstance(result, BaseException):  # this one could not be launched
+                errors[control.machine.name] = result
+                control.stopped(result)
+            else:
+                control.launched(result)
+        booting = [c for c in controls if c.machine.name not in errors]
+        if booting:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(booting), 16)) as pool, \
+                    _progress.machines_bar(len(controls),
+                                           _progress.on_terminal(self.system.progress)) as bar:
+                bar.update(len(errors))
+                futures = {pool.submit(self._boot, c, services, timeout): c for c in booting}
+                for future in concurrent.futures.as_completed(futures):
+                    bar.update(1)
+                    if future.exception() is not None:
+                        errors[futures[future].machine.name] = future.exception()
+        failed = [errors[c.machine.name] for c in controls if c.machine.name in errors]
         if len(controls) - len(failed) < needed:
-            self.stop_machines([c.machine for c in controls])
+            self.stop_machines([c.machine for c in booting])
         else:
-            self.stop_machines([c.machine for c, e in zip(controls, errors) if e is not None])
-            self._forward_logs([c.machine for c, e in zip(controls, errors) if e is None])
+            self.stop_machines([c.machine for c in booting if c.machine.name in errors])
+            self._forward_logs([c.machine for c in booting if c.machine.name not in errors])
         return failed
 
     def _boot(self, control: Control, services: dict, timeout: float) -> None:

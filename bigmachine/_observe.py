@@ -46,7 +46,7 @@ class Observing:
         record: dict = {"name": m.name, "addr": m.addr, "state": m.state.name,
                         "err": None if m.err is None else str(m.err),
                         "keepalive_rtt": m.keepalive_rtt, "caller_calls": m.counters.snapshot(),
-                        "host": m.process.host() if m.process is not None else {}}
+                        "host": m.process.host_facts() if m.process is not None else {}}
         if m.state == State.RUNNING:
             try:
                 figures = m.call("Supervisor.status", timeout=timeout)

@@ -356,3 +356,24 @@ def test_ec2_links_are_always_tls():
     for options in ({"tls": False}, {"tls": False, "insecure": True}):
         with pytest.raises(bm.Error, match="always reached over TLS"):
             bm.start(system, **options)
+
+
+def test_min_machines_keeps_the_instances_that_booted(lab, system):
+    """One of two instances never boots: with min_machines=1 its machine is STOPPED with
+    the cause, the instance is terminated, and the other machine runs."""
+    lab.unbootable = 1
+    b = bm.start(system(boot_timeout=6))
+    try:
+        t0 = time.monotonic()
+        machines = b.start(2, {"Remote": Remote()}, min_machines=1)
+        assert len(machines) == 1 and machines[0].call("Remote.echo", "up") == "up"
+        assert time.monotonic() - t0 < 20
+        assert b.machines() == machines
+        stopped = [r for r in b.status() if r.state == "STOPPED"]
+        assert len(stopped) == 1 and stopped[0].err, stopped  # with its cause
+        skipped, = lab.skipped
+        poll(lambda: skipped not in {d["InstanceId"] for d in live(lab, cluster_of(b))},
+             timeout=10)
+    finally:
+        b.shutdown()
+    assert not live(lab, cluster_of(b))

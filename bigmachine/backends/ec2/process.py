@@ -48,7 +48,7 @@ class EC2Process(Spawned):
         self.output.pump(pipes.stdout, f"bigmachine-ec2-out-{name}", status=True)
         self.output.pump(pipes.stderr, f"bigmachine-ec2-err-{name}")
 
-    def host(self) -> dict:
+    def host_facts(self) -> dict:
         instance, facts = self.booted.instance, self.booted.facts
         return {"instance": instance.id, "type": instance.type or facts.instance_type,
                 "lifecycle": instance.lifecycle, "vcpus": facts.vcpus,
