@@ -45,7 +45,7 @@ from .._blas import LIMITS
 from ..errors import Error
 
 STATUS_FD = 3          # the status pipe's descriptor in a forked machine
-BATCH = 16  # machines per request: one intermediate forks them (4 descriptors each: <= 63)
+BATCH = 16             # machines per request, forked by one intermediate (SCM_RIGHTS fits 63)
 MAX_REQUEST = 1 << 20  # bytes of one fork request (the machines' environment)
 # Read by the interpreter, the C library, the thread pools, or by numpy and bigmachine
 # as they are imported (BIGMACHINE_COUNTERS, BIGMACHINE_FAULTS).
@@ -240,7 +240,10 @@ def main() -> None:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
             _close(fds)
-        sock.send(json.dumps(reply).encode())
+        try:
+            sock.send(json.dumps(reply).encode())
+        except OSError:
+            return  # the driver gave up on this request (its timeout) or is gone
 
 
 def _warm() -> None:
