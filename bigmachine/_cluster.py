@@ -186,9 +186,9 @@ class B:
             return
         lost_after = self.system.lost_after
         if now - conn.last_recv > lost_after:
-            conn._fail(MachineLost(m.addr, f"no reply to keepalives for {lost_after:g} s"))
+            conn.fail(MachineLost(m.addr, f"no reply to keepalives for {lost_after:g} s"))
         elif m.process is not None and not m.process.alive():
-            conn._fail(MachineLost(m.addr, f"its process exited ({m.process.describe_exit()})"))
+            conn.fail(MachineLost(m.addr, f"its process exited ({m.process.describe_exit()})"))
         else:
             try:
                 conn.send_control(KIND_PING, 0, int(now * 1e6))

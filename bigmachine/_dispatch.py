@@ -11,14 +11,13 @@ import asyncio
 import threading
 from typing import Any, Optional
 
-from ._connection import Connection, call_soon_threadsafe
+from ._connection import Connection
 from ._serialize import dump_exception, dumps, loads
 from ._service import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, Registry
+from ._streams import Stream
+from ._waiters import call_soon_threadsafe
 from ._wire import MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY
 from .errors import Error, MachineLost
-
-# Items a stream may send ahead of what the caller has consumed.
-STREAM_WINDOW = 64
 
 _local = threading.local()
 
@@ -34,23 +33,26 @@ def cancelled() -> bool:
 
 
 class Served:
-    """A call this node is serving: cancellation and stream credit."""
+    """A call this node is serving: its stream state, and the waiting on it."""
 
-    __slots__ = ("conn", "sid", "cancelled", "task", "credits", "cond", "wakeup", "loop")
+    __slots__ = ("conn", "sid", "stream", "task", "cond", "wakeup", "loop")
 
     def __init__(self, conn: Connection, sid: int, loop: asyncio.AbstractEventLoop):
         self.conn = conn
         self.sid = sid
         self.loop = loop
-        self.cancelled = False
+        self.stream = Stream(sid)
         self.task: Optional[asyncio.Task] = None
-        self.credits = STREAM_WINDOW
         self.cond: Optional[threading.Condition] = None  # made for streams only
         self.wakeup: Optional[asyncio.Future] = None
 
+    @property
+    def cancelled(self) -> bool:
+        return self.stream.cancelled
+
     def cancel(self) -> None:
         """From any thread: the caller gave up (or the connection closed)."""
-        self.cancelled = True
+        self.stream.cancel()
         self.loop.call_soon_threadsafe(self._cancel_task)
         self._notify()
 
@@ -62,7 +64,7 @@ class Served:
         if self.cond is None:
             return  # not a stream
         with self.cond:
-            self.credits += n
+            self.stream.credit(n)
         self._notify()
 
     def _notify(self) -> None:
@@ -77,18 +79,19 @@ class Served:
 
     def take_credit(self) -> bool:
         """Thread side: wait for room to send one more item; False if cancelled."""
+        stream = self.stream
         with self.cond:
-            while self.credits <= 0 and not self.cancelled and not self.conn.closed:
+            while stream.credits <= 0 and stream.open and not self.conn.closed:
                 self.cond.wait(1.0)
-            self.credits -= 1
-            return not (self.cancelled or self.conn.closed)
+            stream.sent_one()
+            return stream.open and not self.conn.closed
 
     async def atake_credit(self) -> None:
-        while self.credits <= 0:
+        while self.stream.credits <= 0:
             self.wakeup = asyncio.get_running_loop().create_future()
             await self.wakeup
         with self.cond:  # credit() adds from the reader thread
-            self.credits -= 1
+            self.stream.sent_one()
 
 
 class Dispatcher:

@@ -20,7 +20,9 @@ from typing import Any, Callable, Optional
 from . import _auth, _handshake
 from ._admission import Admission, RefusalLog
 from ._auth import Credentials
-from ._connection import SOCKET_BUFFER, Connection, configure_socket, mark_loop_thread
+from ._connection import Connection
+from ._sockopts import SOCKET_BUFFER, configure_socket
+from ._waiters import mark_loop_thread
 from ._limits import open_files
 from ._dispatch import Dispatcher
 from ._pool import Pool
@@ -331,7 +333,7 @@ class Node:
                 if self.addr is not None and self.addr.startswith("unix:"):
                     _unlink(self.addr[5:])
             for conn in list(self.connections.values()) + list(self.accepted):
-                conn._fail(MachineLost(conn.peer, "shut down"))
+                conn.fail(MachineLost(conn.peer, "shut down"))
             for task in asyncio.all_tasks(self.loop):
                 task.cancel()
             self.loop.call_soon(self.loop.stop)

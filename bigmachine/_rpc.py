@@ -11,15 +11,15 @@ import time
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from ._connection import Connection
-from ._dispatch import STREAM_WINDOW
 from ._node import swap_current
 from ._serialize import dumps, load_exception, loads
+from ._streams import Stream
 from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
 from .errors import Error, MachineLost, ProtocolError
 
 
 def _not_on_loop(conn: Connection, method: str) -> None:
-    if conn._in_loop():
+    if conn.in_loop():
         raise Error(f"cannot make the blocking call {method} on the IO loop; "
                     "use acall/astream from async code")
 
@@ -100,34 +100,15 @@ async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
     return _result(conn, item)
 
 
-class _StreamState:
-    """Credit bookkeeping for one stream on the caller's side."""
+def _consumed(conn: Connection, state: Stream) -> None:
+    credit = state.consumed_one()
+    if credit:
+        conn.send_control(KIND_CREDIT, state.sid, credit)
 
-    def __init__(self, conn: Connection, sid: int):
-        self.conn = conn
-        self.sid = sid
-        self.consumed = 0
-        self.done = False
 
-    def accept(self, item: tuple) -> bool:
-        """Note a message that arrived on the stream; False once it has ended."""
-        if item[0] == MTYPE_END:
-            self.done = True
-            return False
-        if item[0] != MTYPE_ITEM:
-            self.done = True  # an error, or the connection's loss, is the last item
-        return True
-
-    def consumed_one(self) -> None:
-        self.consumed += 1
-        if self.consumed >= STREAM_WINDOW // 2:
-            self.conn.send_control(KIND_CREDIT, self.sid, self.consumed)
-            self.consumed = 0
-
-    def close(self) -> None:
-        if not self.done:
-            self.done = True
-            self.conn.cancel(self.sid)
+def _close(conn: Connection, state: Stream) -> None:
+    if state.close():
+        conn.cancel(state.sid)
 
 
 def stream(conn: Connection, method: str, args: tuple, kwargs: dict,
@@ -138,7 +119,7 @@ def stream(conn: Connection, method: str, args: tuple, kwargs: dict,
     conn.gate.acquire(timeout)
     try:
         sid, waiter = conn.new_call()
-        state = _StreamState(conn, sid)
+        state = Stream(sid)
         try:
             conn.send(sid, MTYPE_REQUEST, MFLAG_STREAM, *message)
             while True:
@@ -146,12 +127,12 @@ def stream(conn: Connection, method: str, args: tuple, kwargs: dict,
                     item = waiter.get(timeout)
                 except TimeoutError:
                     raise TimeoutError(f"{method} on {conn.peer}: no item within {timeout} s") from None
-                if not state.accept(item):
+                if not state.received(item[0]):
                     return
                 yield _result(conn, item)
-                state.consumed_one()
+                _consumed(conn, state)
         finally:
-            state.close()
+            _close(conn, state)
     finally:
         conn.gate.release()
 
@@ -163,7 +144,7 @@ async def astream(conn: Connection, method: str, args: tuple, kwargs: dict,
     await conn.gate.aacquire()
     try:
         sid, waiter = conn.new_call()
-        state = _StreamState(conn, sid)
+        state = Stream(sid)
         try:
             await conn.asend(sid, MTYPE_REQUEST, MFLAG_STREAM, *message)
             while True:
@@ -171,12 +152,12 @@ async def astream(conn: Connection, method: str, args: tuple, kwargs: dict,
                     item = await asyncio.wait_for(waiter.aget(), timeout)
                 except asyncio.TimeoutError:
                     raise TimeoutError(f"{method} on {conn.peer}: no item within {timeout} s") from None
-                if not state.accept(item):
+                if not state.received(item[0]):
                     return
                 yield _result(conn, item)
-                state.consumed_one()
+                _consumed(conn, state)
         finally:
-            state.close()
+            _close(conn, state)
     finally:
         conn.gate.release()
 

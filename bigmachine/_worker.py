@@ -22,7 +22,7 @@ import sys
 import threading
 
 from ._auth import BOOTSTRAP_SIZE, Credentials
-from ._connection import SOCKET_BUFFER
+from ._sockopts import SOCKET_BUFFER
 from ._limits import no_core_dumps, raise_open_files
 from ._node import Node
 from ._supervisor import start_machine
