@@ -132,14 +132,24 @@ class Gate:
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.waiting = 0                 # threads waiting in acquire
         self.async_waiters: deque = deque()
 
     def acquire(self, timeout: Optional[float]) -> None:
+        with self.lock:  # the lock, not the condition: no Python-level __enter__
+            if self.used < self.limit:
+                self.used += 1
+                return
         with self.cond:
             if self.used >= self.limit:
-                if not self.cond.wait_for(lambda: self.used < self.limit, timeout):
-                    raise TimeoutError("too many calls in flight")
+                self.waiting += 1
+                try:
+                    if not self.cond.wait_for(lambda: self.used < self.limit, timeout):
+                        raise TimeoutError("too many calls in flight")
+                finally:
+                    self.waiting -= 1
             self.used += 1
 
     async def aacquire(self) -> None:
@@ -162,10 +172,12 @@ class Gate:
                 raise
 
     def release(self) -> None:
-        with self.cond:
+        with self.lock:
             self.used -= 1
-            self.cond.notify()
-            self._wake_next()
+            if self.waiting:
+                self.cond.notify()
+            if self.async_waiters:
+                self._wake_next()
 
     def _wake_next(self) -> None:
         """With cond held: wake the first async waiter whose loop still runs."""

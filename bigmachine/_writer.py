@@ -116,13 +116,25 @@ class Writer:
         with self._lock:
             if self.closed:
                 raise self.lost()
-            out = _Outgoing(units, nbytes)
+            out = None
             if not self._streams:
                 try:
+                    if len(units) == 1 and len(units[0]) <= IOV_MAX and self.tls is None:  # one frame
+                        sent = self.sock.sendmsg(units[0], (), socket.MSG_DONTWAIT)
+                        if sent == nbytes:
+                            return
+                        out = _Outgoing(units, nbytes)
+                        out.offset = out.sent = sent
+                    else:
+                        out = _Outgoing(units, nbytes)
                     if self._write(out, DIRECT_FRAMES):
                         return
+                except (BlockingIOError, InterruptedError):
+                    pass
                 except OSError as exc:
                     error = exc
+            if out is None:
+                out = _Outgoing(units, nbytes)
             if error is None:
                 queue = self._streams.get(sid)
                 if queue is None:
