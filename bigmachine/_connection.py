@@ -65,8 +65,11 @@ class Connection:
         # At most four maximal messages may be arriving at once.
         self.decoder = _wire.Decoder(alloc=_buffers.aligned, max_message=max_message,
                                      max_pending=4 * max_message)
-        self.reader = Reader(sock, tls, self.decoder, peer, self._on_event, self._is_closed,
-                             self.fail, self.io_failed, self.writer.add_ciphertext)
+        # Its threads run sync methods too: named as the node's pool threads are.
+        thread_name = f"bigmachine-{node.name}-read-{peer}" if node is not None else f"bigmachine-read-{peer}"
+        self.reader = Reader(sock, tls, self.decoder, peer, thread_name, self._on_event, self._is_closed,
+                             self._calls_in_flight, self.fail, self.io_failed,
+                             self.writer.add_ciphertext)
         self.reader.start()
 
     def __repr__(self) -> str:
@@ -83,8 +86,12 @@ class Connection:
 
     # ---- outgoing calls -------------------------------------------------
 
-    def new_call(self) -> tuple[int, Waiter]:
-        """Register a call; its replies are delivered to the returned Waiter."""
+    def new_call(self, lead: bool = False) -> tuple[int, Waiter]:
+        """Register a call; its replies are delivered to the returned Waiter.
+
+        lead: the caller will try to read its reply itself (reader.try_lead);
+        otherwise the reader thread is made to read.
+        """
         if self.closed:
             raise self._lost()
         sid = next(self._sids)
@@ -95,6 +102,8 @@ class Connection:
         if self.closed:  # lost the race with fail
             self.calls.pop(sid, None)
             raise self._lost()
+        if not lead:
+            self.reader.ensure_reading()
         return sid, waiter
 
     def cancel(self, sid: int) -> None:
@@ -142,6 +151,9 @@ class Connection:
 
     def _is_closed(self) -> bool:
         return self.closed
+
+    def _calls_in_flight(self) -> bool:
+        return bool(self.calls)
 
     def _on_event(self, event: tuple) -> None:
         kind, sid = event[0], event[1]
@@ -196,6 +208,7 @@ class Connection:
                 return
             self.error = error
             self.closed = True
+        self.reader.close()  # before the writer closes the socket
         self.writer.close()
         # Owners learn first (a machine is STOPPED), then the waiting callers,
         # whatever the owners' callbacks do.

@@ -125,7 +125,9 @@ class Dispatcher:
         if kind in (GENERATOR, ASYNC_GENERATOR):
             served.cond = threading.Condition(threading.Lock())
         if kind == SYNC:
-            self.executor.submit(_run_sync, served, fn, args, kwargs)
+            # The reader runs it once the read is handled (see _reader), or
+            # the pool does if reading must go on first.
+            conn.reader.defer(self.executor.submit, _run_sync, served, fn, args, kwargs)
         elif kind == GENERATOR:
             self.executor.submit(_run_generator, served, fn, args, kwargs)
         else:

@@ -14,12 +14,13 @@ from ._connection import Connection
 from ._node import swap_current
 from ._serialize import dumps, load_exception, loads
 from ._streams import Stream
+from ._waiters import on_loop_thread
 from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
 from .errors import Error, MachineLost, ProtocolError
 
 
 def _not_on_loop(conn: Connection, method: str) -> None:
-    if conn.in_loop():
+    if on_loop_thread(conn.loop):
         raise Error(f"cannot make the blocking call {method} on the IO loop; "
                     "use acall/astream from async code")
 
@@ -60,10 +61,14 @@ def call(conn: Connection, method: str, args: tuple, kwargs: dict,
     message = encode_request(method, args, kwargs)
     deadline = None if timeout is None else time.monotonic() + timeout
     conn.gate.acquire(timeout)
+    # Read the reply ourselves if nobody else reads (no deadline: a leader's read has none).
+    leading = deadline is None and conn.reader.try_lead()
     try:
-        sid, waiter = conn.new_call()
+        sid, waiter = conn.new_call(leading)
         try:
             conn.send(sid, MTYPE_REQUEST, 0, *message, deadline=deadline)
+            if leading:
+                conn.reader.read_until(waiter)
             item = waiter.get(None if deadline is None else deadline - time.monotonic())
         except TimeoutError:
             conn.cancel(sid)
@@ -72,6 +77,8 @@ def call(conn: Connection, method: str, args: tuple, kwargs: dict,
             conn.cancel(sid)
             raise
     finally:
+        if leading:
+            conn.reader.leave()
         conn.gate.release()
     return _result(conn, item)
 
