@@ -10,9 +10,10 @@
         m, = b.start(1, services={"Sampler": Sampler()})
         m.call("Sampler.sample", 10**6)
 """
-from ._cluster import B, current, start
+from ._driver import start
 from ._dispatch import cancelled
 from ._machine import Machine, State
+from ._session import B, current
 from ._retry import retry
 from ._service import service
 from ._version import __version__

@@ -25,28 +25,44 @@ class Machine:
 
     ``call``/``stream`` work from any thread; ``acall``/``astream`` from any
     running event loop. A handle pickled into an argument or reply arrives as
-    a usable handle on the same machine.
+    a usable handle on the same machine. The session that started a machine
+    owns it (``owned``) and drives it through a ``Control``; a dialled handle
+    is owned by no one.
     """
 
-    def __init__(self, node: Node, addr: str, name: Optional[str] = None, owned: bool = False,
-                 state: State = State.STARTING, expect: Optional[str] = None):
+    def __init__(self, node: Node, addr: str, name: Optional[str] = None,
+                 state: State = State.RUNNING, expect: Optional[str] = None):
         self._node = node
         self.addr = addr
         self.name = name or addr
         self._expect = expect  # the member's name, when known: the link must reach that member
-        self.owned = owned
         self._state = state
         self._err: Optional[BaseException] = None
         self._cond = threading.Condition()
         self._async_waiters: list = []
         self._conn: Optional[Connection] = None
-        self.process: Any = None  # the system's handle on the machine's process, if owned
+        self._control: Optional["Control"] = None
 
     def __repr__(self) -> str:
         return f"<Machine {self.name} {self.addr} {self._state.name}>"
 
     def __reduce__(self):
         return (_dial, (self.addr, self._expect))
+
+    @property
+    def owned(self) -> bool:
+        """Whether this session started the machine (and so keeps it alive and stops it)."""
+        return self._control is not None
+
+    @property
+    def process(self) -> Any:
+        """The system's handle on the machine's process (owned machines only)."""
+        return self._control.process if self._control is not None else None
+
+    @property
+    def member(self) -> Optional[str]:
+        """The member's name its links must reach, when known (None: whoever is at addr)."""
+        return self._expect
 
     @property
     def state(self) -> State:
@@ -57,6 +73,17 @@ class Machine:
         """Why the machine stopped (None while it runs)."""
         return self._err
 
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Stop this machine and wait for its process to end (idempotent).
+
+        Only for machines this session started. Calls still in flight fail
+        with MachineLost.
+        """
+        if self._control is None:
+            raise Error(f"machine {self.name} was dialled, not started by this session: "
+                        "only its owner may shut it down")
+        self._control.owner.stop_machines([self], timeout)
+
     def _set_state(self, state: State, err: Optional[BaseException] = None) -> None:
         with self._cond:
             if state <= self._state:
@@ -64,6 +91,13 @@ class Machine:
             self._state = state
             if state == State.STOPPED:
                 self._err = err
+        self._notify()
+        if state == State.STOPPED and self._conn is not None:
+            self._conn.fail(err or MachineLost(self.addr, "stopped"))
+
+    def _notify(self) -> None:
+        """Wake every waiter: the state or the connection changed."""
+        with self._cond:
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, fut in waiters:
@@ -71,8 +105,6 @@ class Machine:
                 loop.call_soon_threadsafe(_resolve, fut)
             except RuntimeError:
                 pass  # that loop is closed: its waiter gave up
-        if state == State.STOPPED and self._conn is not None:
-            self._conn.fail(err or MachineLost(self.addr, "stopped"))
 
     def wait(self, state: State, timeout: Optional[float] = None) -> State:
         """Block until the machine reaches state or a later one; return the state.
@@ -85,11 +117,16 @@ class Machine:
             return self._state
 
     async def await_state(self, state: State) -> State:
-        while self._state < state:
+        """The asyncio form of wait (without a timeout: wrap it in asyncio.wait_for)."""
+        await self._await(lambda: self._state >= state)
+        return self._state
+
+    async def _await(self, done: Any) -> None:
+        while not done():
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
             with self._cond:
-                if self._state >= state:
+                if done():
                     break
                 self._async_waiters.append((loop, fut))
             try:
@@ -98,7 +135,6 @@ class Machine:
                 with self._cond:
                     if (loop, fut) in self._async_waiters:
                         self._async_waiters.remove((loop, fut))
-        return self._state
 
     # ---- connections -----------------------------------------------------
 
@@ -115,71 +151,71 @@ class Machine:
     def _usable(self, conn: Optional[Connection]) -> bool:
         return conn is not None and not conn.closed
 
-    def _check_owner_link(self, conn: Optional[Connection]) -> None:
-        """An owned machine lives only as long as the connection that registered it.
+    def _replaced_or_stopped(self, conn: Connection) -> bool:
+        return self._conn is not conn or self._state == State.STOPPED
 
-        Once that connection has failed the machine is lost (it stops itself):
-        never dial it again, which could hang on a hung machine. The failure
-        callback marks the machine STOPPED just after the connection closes;
-        wait for it, so that callers see the state and its reason.
-        """
-        if self.owned and conn is not None and conn.closed:
-            try:
-                self.wait(State.STOPPED, 1.0)
-            except TimeoutError:
-                pass
-            raise self._owner_link_lost(conn)
+    def _broken_owner_link(self, conn: Optional[Connection], timeout: Optional[float]) -> None:
+        """An owned machine's broken link is not its death: its owner re-dials it
+        (within lost_after) or declares it lost. Wait for either, never dial here."""
+        if not (self.owned and conn is not None and conn.closed):
+            return
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._replaced_or_stopped(conn), timeout):
+                raise MachineLost.because(self.addr, conn.error)
 
-    async def _acheck_owner_link(self, conn: Optional[Connection]) -> None:
-        if self.owned and conn is not None and conn.closed:
-            try:
-                await asyncio.wait_for(self.await_state(State.STOPPED), 1.0)
-            except asyncio.TimeoutError:
-                pass
-            raise self._owner_link_lost(conn)
-
-    def _owner_link_lost(self, conn: Connection) -> MachineLost:
-        if self._state == State.STOPPED:
-            return self._lost()
-        return MachineLost.because(self.addr, conn.error)
+    async def _abroken_owner_link(self, conn: Optional[Connection], timeout: Optional[float]) -> None:
+        if not (self.owned and conn is not None and conn.closed):
+            return
+        try:
+            await asyncio.wait_for(self._await(lambda: self._replaced_or_stopped(conn)), timeout)
+        except asyncio.TimeoutError:
+            raise MachineLost.because(self.addr, conn.error) from None
 
     def connection(self, timeout: Optional[float] = None) -> Connection:
+        """The open connection to the machine, waiting for it to run (or to be re-dialled)."""
         conn = self._conn
         if self._usable(conn) and self._state == State.RUNNING:
             return conn
         if self._state == State.STARTING:
             self.wait(State.RUNNING, timeout)
+        self._broken_owner_link(conn, timeout)
         return self._connect_now(timeout)
 
     def _connect_now(self, timeout: Optional[float]) -> Connection:
         if self._state == State.STOPPED:
             raise self._lost()
         conn = self._conn
-        if not self._usable(conn):
-            self._check_owner_link(conn)
-            try:
-                conn = self._conn = self._node.connect(self.addr, timeout, self._expect)
-            except MachineLost as exc:
-                self._set_state(State.STOPPED, exc)
-                raise
+        if self._usable(conn):
+            return conn
+        if self.owned and conn is not None:
+            raise MachineLost.because(self.addr, conn.error)  # its owner decides what comes next
+        try:
+            conn = self._conn = self._node.connect(self.addr, timeout, self._expect)
+        except MachineLost as exc:
+            self._set_state(State.STOPPED, exc)
+            raise
         return conn
 
     async def aconnection(self, timeout: Optional[float] = None) -> Connection:
+        """The asyncio form of connection."""
         conn = self._conn
         if self._usable(conn) and self._state == State.RUNNING:
             return conn
         if self._state == State.STARTING:
             await asyncio.wait_for(self.await_state(State.RUNNING), timeout)
+        await self._abroken_owner_link(conn, timeout)
         if self._state == State.STOPPED:
             raise self._lost()
         conn = self._conn
-        if not self._usable(conn):
-            await self._acheck_owner_link(conn)
-            try:
-                conn = self._conn = await self._node.aconnect(self.addr, timeout, self._expect)
-            except MachineLost as exc:
-                self._set_state(State.STOPPED, exc)
-                raise
+        if self._usable(conn):
+            return conn
+        if self.owned and conn is not None:
+            raise MachineLost.because(self.addr, conn.error)
+        try:
+            conn = self._conn = await self._node.aconnect(self.addr, timeout, self._expect)
+        except MachineLost as exc:
+            self._set_state(State.STOPPED, exc)
+            raise
         return conn
 
     # ---- calls ------------------------------------------------------------
@@ -227,6 +263,54 @@ class Machine:
     def stats(self, timeout: Optional[float] = 10.0) -> dict:
         """The machine's memory, load, disk and open calls (Supervisor.stats)."""
         return self.call("Supervisor.stats", timeout=timeout)
+
+
+class Control:
+    """The owning session's side of a machine it started: what only the owner does.
+
+    The session makes each machine with ``Control.new`` and keeps the Control;
+    users hold only the Machine.
+    """
+
+    def __init__(self, machine: Machine, owner: Any):
+        self.machine = machine
+        self.owner = owner          # the session: it has stop_machines(machines, timeout)
+        self.process: Any = None    # the system's Process, once launched
+
+    @classmethod
+    def new(cls, node: Node, name: str, owner: Any) -> "Control":
+        machine = Machine(node, "", name=name, state=State.STARTING, expect=name)
+        control = machine._control = cls(machine, owner)
+        return control
+
+    def launched(self, process: Any) -> None:
+        self.process = process
+        self.machine.addr = process.addr
+
+    def connect(self, timeout: Optional[float]) -> Connection:
+        """Dial the machine (while it starts)."""
+        return self.machine._connect_now(timeout)
+
+    @property
+    def conn(self) -> Optional[Connection]:
+        return self.machine._conn
+
+    def reconnected(self, conn: Connection) -> None:
+        """The owner re-dialled the machine: calls from now on use conn."""
+        self.machine._conn = conn
+        self.machine._notify()
+
+    def running(self) -> None:
+        self.machine._set_state(State.RUNNING)
+
+    def stopped(self, err: Optional[BaseException]) -> None:
+        self.machine._set_state(State.STOPPED, err)
+
+
+def live_connection(machine: Machine) -> Optional[Connection]:
+    """The machine's open connection, if it has one (never dials)."""
+    conn = machine._conn
+    return conn if conn is not None and not conn.closed else None
 
 
 def _resolve(fut: asyncio.Future) -> None:

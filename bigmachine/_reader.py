@@ -38,7 +38,7 @@ from typing import Any, Callable
 from ._standby import STANDBY
 from ._waiters import Waiter, begin_batch, end_batch
 from ._wire import Decoder, WireError
-from .errors import ProtocolError
+from .errors import MachineLost, ProtocolError
 
 log = logging.getLogger("bigmachine.connection")
 
@@ -271,6 +271,8 @@ class Reader:
             self.fail(err)
         elif isinstance(exc, (OSError, ssl.SSLError)):
             self.io_failed("read", exc)
+        elif isinstance(exc, MachineLost):  # a write a handler made (a PONG, a CREDIT) failed
+            self.fail(exc)
         else:
             # A reader must never die leaving a connection that looks open.
             log.exception("closing connection to %s: its reader failed", self.peer)

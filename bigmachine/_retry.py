@@ -14,10 +14,13 @@ def retry(fn: Callable[[], T], *, retries: int = 3, base: float = 0.1, cap: floa
           deadline: Optional[float] = None) -> T:
     """Call fn() and return its result, retrying it when the transport fails.
 
-    Only MachineLost is retried (a call that raised anything else ran and
-    failed; retrying would not help), up to `retries` more times, sleeping a
-    random time in [0, min(cap, base * 2**attempt)] before each (exponential
-    backoff with full jitter). `deadline` (seconds) bounds the whole effort.
+    Only the loss of the machine called is retried: a MachineLost raised here,
+    not one that a remote method raised itself (that machine lost one of its
+    own peers, and ran; it arrives with its remote traceback). A call that
+    raised anything else ran and failed; retrying would not help. Retries go
+    up to `retries` more times, sleeping a random time in
+    [0, min(cap, base * 2**attempt)] before each (exponential backoff with
+    full jitter). `deadline` (seconds) bounds the whole effort.
     Use it only for idempotent calls: a call that failed with MachineLost may
     have run. Fetch the handle inside fn so each attempt dials afresh::
 
@@ -29,8 +32,8 @@ def retry(fn: Callable[[], T], *, retries: int = 3, base: float = 0.1, cap: floa
     for attempt in range(retries + 1):
         try:
             return fn()
-        except MachineLost:
-            if attempt == retries:
+        except MachineLost as exc:
+            if attempt == retries or getattr(exc, "remote_traceback", None) is not None:
                 raise
             pause = random.uniform(0, min(cap, base * (2 ** attempt)))
             if end is not None and time.monotonic() + pause >= end:

@@ -4,10 +4,11 @@ Every machine serves ``Supervisor``. Its owner (the driver that started it)
 proves itself with the owner token the machine received in its bootstrap, not
 by which connection it calls on: only the owner may ``register`` services
 (once, running their ``init``), ``renew`` the machine's certificate or
-``shutdown`` the machine. The connection that registered carries the owner's
-keepalives (PING frames, answered on the IO loop), which renew the machine's
-lease; when the lease runs out or that connection closes, the machine stops
-itself. Other members may call the rest (``ping``, ``info``, ``stats``).
+``shutdown`` the machine. The connection that registered (or, after the owner re-dialled, the one that
+``claim``-ed the machine) carries the owner's keepalives (PING frames,
+answered on the IO loop), which renew the machine's lease; when the lease
+runs out the machine stops itself. A broken link alone does not stop it: its
+owner re-dials within lost_after, which is shorter than the lease. Other members may call the rest (``ping``, ``info``, ``stats``).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class Supervisor:
         self._owner: Optional[Connection] = None
         self._started = time.time()
         self._lock = threading.Lock()
+        node.loop.call_soon_threadsafe(lambda: node.loop.create_task(self._watchdog()))
 
     def _check_owner(self, token: Any, what: str) -> None:
         if not check_token(self._token, token):
@@ -77,6 +79,15 @@ class Supervisor:
                     self._node.loop.call_later, 0.5, self._on_stop, "its services' init failed")
                 raise
             self._owner = served.conn if served is not None else None
+
+    def claim(self, token: Any = None) -> None:
+        """The owner re-dialled: its keepalives come on the calling connection from now on."""
+        self._check_owner(token, "claim it")
+        served = getattr(_dispatch_local, "served", None)
+        with self._lock:
+            if self._owner is None:
+                raise Error("this machine has no owner yet: register first")
+            self._owner = served.conn if served is not None else self._owner
 
     def ping(self) -> str:
         return "pong"
@@ -127,32 +138,23 @@ class Supervisor:
         return conns
 
     async def _watchdog(self) -> None:
-        """Stop the machine when its owner goes away or stops renewing the lease."""
+        """Stop the machine when its owner stops renewing the lease (or never registers).
+
+        It sleeps until the lease could end, not on a fixed tick: an idle machine
+        wakes about once per lease, however many share a process.
+        """
+        boot_deadline = time.monotonic() + BOOT_TIMEOUT
         while True:
-            await asyncio.sleep(min(0.25, self._lease / 4))
             owner = self._owner
             now = time.monotonic()
             if owner is None:
-                if time.time() - self._started > BOOT_TIMEOUT:
+                if now > boot_deadline:
                     self._on_stop(f"no owner registered within {BOOT_TIMEOUT} s")
                     return
-            elif owner.closed:
-                self._on_stop("the owner's connection closed")
-                return
-            elif now - owner.last_recv > self._lease:
+                await asyncio.sleep(min(0.5, boot_deadline - now + 0.01))
+                continue
+            ends = owner.last_recv + self._lease
+            if now > ends:
                 self._on_stop(f"lease expired: no keepalive for {self._lease} s")
                 return
-
-
-def start_machine(node: Node, lease: float, on_stop: Any, owner_token: bytes,
-                  listen: str = "127.0.0.1:0") -> str:
-    """Start serving on node at listen: Supervisor, listener, watchdog. Returns the address."""
-    from ._cluster import B  # the machine's own B, for bigmachine.current()
-
-    node.start_thread()
-    supervisor = Supervisor(node, lease, on_stop, owner_token)
-    node.registry.add("Supervisor", supervisor)
-    addr = node.run_sync(node.listen(listen))
-    node.b = B._for_machine(node)
-    node.loop.call_soon_threadsafe(lambda: node.loop.create_task(supervisor._watchdog()))
-    return addr
+            await asyncio.sleep(ends - now + 0.01)

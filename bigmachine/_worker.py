@@ -6,38 +6,35 @@ JSON line), serves until its owner lets it go, and on the way out kills any
 processes its services left in its process group. It never writes a core
 file (its memory holds the cluster's secrets) and raises its open-file limit.
 
-Config keys: name, sys_path, cwd, lease, parent_pipe; listen (the address to
-listen on: "unix:/path" or "host:port"); status_fd (a pipe for the address line).
-Without status_fd (SSH, where there is no extra pipe) the address goes to
-stdout as one line ``bigmachine-status listening host:port``, before anything
-else the machine prints.
+Config keys: name, sys_path, cwd, lease, keepalive_period, lost_after,
+parent_pipe, hold (cache entries to flock while it runs); listen (the address
+to listen on: "unix:/path" or "host:port"); status_fd (a pipe for the status
+line). The status line, ``bigmachine-status listening ADDR``, goes to
+status_fd, or without one (SSH, where there is no extra pipe) to stdout before
+anything else the machine prints. The bootstrap's format and the status line
+are backends/_bootstrap.py's.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 
-from ._auth import BOOTSTRAP_SIZE, Credentials
 from ._sockopts import SOCKET_BUFFER
 from ._limits import no_core_dumps, raise_open_files
 from ._node import Node
-from ._supervisor import start_machine
-from ._tls import Identity
-
-STATUS_PREFIX = "bigmachine-status listening "  # the stdout status line, when no status_fd
+from ._runtime import start_machine
+from .backends._bootstrap import STATUS_PREFIX, hold, read_bootstrap
 
 
 def main() -> None:
     no_core_dumps()
     raise_open_files()
     stdin = sys.stdin.buffer
-    config = json.loads(stdin.readline())
-    creds, owner_token = Credentials.decode(stdin.read(BOOTSTRAP_SIZE))
-    identity = Identity.from_dict(json.loads(stdin.readline())) if config.get("tls") else None
+    config, creds, owner_token, identity = read_bootstrap(stdin)
+    hold(config.get("hold", ()))
     sys.path[:] = config["sys_path"]
     os.chdir(config["cwd"])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -51,12 +48,14 @@ def main() -> None:
 
     node = Node(creds, config["name"], identity=identity,
                 socket_buffer=config.get("socket_buffer", SOCKET_BUFFER))
-    addr = start_machine(node, config["lease"], on_stop, owner_token, listen=config["listen"])
+    addr = start_machine(node, config["lease"], on_stop, owner_token, listen=config["listen"],
+                         keepalive_period=config["keepalive_period"], lost_after=config["lost_after"])
+    status = f"{STATUS_PREFIX}{addr}\n"
     if config.get("status_fd") is None:
-        sys.stdout.write(f"{STATUS_PREFIX}{addr}\n")
+        sys.stdout.write(status)
         sys.stdout.flush()
     else:
-        os.write(config["status_fd"], addr.encode() + b"\n")
+        os.write(config["status_fd"], status.encode())
         os.close(config["status_fd"])
     if config.get("parent_pipe", True):
         threading.Thread(target=_watch_parent, args=(stdin, on_stop), daemon=True).start()

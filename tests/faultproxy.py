@@ -98,6 +98,7 @@ class FaultProxy:
         self.listener.setblocking(False)
         self.links: list[_Link] = []
         self.stalled = False
+        self.refuse_new = False    # reset new connections at once (a firewall closing)
         self.accepted = 0          # connections accepted so far
         self.relayed = {TO_BACKEND: 0, TO_CLIENT: 0}  # bytes
         self._truncate: dict[str, Optional[int]] = {TO_BACKEND: None, TO_CLIENT: None}
@@ -214,6 +215,10 @@ class FaultProxy:
         try:
             client, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
+            return
+        if self.refuse_new:
+            self.accepted += 1
+            _reset(client)
             return
         try:  # blocking, but on one host a connect succeeds or is refused at once
             backend = socket.socket(self.family, socket.SOCK_STREAM)

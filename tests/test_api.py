@@ -181,12 +181,17 @@ def test_exception_in_init_fails_start(cluster):
         cluster.start(2, services={"F": FailingInit()}, timeout=30)
     # the remote traceback shows the frame of init on the machine
     assert ", in init" in "".join(traceback.format_exception(info.value))
-    machines = cluster.machines()
-    assert len(machines) == 2
+    assert cluster.machines() == []  # stopped machines are not listed
+    poll(lambda: children() <= before, timeout=5)
+    # the same start without waiting: handles that end STOPPED with their causes
+    machines = cluster.start(2, services={"F": FailingInit()}, timeout=30, wait=False)
     for x in machines:
-        assert x.state == bm.State.STOPPED
+        assert x.wait(bm.State.STOPPED, timeout=30) == bm.State.STOPPED
         assert x.err is not None
     assert any(isinstance(x.err, CustomError) for x in machines)
+    with pytest.raises(bm.MachineLost) as lost:
+        machines[0].call("F.anything", timeout=5)
+    assert lost.value.__cause__ is machines[0].err or lost.value.__cause__ is not None
     poll(lambda: children() <= before, timeout=5)
     # the session itself is still usable
     m0, = cluster.start(1, services={"Echo": Echo()})
@@ -604,8 +609,12 @@ def test_machine_reply_after_another_session_came_and_went(duo):
 def test_dial_returns_unowned_handle(duo):
     b, (m0, _) = duo
     h = b.dial(m0.addr)
+    assert h is not m0 and not h.owned and m0.owned  # a handle of its own, even on our machine
     assert h.addr == m0.addr
     assert h.call("Echo.echo", 5, timeout=10) == 5
+    with pytest.raises(bm.Error, match="only its owner"):
+        h.shutdown()
+    assert b.dial(m0.addr) is h  # one handle per address
 
 
 def test_socket_buffer_option_reaches_both_ends():

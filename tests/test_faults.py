@@ -28,7 +28,7 @@ import bigmachine as bm
 from bigmachine import _retry
 from tests.conftest import children, poll
 from tests.faultproxy import TO_CLIENT, FaultProxy
-from tests.services import CustomError, Echo, FailingInit
+from tests.services import CustomError, Echo, FailingInit, Relay
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -279,7 +279,7 @@ def _outcome(m, method, *args, timeout=60):
 
 
 def test_sigstop_machine_is_lost_then_exits_on_its_own(session, thread_errors, capfd):
-    lost_after, lease = 2.0, 2.0
+    lost_after, lease = 2.0, 3.0  # the lease must outlast lost_after + a keepalive period
     b = session(keepalive_period=0.5, lost_after=lost_after, lease=lease)
     m, = b.start(1, services={"Echo": Echo()})
     pid = m.process.popen.pid
@@ -333,7 +333,7 @@ DRIVER = textwrap.dedent("""
     from tests.test_faults import Chaos
 
     parent_pipe = sys.argv[1] == "pipe"
-    b = bm.start(bm.Local(parent_pipe=parent_pipe, lease=2, keepalive_period=0.25, lost_after=5))
+    b = bm.start(bm.Local(parent_pipe=parent_pipe, lease=2, keepalive_period=0.25, lost_after=1.5))
     machines = b.start(4, services={"Chaos": Chaos()})
     kids = machines[0].call("Chaos.spawn_children", timeout=10)
     for m in machines:
@@ -391,8 +391,8 @@ class ProxiedLocal(bm.Local):
         self.proxied = proxied
         self.proxies: list[FaultProxy] = []
 
-    def launch(self, creds, names, timeout):
-        procs = super().launch(creds, names, timeout)
+    def launch(self, creds, names, timeout, env=None):
+        procs = super().launch(creds, names, timeout, env)
         for proc in procs[:self.proxied]:
             proxy = FaultProxy(proc.addr)
             self.proxies.append(proxy)
@@ -438,14 +438,15 @@ def test_cut_link_fails_calls_through_it_at_once(session):
         assert all(isinstance(o, bm.MachineLost) for o, _ in box), box
         took = max(at for _, at in box) - t0
         assert took < 0.5, took
-        assert d.state == bm.State.STOPPED
         # The machine itself and its owner's link are untouched.
         assert m.state == bm.State.RUNNING
         assert m.call("Echo.echo", 1, timeout=5) == 1
-        # A truncated frame from the machine: the link is reset mid-message.
-        d2 = b.dial(proxy.addr)  # the old handle is STOPPED, so this is a fresh one
-        assert d2 is not d
+        # A dialled handle is not dead for a cut link: its next call dials again.
+        d2 = b.dial(proxy.addr)
+        assert d2 is d and d.state == bm.State.RUNNING
         assert d2.call("Echo.echo", 2, timeout=5) == 2
+        assert proxy.accepted == 2
+        # A truncated frame from the machine: the link is reset mid-message.
         proxy.truncate_next(5, TO_CLIENT)
         t1 = time.monotonic()
         with pytest.raises(bm.MachineLost):
@@ -455,12 +456,17 @@ def test_cut_link_fails_calls_through_it_at_once(session):
     print(f"\ncut -> 5 calls through the proxy failed within {took * 1000:.1f} ms")
 
 
-def test_cut_owner_link_loses_machine_and_machine_exits(proxied):
-    b = proxied(keepalive_period=0.25, lost_after=5, lease=5)
+def test_cut_owner_link_is_redialled_and_the_machine_keeps_its_state(proxied):
+    """A broken link is not a machine's death: calls in flight fail with MachineLost
+    (they may have run), the driver re-dials and proves ownership, later calls
+    succeed on the same machine, and its lease runs on the new link's keepalives."""
+    lease = 3.0
+    b = proxied(keepalive_period=0.25, lost_after=2, lease=lease)
     m, = b.start(1, services={"Echo": Echo()})
     proxy = b.system.proxies[0]
     assert m.addr == proxy.addr and m.owned
-    assert m.call("Echo.echo", 1, timeout=5) == 1
+    pid = m.info()["pid"]
+    m.call("Echo.record", "state", "kept", timeout=5)
     box: list = []
     t = threading.Thread(target=lambda: box.append(_outcome(m, "Echo.asleep", 30)), daemon=True)
     t.start()
@@ -470,18 +476,50 @@ def test_cut_owner_link_loses_machine_and_machine_exits(proxied):
     t.join(5)
     assert isinstance(box[0], bm.MachineLost), box
     assert time.monotonic() - t0 < 0.5
-    poll(lambda: m.state == bm.State.STOPPED, timeout=1)
-    # The machine saw its owner's connection reset: it stops itself, long before its lease.
-    m.process.popen.wait(2)
-    assert m.process.popen.returncode == 0
-    print(f"\ncut owner link -> machine exited {time.monotonic() - t0:.2f} s later")
+    assert m.call("Echo.event", "state", timeout=5) == "kept"  # waits for the re-dial
+    redialled = time.monotonic() - t0
+    assert m.state == bm.State.RUNNING and proxy.accepted == 2
+    assert m.info()["pid"] == pid
+    time.sleep(lease + 1)  # the lease is renewed by keepalives on the new link
+    assert m.state == bm.State.RUNNING and m.process.alive()
+    assert m.call("Echo.echo", 1, timeout=5) == 1
+    print(f"\ncut owner link -> re-dialled in {redialled:.2f} s, state kept")
+
+
+def test_a_machine_that_cannot_be_reached_again_is_lost_after_lost_after(proxied):
+    lost_after = 1.5
+    b = proxied(keepalive_period=0.25, lost_after=lost_after, lease=3)
+    m, = b.start(1, services={"Echo": Echo()})
+    proxy = b.system.proxies[0]
+    proxy.refuse_new = True  # new links are reset at once, as by a firewall
+    t0 = time.monotonic()
+    proxy.cut()
+    assert m.wait(bm.State.STOPPED, timeout=lost_after + 2) == bm.State.STOPPED
+    took = time.monotonic() - t0
+    assert took <= lost_after + 1, took
+    assert isinstance(m.err, bm.MachineLost) and "cannot reach it again" in str(m.err), m.err
+    assert proxy.accepted >= 2  # it did try
+    m.process.popen.wait(5)  # and the machine, without keepalives, ends by its lease
+    print(f"\nunreachable after a cut -> lost after {took:.2f} s")
+
+
+def test_sigstop_shorter_than_lost_after_is_ridden_out(session):
+    b = session(keepalive_period=0.25, lost_after=2.0, lease=3.0)
+    m, = b.start(1, services={"Echo": Echo()})
+    pid = m.process.popen.pid
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGCONT)
+    assert m.call("Echo.echo", "back", timeout=5) == "back"
+    time.sleep(2.0)
+    assert m.state == bm.State.RUNNING
 
 
 def test_stalled_link_is_lost_by_keepalives_and_others_keep_their_latency(proxied):
     lost_after = 2.0
     # lease > lost_after + 2: the driver must notice through keepalives, before the
     # stalled machine gives up on its own and exits.
-    b = proxied(keepalive_period=0.25, lost_after=lost_after, lease=8)
+    b = proxied(keepalive_period=0.25, lost_after=lost_after, lease=4)
     a, other = b.start(2, services={"Echo": Echo()})
     proxy = b.system.proxies[0]
     assert a.addr == proxy.addr and other.addr != proxy.addr
@@ -521,9 +559,9 @@ def test_stalled_link_is_lost_by_keepalives_and_others_keep_their_latency(proxie
     assert max(at for _, at in box) - t0 <= lost_after + 2
     assert other.state == bm.State.RUNNING
 
-    # Once the relay works again, the machine sees its owner's connection closed and goes.
+    # Without keepalives the machine ends by its lease, relay or no relay.
     proxy.restore()
-    a.process.popen.wait(3)
+    a.process.popen.wait(4 + 2)
     assert a.process.popen.returncode == 0
 
     # Baselines before and after the stall, under the same background load (this
@@ -554,7 +592,7 @@ SOAK = textwrap.dedent("""
             return x
 
     t_start = time.monotonic()
-    b = bm.start(keepalive_period=1.0, lost_after=5.0, lease=5.0)
+    b = bm.start(keepalive_period=1.0, lost_after=5.0, lease=7.0)
     slots, locks = [None, None], [threading.Lock(), threading.Lock()]
     pids, starts = [], collections.Counter()
     outcomes, untyped, late, lock = collections.Counter(), [], [], threading.Lock()
@@ -846,7 +884,26 @@ def test_retry_over_a_real_cut_link(session):
             return handle.call("Echo.asleep", 0.5, timeout=5)
 
         assert bm.retry(fetch, retries=3, base=0.01) == 0.5
-        assert len(attempts) == 2 and attempts[0] is not attempts[1]
-        assert attempts[0].state == bm.State.STOPPED
-        assert isinstance(attempts[0].err, bm.MachineLost)
+        # the dialled handle lives on: its second attempt dialled a new link
+        assert len(attempts) == 2 and attempts[0] is attempts[1]
+        assert attempts[0].state == bm.State.RUNNING
         assert proxy.accepted == 2
+
+
+def test_retry_does_not_retry_a_machinelost_the_remote_method_raised():
+    """A MachineLost raised by the called method (the machine lost one of its own
+    peers) arrives as that type with its remote traceback, and is not retried."""
+    with bm.start(bm.InProcess(), keepalive_period=0.25, lost_after=1, lease=2) as b:
+        m0, m1 = b.start(2, services={"Echo": Echo(), "Relay": Relay()})
+        b.system.kill(m1)
+        m1.wait(bm.State.STOPPED, timeout=5)
+        calls = []
+
+        def fetch():
+            calls.append(1)
+            return m0.call("Relay.via_handle", m1, "Echo.echo", 1, timeout=10)
+
+        with pytest.raises(bm.MachineLost) as info:
+            bm.retry(fetch, retries=3, base=0.01)
+        assert len(calls) == 1
+        assert info.value.remote_traceback and m0.state == bm.State.RUNNING

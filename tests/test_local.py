@@ -110,7 +110,8 @@ def test_shutdown_leaves_no_child_process():
 
 def test_keepalives_keep_an_idle_machine_alive():
     # lease 0.8 s: without keepalives (every 0.1 s) the machine would stop itself
-    with bm.start(keepalive_period=0.1, lease=0.8, lost_after=5.0) as b:
+    # (lost_after must be shorter than the lease less a keepalive period)
+    with bm.start(keepalive_period=0.1, lease=0.8, lost_after=0.6) as b:
         m0, = b.start(1, services={"Echo": Echo()})
         time.sleep(1.6)
         assert m0.state == bm.State.RUNNING

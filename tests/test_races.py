@@ -65,8 +65,12 @@ def test_a_closed_loops_state_waiter_does_not_stop_callers_learning_of_loss():
         time.sleep(0.3)
         conn.sock.shutdown(socket.SHUT_RDWR)
         caller.join(2)
-        assert not caller.is_alive() and errors
-        assert m.state == bm.State.STOPPED and not conn.calls
+        assert not caller.is_alive() and errors and not conn.calls
+        # a broken link is re-dialled (the machine lives on) ...
+        assert m.call("Echo.echo", 1, timeout=5) == 1 and m.state == bm.State.RUNNING
+        # ... and a machine that dies is STOPPED, whatever closed loops wait on it
+        b.system.kill(m)
+        assert m.wait(bm.State.STOPPED, timeout=5) == bm.State.STOPPED
 
 
 def test_async_generator_called_with_wrong_arguments_fails_the_stream():

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 import bigmachine as bm
-from bigmachine.backends.ssh import _parse_host
+from bigmachine.backends.ssh.hosts import parse_host as _parse_host
 from tests.conftest import poll
 from tests.ssh_services import Remote
 from tests import sshd as sshd_fixture
@@ -209,11 +209,11 @@ def test_a_killed_machine_is_lost_and_its_run_dir_still_removed(system):
     assert not Path(where["cwd"]).exists()
 
 
-def test_the_machine_dies_by_its_lease_when_keepalives_stop(system):
-    with bm.start(system(lease=2.0)) as b:
+def test_the_machine_dies_by_its_lease_when_keepalives_stop(system, monkeypatch):
+    with bm.start(system(lease=2.0, lost_after=1.5)) as b:
         m, = b.start(1, services={"Remote": Remote()}, timeout=60)
         pid = m.call("Remote.where", timeout=10)["pid"]
-        b.node.loop.call_soon_threadsafe(b._keepalive.cancel)  # the driver goes quiet
+        monkeypatch.setattr(b, "tick", lambda now: None)  # the driver goes quiet
         poll(lambda: pid_gone(pid), timeout=8)
         m.wait(bm.State.STOPPED, timeout=10)
 
@@ -475,7 +475,7 @@ def test_a_machine_that_never_reports_times_out(system, venv, tmp_path):
 
 
 def test_user_bundles_follow_include_and_exclude(tmp_path):
-    from bigmachine._bundle import DEFAULT_EXCLUDE, user_bundle, user_paths
+    from bigmachine.backends._bundle import DEFAULT_EXCLUDE, user_bundle, user_paths
 
     root = tmp_path / "project"
     for rel in ("a.py", "notes.txt", "data.bin", "sub/b.py", "skip/c.py", "sub/skip/d.py",

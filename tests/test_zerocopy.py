@@ -260,7 +260,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     from tests.test_zerocopy import Z, peak_rss, reset_peak_rss
 
     n = int(sys.argv[1])
-    with bm.start(keepalive_period=0.25, lost_after=60) as b:
+    with bm.start(keepalive_period=0.25, lost_after=60, lease=70) as b:
         m, = b.start(1, services={"Z": Z()})
         m.call("Z.nbytes", np.ones(4 << 20, np.uint8), timeout=60)  # warm up
         a = np.empty(n, np.uint8)

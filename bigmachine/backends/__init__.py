@@ -6,14 +6,12 @@ keepalives) the same way for every system.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, Optional
 
 from .._auth import Credentials
 from .._tls import LIFETIME
@@ -21,33 +19,6 @@ from ..errors import Error
 
 log = logging.getLogger("bigmachine")
 _warned_insecure = False
-
-
-def forward_output(line: str) -> None:
-    """Copy one line of a machine's output to the driver's stderr; never raise.
-
-    The driver's sys.stderr may be replaced or closed while machines run (a
-    test harness capturing it, a closed terminal). The line then goes to the
-    original stderr, or is dropped: a machine's output must keep draining,
-    or the machine blocks on its next print.
-    """
-    for stream in (sys.stderr, sys.__stderr__):
-        try:
-            stream.write(line)
-            stream.flush()
-            return
-        except (OSError, ValueError, AttributeError):
-            continue
-
-
-def bootstrap(creds: Credentials, name: str, config: dict, hosts: Sequence[str]) -> bytes:
-    """What a new machine reads first (see _worker): its config line, the cluster's
-    credentials with its owner token, and with TLS its certificate for hosts."""
-    config = dict(config, name=name, tls=creds.ca is not None)
-    data = json.dumps(config).encode() + b"\n" + creds.encode_for(name)
-    if creds.ca is not None:
-        data += json.dumps(creds.ca.issue(name, tuple(hosts)).to_dict()).encode() + b"\n"
-    return data
 
 
 class SocketDir:
@@ -87,14 +58,21 @@ class Process(ABC):
     def stop(self, timeout: float) -> None:
         """Wait up to timeout for the machine to end, then kill it; collect its output."""
 
+    def error(self, what: str) -> Error:
+        """An error saying the machine did what (e.g. "exited while starting"), how it
+        ended, and its last output where the system kept it."""
+        return Error(f"machine {what} ({self.describe_exit()})")
+
 
 class System(ABC):
     """How machines are launched, and the timing of their keepalives.
 
     keepalive_period: seconds between the driver's keepalives.
     lost_after: seconds without any reply before the driver declares a
-        machine lost (also the connection's TCP_USER_TIMEOUT).
-    lease: seconds a machine lives on without keepalives before it stops itself.
+        machine lost, and how long it re-dials a machine whose link broke
+        (also the connection's TCP_USER_TIMEOUT).
+    lease: seconds a machine lives on without keepalives before it stops
+        itself; it must exceed lost_after plus keepalive_period.
     start_timeout: seconds b.start() waits for a machine to come up.
     tls: every connection of the cluster is TLS 1.3 with certificates of a
         per-cluster CA (inside it, the secret handshake still runs). A system
@@ -111,7 +89,7 @@ class System(ABC):
     name = "system"
     keepalive_period = 1.0
     lost_after = 5.0
-    lease = 5.0
+    lease = 10.0
     start_timeout = 60.0
     tls = False
     insecure = False
@@ -145,8 +123,13 @@ class System(ABC):
             setattr(self, key, float(value))
 
     def check(self) -> None:
-        """Refuse plain TCP unless insecure=True (then warn once per process)."""
+        """Refuse settings that cannot work: a lease that ends before the driver gives
+        up re-dialling, and plain TCP unless insecure=True (then warn once per process)."""
         global _warned_insecure
+        if self.lease <= self.lost_after + self.keepalive_period:
+            raise Error(f"lease ({self.lease:g} s) must exceed lost_after ({self.lost_after:g} s) "
+                        f"plus keepalive_period ({self.keepalive_period:g} s): a machine must not "
+                        "stop itself while its driver may still re-dial it")
         if not self.tcp or self.tls:
             return
         if not self.insecure:
@@ -159,8 +142,10 @@ class System(ABC):
                         "and rewrite calls", type(self).__name__)
 
     @abstractmethod
-    def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
-        """Launch one machine per name; return once each listens, with its address."""
+    def launch(self, creds: Credentials, names: list[str], timeout: float,
+               env: Optional[dict] = None) -> list[Process]:
+        """Launch one machine per name, with env added to its environment; return once
+        each listens, with its address."""
 
     def shutdown(self) -> None:
         """Release what the system holds once the session's machines are stopped."""

@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 from .._auth import Credentials
 from .._node import Node
-from .._supervisor import start_machine
+from .._runtime import start_machine
+from ..errors import Error
 from . import Process, SocketDir, System
 
 
@@ -22,7 +23,8 @@ class _InProcessMachine(Process):
         self.reason = ""
 
     def on_stop(self, reason: str) -> None:
-        self.reason = reason
+        if not self.reason:
+            self.reason = reason
         self.node.close()
 
     def alive(self, wait: float = 0.0) -> bool:
@@ -49,7 +51,10 @@ class InProcess(System):
     def tcp(self) -> bool:
         return self.tls
 
-    def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
+    def launch(self, creds: Credentials, names: list[str], timeout: float,
+               env: Optional[dict] = None) -> list[Process]:
+        if env:
+            raise Error("InProcess machines share the driver's environment: env= needs bm.Local()")
         machines = []
         if not self.tcp and self.sockets is None:
             self.sockets = SocketDir()
@@ -60,11 +65,20 @@ class InProcess(System):
             holder: list = []
             listen = "127.0.0.1:0" if self.tcp else self.sockets.addr(name)
             addr = start_machine(node, self.lease, lambda why, h=holder: h[0].on_stop(why),
-                                 creds.owner_token(name), listen=listen)
+                                 creds.owner_token(name), listen=listen,
+                                 keepalive_period=self.keepalive_period, lost_after=self.lost_after)
             machine = _InProcessMachine(node, addr)
             holder.append(machine)
             machines.append(machine)
         return machines
+
+    def kill(self, machine: Any) -> None:
+        """Make an owned machine vanish as a crash would: its node stops at once, its
+        connections drop without a goodbye, and the driver finds it gone (MachineLost)."""
+        proc = machine.process
+        if not isinstance(proc, _InProcessMachine):
+            raise Error(f"{machine!r} is not a machine of this InProcess system")
+        proc.on_stop("killed (InProcess.kill)")
 
     def shutdown(self) -> None:
         if self.sockets is not None:

@@ -6,45 +6,37 @@ token) arrives on stdin, never argv or the environment; stdin then stays
 open, and the machine exits at once when it closes, that is when the driver
 is gone. The child listens on a Unix socket in the session's private
 directory (or, with tls=True, on a loopback TCP port it binds itself) and
-reports its address on a status pipe. Its stdout and stderr are copied, line by line,
+reports its address on a status pipe (the status line of _bootstrap). Its stdout and stderr are copied, line by line,
 to the driver's stderr prefixed with the machine's name.
 """
 from __future__ import annotations
 
-import collections
 import os
-import select
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import Any
-
-from typing import Optional
+from typing import IO, Any, Optional
 
 from .._auth import Credentials
-from ..errors import Error
-from . import Process, SocketDir, System, bootstrap, forward_output
+from . import Process, SocketDir, System
+from ._bootstrap import Output, Spawned, bootstrap
+from ._packages import Packages, PackagesArg
 
 # The directory holding the bigmachine package, for the machine's PYTHONPATH.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class _LocalProcess(Process):
-    def __init__(self, name: str, popen: subprocess.Popen):
+class _LocalProcess(Spawned):
+    def __init__(self, name: str, popen: subprocess.Popen, status: IO[bytes]):
         self.name = name
         self.popen = popen
         self.addr = ""
-        self.tail: collections.deque = collections.deque(maxlen=20)
-        self.pumps = [
-            threading.Thread(target=self._pump, args=(popen.stdout,), daemon=True,
-                             name=f"bigmachine-out-{name}"),
-            threading.Thread(target=self._pump, args=(popen.stderr,), daemon=True,
-                             name=f"bigmachine-err-{name}"),
-        ]
-        for t in self.pumps:
-            t.start()
+        self.output = Output(name, f"{name}: ")
+        self.output.pump(popen.stdout, f"bigmachine-out-{name}")
+        self.output.pump(popen.stderr, f"bigmachine-err-{name}")
+        self.output.pump(status, f"bigmachine-status-{name}", status=True)
         threading.Thread(target=self._reap_group, daemon=True, name=f"bigmachine-reap-{name}").start()
 
     def _reap_group(self) -> None:
@@ -62,14 +54,6 @@ class _LocalProcess(Process):
         except OSError:
             return
         self.kill()
-
-    def _pump(self, pipe: Any) -> None:
-        prefix = f"{self.name}: "
-        for raw in iter(pipe.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            self.tail.append(line.rstrip("\n"))
-            forward_output(prefix + (line if line.endswith("\n") else line + "\n"))
-        pipe.close()
 
     def alive(self, wait: float = 0.0) -> bool:
         try:
@@ -96,8 +80,7 @@ class _LocalProcess(Process):
             self.kill()
             self.popen.wait(5)
         self._close_stdin()
-        for t in self.pumps:
-            t.join(2)
+        self.output.join(2)
 
     def kill(self) -> None:
         """SIGKILL the machine and everything in its process group."""
@@ -112,13 +95,6 @@ class _LocalProcess(Process):
         except (OSError, ValueError):
             pass
 
-    def error(self, what: str) -> Error:
-        for t in self.pumps:
-            t.join(1)
-        lines = "\n".join(f"  {line}" for line in self.tail)
-        return Error(f"machine {self.name} {what} ({self.describe_exit()})"
-                     + (f"; its last output:\n{lines}" if lines else ""))
-
 
 class Local(System):
     """Machines as child processes on this host, linked by Unix sockets.
@@ -127,13 +103,17 @@ class Local(System):
     checked to come from a process of our own user before the handshake.
     parent_pipe: machines exit as soon as the driver's process is gone (they
     see their stdin close); False leaves only the keepalive lease (for tests).
+    packages, requirements: what the machines need, checked against the
+        driver's environment (which they share): a missing one is an Error here.
     tls: off by default here, since the traffic never leaves the host; True
     links the machines by TLS over loopback TCP instead (as remote ones are).
     """
 
     name = "local"
 
-    def __init__(self, parent_pipe: bool = True, **options: Any):
+    def __init__(self, parent_pipe: bool = True, packages: PackagesArg = None,
+                 requirements: Optional[str] = None, **options: Any):
+        Packages(packages, requirements).check_local()
         self.parent_pipe = parent_pipe
         self.sockets: Optional[SocketDir] = None
         self.configure(**options)
@@ -153,34 +133,36 @@ class Local(System):
         if self.sockets is not None:
             self.sockets.remove()
 
-    def launch(self, creds: Credentials, names: list[str], timeout: float) -> list[Process]:
+    def launch(self, creds: Credentials, names: list[str], timeout: float,
+               env: Optional[dict] = None) -> list[Process]:
+        deadline = time.monotonic() + timeout
         procs: list[_LocalProcess] = []
         try:
             for name in names:
-                procs.append(self._spawn(creds, name))
+                procs.append(self._spawn(creds, name, env or {}))
             for proc in procs:
-                proc.addr = self._await_addr(proc, timeout)
+                proc.addr = proc.await_addr(deadline, timeout)
         except BaseException:
             for proc in procs:
-                if proc.status_fd is not None:  # type: ignore[attr-defined]
-                    os.close(proc.status_fd)  # type: ignore[attr-defined]
                 proc.kill()
                 proc.stop(1)
             raise
         return procs
 
-    def _spawn(self, creds: Credentials, name: str) -> _LocalProcess:
+    def _spawn(self, creds: Credentials, name: str, extra_env: dict) -> _LocalProcess:
         status_r, status_w = os.pipe()
         config = {
             "sys_path": [p if p else os.getcwd() for p in sys.path],
             "cwd": os.getcwd(),
             "lease": self.lease,
+            "keepalive_period": self.keepalive_period,
+            "lost_after": self.lost_after,
             "socket_buffer": self.socket_buffer,
             "status_fd": status_w,
             "parent_pipe": self.parent_pipe,
             "listen": self._listen_addr(name),
         }
-        env = dict(os.environ)
+        env = dict(os.environ, **extra_env)
         env["PYTHONUNBUFFERED"] = "1"  # machine output reaches the driver as it is printed
         env["PYTHONPATH"] = os.pathsep.join(
             [_PACKAGE_PARENT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -198,27 +180,5 @@ class Local(System):
             popen.stdin.write(bootstrap(creds, name, config, ("127.0.0.1",)))
             popen.stdin.flush()
         except BrokenPipeError:
-            pass  # it died at once; _await_addr reports how, with its output
-        proc = _LocalProcess(name, popen)
-        proc.status_fd = status_r  # type: ignore[attr-defined]
-        return proc
-
-    def _await_addr(self, proc: _LocalProcess, timeout: float) -> str:
-        fd = proc.status_fd  # type: ignore[attr-defined]
-        deadline = time.monotonic() + timeout
-        data = b""
-        try:
-            while not data.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([fd], [], [], left)[0]:
-                    raise proc.error(f"did not start within {timeout:g} s")
-                chunk = os.read(fd, 256)
-                if not chunk:
-                    raise proc.error("exited before it was ready")
-                data += chunk
-                if len(data) > 256:
-                    raise proc.error("reported a malformed address")
-        finally:
-            proc.status_fd = None  # type: ignore[attr-defined]
-            os.close(fd)
-        return data.decode().strip()
+            pass  # it died at once; await_addr reports how, with its output
+        return _LocalProcess(name, popen, os.fdopen(status_r, "rb"))

@@ -136,9 +136,8 @@ class Result:
 
 
 def stop(machine: bm.Machine, timeout: float = 30.0) -> None:
-    """Stop one machine and wait until the driver sees it STOPPED."""
-    machine.call("Supervisor.shutdown", timeout=timeout)
-    machine.wait(bm.State.STOPPED, timeout=timeout)
+    """Stop one machine: it ends, and calls to it fail with MachineLost."""
+    machine.shutdown(timeout=timeout)
 
 
 async def update_all(client: Client, keys: list[str], inflight: int,

@@ -19,7 +19,7 @@ import sysconfig
 import tarfile
 from typing import Sequence
 
-from .errors import Error
+from ..errors import Error
 
 MAX_BUNDLE_FILES = 20000
 MAX_BUNDLE_BYTES = 128 << 20
@@ -32,6 +32,7 @@ class Bundle:
     def __init__(self, label: str, files: dict[str, bytes], salt: str = ""):
         self.label = label
         self.files = files
+        self.salt = salt
         digest = hashlib.sha256(salt.encode() + b"\0")
         for rel in sorted(files):
             digest.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
@@ -45,7 +46,7 @@ class Bundle:
                 data = self.files[rel]
                 info = tarfile.TarInfo(rel)
                 info.size = len(data)
-                info.mode = 0o755 if rel.endswith(".so") else 0o644
+                info.mode = 0o600  # private on the host (an extension loads without x bits)
                 info.mtime = 0
                 tar.addfile(info, io.BytesIO(data))
         return buf.getvalue()

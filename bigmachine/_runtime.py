@@ -1,0 +1,38 @@
+"""A machine's own session: what ``bigmachine.current()`` returns inside a service.
+
+``start_machine`` turns a node into a serving machine: its Supervisor (which
+watches the owner's lease), its listener and its own B, through which its
+services call other machines.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ._machine import Machine
+from ._node import Node
+from ._session import B
+from ._supervisor import Supervisor
+from .errors import Error
+
+
+class Runtime(B):
+    """A machine's own session: ``machine`` is its handle on itself."""
+
+    def __init__(self, node: Node, keepalive_period: float, lost_after: float):
+        super().__init__(node, keepalive_period, lost_after)
+        self.machine = Machine(node, node.addr, name=node.name, expect=node.name)
+
+    def start(self, *args: Any, **kwargs: Any) -> list[Machine]:
+        raise Error("machines cannot start machines; call start() in the driver")
+
+
+def start_machine(node: Node, lease: float, on_stop: Any, owner_token: bytes,
+                  listen: str = "127.0.0.1:0", keepalive_period: float = 1.0,
+                  lost_after: float = 5.0) -> str:
+    """Start serving on node at listen: Supervisor, listener, the machine's own B.
+    Returns the address peers dial."""
+    node.start_thread()
+    node.registry.add("Supervisor", Supervisor(node, lease, on_stop, owner_token))
+    addr = node.run_sync(node.listen(listen))
+    Runtime(node, keepalive_period, lost_after)  # its timer starts with its first dial
+    return addr
