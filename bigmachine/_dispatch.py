@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Callable, Optional
 
 from ._connection import Connection
 from ._serialize import dump_exception, dumps, loads
 from ._service import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, Registry
 from ._streams import Stream
 from ._waiters import call_soon_threadsafe
+from ._writer import SMALL_MESSAGE
 from ._wire import MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY
 from .errors import Error, MachineLost
 
@@ -162,17 +164,29 @@ def _reply(result: Any, mtype: int = MTYPE_REPLY) -> tuple[int, tuple]:
         return MTYPE_ERROR, dump_exception(exc)
 
 
-def _run_sync(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
+def _run_sync(served: Served, fn: Any, args: tuple, kwargs: dict) -> Optional[Callable[[], None]]:
+    """Run the method; return the sending of a small reply, or None.
+
+    The reader (see _reader.defer) sends that reply once it reads again, so
+    the caller's next request cannot arrive while it is still busy (which
+    would make another thread take over reading); a large reply, whose send
+    may wait for room, is sent here.
+    """
     _local.served = served
     try:
         if served.cancelled:
-            return
+            return None
         try:
             mtype, message = _reply(fn(*args, **kwargs))
         except BaseException as exc:
             mtype, message = MTYPE_ERROR, dump_exception(exc)
-        if not served.cancelled:
-            _send(served.conn, served.sid, mtype, message)
+        if served.cancelled:
+            return None
+        segments = message[0]
+        if len(segments) == 1 and len(segments[0]) <= SMALL_MESSAGE:
+            return partial(_send, served.conn, served.sid, mtype, message)
+        _send(served.conn, served.sid, mtype, message)
+        return None
     finally:
         _local.served = None
         served.conn.incoming.pop(served.sid, None)

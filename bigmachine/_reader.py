@@ -145,7 +145,9 @@ class Reader:
 
     def defer(self, fallback: Callable, fn: Callable, *args: Any) -> None:
         """From an event handler: run fn(*args) on this thread once the read's
-        events are handled, unless reading must go on first: then fallback(fn, *args)."""
+        events are handled, unless reading must go on first: then
+        fallback(complete, fn, *args). fn may return a callable that must not
+        block, to run once this thread reads again (the sending of a reply)."""
         self._deferred.append((fallback, fn, args))
 
     def _run_deferred(self, generation: int) -> bool:
@@ -158,21 +160,24 @@ class Reader:
         fallback, fn, args = work.pop()
         _pass_on(work)
         if self._buffered():
-            fallback(fn, *args)
+            fallback(complete, fn, *args)
             return True
         del work, fallback
         with self._lock:
             self._leave(BUSY)
+        after = None
         try:
-            fn(*args)
+            after = fn(*args)
         except Exception:
             log.exception("connection to %s: deferred work failed", self.peer)
         fn = args = None  # hold nothing of a finished call
         with self._lock:
-            if generation != self._generation:
-                return False
-            self._take()
-        return True
+            taken = generation == self._generation
+            if taken:
+                self._take()
+        if after is not None:
+            after()
+        return taken
 
     # ---- leading ----------------------------------------------------------------
 
@@ -282,4 +287,11 @@ class Reader:
 def _pass_on(work: Any) -> None:
     """Give deferred work to its fallbacks."""
     for fallback, fn, args in work:
-        fallback(fn, *args)
+        fallback(complete, fn, *args)
+
+
+def complete(fn: Callable, *args: Any) -> None:
+    """Run deferred work somewhere else than on its reader, with what it left to do."""
+    after = fn(*args)
+    if after is not None:
+        after()
