@@ -68,8 +68,7 @@ class Connection:
         # Its threads run sync methods too: named as the node's pool threads are.
         thread_name = f"bigmachine-{node.name}-read-{peer}" if node is not None else f"bigmachine-read-{peer}"
         self.reader = Reader(sock, tls, self.decoder, peer, thread_name, self._on_event, self._is_closed,
-                             self._calls_in_flight, self.fail, self.io_failed,
-                             self.writer.add_ciphertext)
+                             self._calls_in_flight, self.fail, self.io_failed, self.writer)
         self.reader.start()
 
     def __repr__(self) -> str:
@@ -126,26 +125,34 @@ class Connection:
         self.writer.enqueue(sid, [[frame]], len(frame))
 
     def send(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list,
-             deadline: Optional[float] = None) -> None:
+             deadline: Optional[float] = None, cork: bool = False) -> None:
         """Send a message from any thread.
 
         A large message first waits (off the IO loop) until fewer than
         max_queued bytes wait to be written, so a peer that stops reading
         cannot make us hold unbounded data; small ones go straight on (the
         in-flight gate bounds them). Raises TimeoutError if still waiting at
-        deadline (time.monotonic()); nothing was queued then.
+        deadline (time.monotonic()); nothing was queued then. cork: a small
+        message may wait until this thread uncorks the writer (a reply in a
+        batch the reader runs; never a request whose reply the thread awaits).
         """
         units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
         if nbytes > SMALL_MESSAGE and not self.in_loop():
             self.writer.wait_for_room(deadline, self.peer)
-        self.writer.enqueue(sid, units, nbytes)
+        self.writer.enqueue(sid, units, nbytes, cork)
 
     async def asend(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> None:
-        """Send a message from a coroutine; a large one awaits room first (see send)."""
+        """Send a message from a coroutine; a large one awaits room first (see send).
+
+        Small ones sent in one turn of the event loop go out together, in one
+        sendmsg when the loop turns.
+        """
         units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
         if nbytes > SMALL_MESSAGE:
             await self.writer.await_room()
-        self.writer.enqueue(sid, units, nbytes)
+        elif self.writer.cork():
+            asyncio.get_running_loop().call_soon(self.writer.uncork)
+        self.writer.enqueue(sid, units, nbytes, True)
 
     # ---- reading ----------------------------------------------------------
 

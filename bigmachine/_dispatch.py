@@ -147,7 +147,7 @@ def _start_task(served: Served, run: Any, fn: Any, args: tuple, kwargs: dict) ->
 
 def _send(conn: Connection, sid: int, mtype: int, message: tuple) -> None:
     try:
-        conn.send(sid, mtype, 0, *message)
+        conn.send(sid, mtype, 0, *message, cork=True)
     except MachineLost:
         pass  # the caller is gone; there is no one to tell
     except Exception as exc:  # the reply could not be framed: say so instead

@@ -11,11 +11,15 @@ call's cost (each a futex wake-up, often of an idle vCPU, and a GIL hand-over):
 - A reader thread reads by default.
 - Work a read asks for (a sync method to run) is *deferred*: the reader
   thread runs it itself once the read's events are handled, instead of
-  handing it to a pool thread and back (when a read asks for several, the
-  others go to the pool first). Meanwhile the role is *busy* and the
-  socket is armed with the standby (``_standby``): if anything arrives
-  before the work is done, another reader thread takes the role at once.
-  A blocking method therefore never holds up other calls on its connection.
+  handing it to a pool thread and back. Meanwhile the role is *busy*. For
+  one piece of work the socket is armed with the standby (``_standby``): if
+  anything arrives before it is done, another reader thread takes the role
+  at once. A read that asks for several (a pipelining caller) runs them in
+  turn with their small replies corked into one ``sendmsg``, and the
+  standby's timer hands on reading, the pieces not yet begun (to the pool)
+  and the corked replies once the batch has run for ``BOUND``. A blocking
+  method therefore holds up other calls on its connection for a
+  millisecond at most.
 - A blocking caller *leads*: when the role is *parked* (nobody reads) it
   reads its own reply itself, handling whatever else arrives, and parks the
   role again, or hands it to a reader thread if other calls still wait. A
@@ -33,16 +37,22 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 from ._standby import STANDBY
 from ._waiters import Waiter, begin_batch, end_batch
 from ._wire import Decoder, WireError
+from ._writer import Writer
 from .errors import MachineLost, ProtocolError
 
 log = logging.getLogger("bigmachine.connection")
 
 READING, BUSY, PARKED = "reading", "busy", "parked"
+
+# Seconds a batch of deferred work may hold up reading (and the rest of the
+# batch) before the standby hands both on.
+BOUND = 0.001
 
 
 class Reader:
@@ -56,8 +66,7 @@ class Reader:
     def __init__(self, sock: socket.socket, tls: Any, decoder: Decoder, peer: str, name: str,
                  on_event: Callable[[tuple], None], is_closed: Callable[[], bool],
                  calls_in_flight: Callable[[], bool], fail: Callable[[BaseException], None],
-                 io_failed: Callable[[str, BaseException], BaseException],
-                 on_tls_output: Callable[[bytes], None]):
+                 io_failed: Callable[[str, BaseException], BaseException], writer: Writer):
         self.sock = sock
         self.fd = sock.fileno()
         self.tls = tls
@@ -69,9 +78,11 @@ class Reader:
         self.calls_in_flight = calls_in_flight
         self.fail = fail
         self.io_failed = io_failed
-        self.on_tls_output = on_tls_output
+        self.writer = writer              # corked while a batch runs, and for TLS output
         self.last_recv = time.monotonic()
         self._deferred: list = []         # (fallback, fn, args) asked for by the current read
+        self._batch: deque = deque()      # deferred work of a batch not yet begun
+        self._deadline = 0.0              # when a running batch must hand on what is left
         self._lock = threading.Lock()
         self._state = READING
         self._generation = 0              # bumped whenever a reader thread is given the role
@@ -151,18 +162,15 @@ class Reader:
         self._deferred.append((fallback, fn, args))
 
     def _run_deferred(self, generation: int) -> bool:
-        """Run this read's deferred work; False if another thread took the role meanwhile.
-
-        Only the last piece runs here: nothing could take the others from
-        behind one that blocks (the standby acts on new bytes only).
-        """
+        """Run this read's deferred work; False if another thread took the role meanwhile."""
         work, self._deferred = self._deferred, []
-        fallback, fn, args = work.pop()
-        _pass_on(work)
         if self._buffered():
-            fallback(complete, fn, *args)
+            _pass_on(work)
             return True
-        del work, fallback
+        if len(work) > 1:
+            return self._run_batch(generation, work)
+        fallback, fn, args = work.pop()
+        del fallback
         with self._lock:
             self._leave(BUSY)
         after = None
@@ -178,6 +186,60 @@ class Reader:
         if after is not None:
             after()
         return taken
+
+    def _run_batch(self, generation: int, work: list) -> bool:
+        """Run a read's deferred pieces in turn, their small replies corked together.
+
+        Bytes arriving meanwhile wait (a pipelining caller sends more while
+        its first requests run); instead the standby hands on reading, and
+        the pieces not yet begun to the pool, if the batch runs past BOUND.
+        """
+        batch = self._batch
+        with self._lock:
+            batch.extend(work)
+            self._state = BUSY
+            self._deadline = deadline = time.monotonic() + BOUND
+        del work
+        STANDBY.wake_at(self, deadline)
+        corked = self.writer.cork()
+        try:
+            while True:
+                with self._lock:
+                    if not batch:
+                        break
+                    fallback, fn, args = batch.popleft()
+                try:
+                    after = fn(*args)
+                    if after is not None:
+                        after()
+                except Exception:
+                    log.exception("connection to %s: deferred work failed", self.peer)
+                fn = args = after = None  # hold nothing of a finished call
+        finally:
+            if corked:
+                self.writer.uncork()
+        with self._lock:
+            self._deadline = 0.0
+            if generation != self._generation:
+                return False
+            self._state = READING
+        return True
+
+    def timed_out(self, now: float) -> float:
+        """From the standby: hand on a batch that ran past its deadline; the
+        deadline still ahead, or 0 when there is none."""
+        with self._lock:
+            deadline = self._deadline
+            if not deadline or now < deadline:
+                return deadline
+            self._deadline = 0.0
+            left = list(self._batch)
+            self._batch.clear()
+            if self._state == BUSY and not self.is_closed():
+                self._to_thread()
+        self.writer.uncork(anyone=True)  # the replies of the pieces already run
+        _pass_on(left)
+        return 0.0
 
     # ---- leading ----------------------------------------------------------------
 
@@ -254,7 +316,7 @@ class Reader:
         else:
             n = tls.read_into(self.sock, decoder.get_buffer())
             if tls.outgoing.pending:
-                self.on_tls_output(tls.pending_output())
+                self.writer.add_ciphertext(tls.pending_output())
         if n == 0:
             self.io_failed("read", EOFError("connection closed by peer"))
             return False

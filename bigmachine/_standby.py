@@ -7,14 +7,21 @@ here; the standby thread waits in ``epoll`` for any armed socket to become
 readable and then calls its reader's ``data_waiting()``, which puts a thread
 back on reading. Arming and disarming are one ``epoll_ctl`` each, so a
 connection that is left unattended only briefly costs no thread wake-up at
-all, and one left for long costs none either unless something arrives. The
-thread ends when the last connection it watched has closed.
+all, and one left for long costs none either unless something arrives.
+
+It also keeps time for readers running a batch of deferred work (which is
+not cut short by bytes arriving): ``wake_at(reader, deadline)`` makes it
+call ``reader.timed_out(now)`` at the deadline; under a steady load of
+batches that is one wake-up per deadline, not per batch. The thread ends
+when the last connection it watched has closed.
 """
 from __future__ import annotations
 
+import math
 import os
 import select
 import threading
+import time
 from typing import Any, Optional
 
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
@@ -28,6 +35,8 @@ class Standby:
         self._epoll: Optional[select.epoll] = None
         self._stop_fd = -1                   # written to when the thread should look at _readers
         self._readers: dict[int, Any] = {}   # fd -> reader
+        self._timed: dict[Any, float] = {}   # reader -> deadline to look at it
+        self._wake_at = math.inf             # when the thread will next look at _timed
         self._lock = threading.Lock()
 
     def _start(self) -> select.epoll:
@@ -67,9 +76,19 @@ class Standby:
             pass  # the socket (or, with the last one, the epoll set) closed meanwhile
         return True
 
+    def wake_at(self, reader: Any, deadline: float) -> None:
+        """Call reader.timed_out(now) at deadline (time.monotonic()), or soon after."""
+        with self._lock:
+            self._start()
+            self._timed[reader] = min(deadline, self._timed.get(reader, math.inf))
+            if deadline < self._wake_at:  # the thread sleeps longer: wake it to look again
+                self._wake_at = deadline
+                os.write(self._stop_fd, b"t")
+
     def forget(self, fd: int, reader: Any) -> None:
         """reader's connection closed: stop watching its socket."""
         with self._lock:
+            self._timed.pop(reader, None)
             if self._readers.get(fd) is not reader:
                 return
             del self._readers[fd]
@@ -82,11 +101,14 @@ class Standby:
 
     def _run(self, epoll: select.epoll, stop_r: int) -> None:
         while True:
-            for fd, _ in epoll.poll():
+            with self._lock:
+                self._wake_at = min(self._timed.values(), default=math.inf)
+                timeout = -1 if self._wake_at == math.inf else max(0.0, self._wake_at - time.monotonic())
+            for fd, _ in epoll.poll(timeout):
                 if fd == stop_r:
                     with self._lock:
                         os.read(stop_r, 64)
-                        if not self._readers:
+                        if not self._readers and not self._timed:
                             self._epoll = None
                             os.close(self._stop_fd)
                             os.close(stop_r)
@@ -96,6 +118,19 @@ class Standby:
                 reader = self._readers.get(fd)
                 if reader is not None:
                     reader.data_waiting()
+            self._look_at_timed()
+
+    def _look_at_timed(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [reader for reader, deadline in self._timed.items() if deadline <= now]
+            for reader in due:
+                del self._timed[reader]
+        for reader in due:
+            deadline = reader.timed_out(now)  # a later one, if another batch runs now
+            if deadline:
+                with self._lock:
+                    self._timed[reader] = min(deadline, self._timed.get(reader, math.inf))
 
 
 STANDBY = Standby()

@@ -7,7 +7,9 @@ drains round-robin, one frame at a time, so a small message is never stuck
 behind a large transfer. Large senders wait for room under ``max_queued``
 bytes (flow control); small ones never wait (the in-flight gate bounds them).
 With TLS, frames are encrypted one at a time and ciphertext the socket did
-not take waits for the next write.
+not take waits for the next write. A thread may cork the writer: its small
+messages then wait until it uncorks and go out together, one ``sendmsg``
+for a batch of replies or of an event loop's requests.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ DIRECT_FRAMES = 3
 # Frames the IO loop writes per wake-up before it lets go of the lock, so a
 # small message never waits behind more than a few MiB of someone's transfer.
 WRITE_BUDGET = 4
+_CORKED = -1  # the queue key of corked messages written together (no stream has it)
 
 
 class _Outgoing:
@@ -70,6 +73,9 @@ class Writer:
         self._async_drained: list = []
         self._streams: OrderedDict[int, deque] = OrderedDict()
         self._armed = False
+        self._cork_owner: Optional[int] = None  # the thread whose small messages wait for uncork
+        self._corked: list = []           # their buffers, in order
+        self._corked_bytes = 0
 
     # ---- flow control -----------------------------------------------------
 
@@ -108,42 +114,93 @@ class Writer:
 
     # ---- sending ----------------------------------------------------------
 
-    def enqueue(self, sid: int, units: list, nbytes: int) -> None:
-        """Write now if nothing is queued, else queue for the IO loop to write."""
+    def enqueue(self, sid: int, units: list, nbytes: int, cork: bool = False) -> None:
+        """Write now if nothing is queued, else queue for the IO loop to write.
+
+        cork: a small message may wait for uncork() if this thread corked the writer.
+        """
         if _faults.FAULTS is not None and self._inject(units):
             return
-        error = None
         with self._lock:
             if self.closed:
                 raise self.lost()
-            out = None
-            if not self._streams:
-                try:
-                    if len(units) == 1 and len(units[0]) <= IOV_MAX and self.tls is None:  # one frame
-                        sent = self.sock.sendmsg(units[0], (), socket.MSG_DONTWAIT)
-                        if sent == nbytes:
-                            return
-                        out = _Outgoing(units, nbytes)
-                        out.offset = out.sent = sent
-                    else:
-                        out = _Outgoing(units, nbytes)
-                    if self._write(out, DIRECT_FRAMES):
-                        return
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError as exc:
-                    error = exc
-            if out is None:
-                out = _Outgoing(units, nbytes)
-            if error is None:
-                queue = self._streams.get(sid)
-                if queue is None:
-                    self._streams[sid] = queue = deque()
-                queue.append(out)
-                self.queued += out.nbytes - out.sent
-                self._arm()
+            if self._cork_owner is not None and self._cork_owner == threading.get_ident():
+                if cork and len(units) == 1 and nbytes <= SMALL_MESSAGE:
+                    self._corked.extend(units[0])
+                    self._corked_bytes += nbytes
+                    return
+                error = self._unplug()  # what this thread corked goes first
+                if error is None:
+                    error = self._send(sid, units, nbytes)
+            else:
+                error = self._send(sid, units, nbytes)
+        if error is not None:
+            raise self.io_failed("write", error)
+
+    def cork(self) -> bool:
+        """Hold this thread's small corkable messages until it calls uncork().
+
+        False if this thread or another already holds the cork (then only the
+        first uncork() counts, or messages go out as usual).
+        """
+        with self._lock:
+            if self._cork_owner is not None:
+                return False
+            self._cork_owner = threading.get_ident()
+            return True
+
+    def uncork(self, anyone: bool = False) -> None:
+        """Write what this thread corked, in one sendmsg where it can.
+
+        anyone: whichever thread corked (one that runs too long to hold its messages).
+        """
+        with self._lock:
+            if self._cork_owner is None or not (anyone or self._cork_owner == threading.get_ident()):
                 return
-        raise self.io_failed("write", error)
+            self._cork_owner = None
+            error = self._unplug()
+        if error is not None:
+            self.io_failed("write", error)
+
+    def _unplug(self) -> Optional[OSError]:
+        """With the lock held: send what was corked, as one message."""
+        if not self._corked:
+            return None
+        buffers, nbytes = self._corked, self._corked_bytes
+        self._corked, self._corked_bytes = [], 0
+        if self.closed:
+            return None
+        units = [buffers[i:i + IOV_MAX] for i in range(0, len(buffers), IOV_MAX)]
+        return self._send(_CORKED, units, nbytes)
+
+    def _send(self, sid: int, units: list, nbytes: int) -> Optional[OSError]:
+        """With the lock held: write now if nothing is queued, else queue; the error if one."""
+        out = None
+        if not self._streams:
+            try:
+                if len(units) == 1 and len(units[0]) <= IOV_MAX and self.tls is None:  # one frame
+                    sent = self.sock.sendmsg(units[0], (), socket.MSG_DONTWAIT)
+                    if sent == nbytes:
+                        return None
+                    out = _Outgoing(units, nbytes)
+                    out.offset = out.sent = sent
+                else:
+                    out = _Outgoing(units, nbytes)
+                if self._write(out, DIRECT_FRAMES):
+                    return None
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                return exc
+        if out is None:
+            out = _Outgoing(units, nbytes)
+        queue = self._streams.get(sid)
+        if queue is None:
+            self._streams[sid] = queue = deque()
+        queue.append(out)
+        self.queued += out.nbytes - out.sent
+        self._arm()
+        return None
 
     def drop_unsent(self, sid: int) -> None:
         """Forget sid's queued messages that have not begun (a begun one must finish)."""
@@ -296,6 +353,7 @@ class Writer:
         with self._lock:
             self.closed = True
             self._streams.clear()
+            self._corked, self._corked_bytes = [], 0
             self.queued = 0
             self._wake_senders()
         try:
