@@ -15,7 +15,9 @@ from ._dispatch import cancelled
 from ._machine import Machine, State
 from ._session import B, current
 from ._retry import retry
+from ._profile import MemoryProfile, Profile
 from ._service import service
+from ._status import CallStats, MachineStatus, Status
 from ._version import __version__
 from .backends import Process, System
 from .backends.inprocess import InProcess
@@ -26,6 +28,7 @@ from .errors import AuthError, Error, MachineLost, ProtocolError, RemoteError
 __all__ = [
     "B", "Machine", "State", "System", "Process", "Local", "InProcess", "SSH",
     "start", "current", "service", "cancelled", "retry",
+    "Status", "MachineStatus", "CallStats", "Profile", "MemoryProfile",
     "Error", "RemoteError", "MachineLost", "AuthError", "ProtocolError",
     "__version__",
 ]

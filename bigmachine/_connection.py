@@ -14,6 +14,7 @@ import itertools
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, Optional
 
 from . import _buffers, _wire
@@ -25,6 +26,7 @@ from ._writer import MAX_QUEUED, SMALL_MESSAGE, Writer
 from .errors import Error, MachineLost, ProtocolError
 
 MAX_IN_FLIGHT = 10_000          # outgoing calls in flight per connection
+KEEPALIVE_HISTORY = 60  # keepalive round trips remembered per connection, for status
 
 
 class Connection:
@@ -60,6 +62,7 @@ class Connection:
         self.closed = False
         self._closing = threading.Lock()
         self.pong_at = 0.0
+        self.keepalive_rtts: deque = deque(maxlen=KEEPALIVE_HISTORY)  # seconds, oldest first
         sock.setblocking(True)  # the reader blocks; writers pass MSG_DONTWAIT
         self.writer = Writer(sock, loop, tls, self.io_failed, self._lost, max_queued)
         # At most four maximal messages may be arriving at once.
@@ -78,6 +81,21 @@ class Connection:
     def last_recv(self) -> float:
         """When bytes last arrived (time.monotonic())."""
         return self.reader.last_recv
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read off the socket (for progress)."""
+        return self.reader.bytes_received
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of message frames written (before TLS), for progress."""
+        return self.writer.bytes_sent
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of messages waiting to be written (for progress)."""
+        return self.writer.queued
 
     def in_loop(self) -> bool:
         """True on the thread of the IO loop this connection writes from."""
@@ -195,6 +213,8 @@ class Connection:
             self.send_control(KIND_PONG, 0, event[2])
         elif kind == KIND_PONG:
             self.pong_at = time.monotonic()
+            # The value is our PING's: time.monotonic() in microseconds when sent.
+            self.keepalive_rtts.append(self.pong_at - event[2] / 1e6)
         elif kind == KIND_GOAWAY:
             self.fail(MachineLost(self.peer, "peer shut down"))
 

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any, Callable, Optional
 
 from ._connection import Connection
+from ._metrics import Counters, MethodCounter
 from ._serialize import dump_exception, dumps, loads
 from ._service import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, Registry
 from ._streams import Stream
@@ -37,7 +38,8 @@ def cancelled() -> bool:
 class Served:
     """A call this node is serving: its stream state, and the waiting on it."""
 
-    __slots__ = ("conn", "sid", "stream", "task", "cond", "wakeup", "loop")
+    __slots__ = ("conn", "sid", "stream", "task", "cond", "wakeup", "loop",
+                 "counter", "started", "failed")
 
     def __init__(self, conn: Connection, sid: int, loop: asyncio.AbstractEventLoop):
         self.conn = conn
@@ -47,6 +49,9 @@ class Served:
         self.task: Optional[asyncio.Task] = None
         self.cond: Optional[threading.Condition] = None  # made for streams only
         self.wakeup: Optional[asyncio.Future] = None
+        self.counter: Optional[MethodCounter] = None  # counts the call once it is known
+        self.started = 0
+        self.failed = False
 
     @property
     def cancelled(self) -> bool:
@@ -95,6 +100,12 @@ class Served:
         with self.cond:  # credit() adds from the reader thread
             self.stream.sent_one()
 
+    def finish(self) -> None:
+        """The call is over (replied, failed or cancelled): forget it and count it."""
+        self.conn.incoming.pop(self.sid, None)
+        if self.counter is not None:
+            self.counter.end(self.started, self.failed or self.cancelled)
+
 
 class Dispatcher:
     """Runs requests against a registry, in an executor or on the IO loop."""
@@ -107,6 +118,7 @@ class Dispatcher:
         # Makes the node current on the calling thread, so that what is unpickled
         # there (a Machine argument) belongs to this node's cluster.
         self.enter = enter
+        self.counters = Counters()  # the calls served here, where the work runs
 
     def on_request(self, conn: Connection, sid: int, mflags: int, segments: list) -> None:
         """On the connection's reader thread: start serving one request."""
@@ -123,6 +135,9 @@ class Dispatcher:
         except BaseException as exc:
             _send(conn, sid, MTYPE_ERROR, dump_exception(exc))
             return
+        served.counter = self.counters(method)
+        if served.counter is not None:
+            served.started = served.counter.begin()
         conn.incoming[sid] = served
         if kind in (GENERATOR, ASYNC_GENERATOR):
             served.cond = threading.Condition(threading.Lock())
@@ -140,7 +155,7 @@ class Dispatcher:
 def _start_task(served: Served, run: Any, fn: Any, args: tuple, kwargs: dict) -> None:
     """On the IO loop: run a coroutine method as a task, unless already cancelled."""
     if served.cancelled:
-        served.conn.incoming.pop(served.sid, None)
+        served.finish()
         return
     served.task = served.loop.create_task(run(served, fn, args, kwargs))
 
@@ -180,6 +195,7 @@ def _run_sync(served: Served, fn: Any, args: tuple, kwargs: dict) -> Optional[Ca
             mtype, message = _reply(fn(*args, **kwargs))
         except BaseException as exc:
             mtype, message = MTYPE_ERROR, dump_exception(exc)
+        served.failed = mtype == MTYPE_ERROR
         if served.cancelled:
             return None
         segments = message[0]
@@ -189,7 +205,7 @@ def _run_sync(served: Served, fn: Any, args: tuple, kwargs: dict) -> Optional[Ca
         return None
     finally:
         _local.served = None
-        served.conn.incoming.pop(served.sid, None)
+        served.finish()
 
 
 def _run_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
@@ -203,16 +219,18 @@ def _run_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
             mtype, message = _reply(item, MTYPE_ITEM)
             _send(served.conn, served.sid, mtype, message)
             if mtype == MTYPE_ERROR:
+                served.failed = True
                 return
         _send(served.conn, served.sid, MTYPE_END, dumps(None))
     except BaseException as exc:
+        served.failed = True
         if not served.cancelled:
             _send(served.conn, served.sid, MTYPE_ERROR, dump_exception(exc))
     finally:
         if gen is not None:
             gen.close()
         _local.served = None
-        served.conn.incoming.pop(served.sid, None)
+        served.finish()
 
 
 async def _asend(conn: Connection, sid: int, mtype: int, message: tuple) -> None:
@@ -227,6 +245,7 @@ async def _asend(conn: Connection, sid: int, mtype: int, message: tuple) -> None
 
 
 async def _run_async(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
+    mtype = MTYPE_ERROR  # until a reply is made
     try:
         mtype, message = _reply(await fn(*args, **kwargs))
     except asyncio.CancelledError:
@@ -234,7 +253,8 @@ async def _run_async(served: Served, fn: Any, args: tuple, kwargs: dict) -> None
     except BaseException as exc:
         mtype, message = MTYPE_ERROR, dump_exception(exc)
     finally:
-        served.conn.incoming.pop(served.sid, None)
+        served.failed = mtype == MTYPE_ERROR
+        served.finish()
     await _asend(served.conn, served.sid, mtype, message)
 
 
@@ -247,13 +267,15 @@ async def _run_async_generator(served: Served, fn: Any, args: tuple, kwargs: dic
             mtype, message = _reply(item, MTYPE_ITEM)
             await _asend(served.conn, served.sid, mtype, message)
             if mtype == MTYPE_ERROR:
+                served.failed = True
                 return
         await _asend(served.conn, served.sid, MTYPE_END, dumps(None))
     except asyncio.CancelledError:
         return
     except BaseException as exc:
+        served.failed = True
         await _asend(served.conn, served.sid, MTYPE_ERROR, dump_exception(exc))
     finally:
         if agen is not None:
             await agen.aclose()
-        served.conn.incoming.pop(served.sid, None)
+        served.finish()

@@ -10,15 +10,18 @@ import time
 import weakref
 from typing import Any, Optional
 
-from . import _rpc
+from . import _progress, _rpc
 from ._auth import Credentials
 from ._connection import Connection
 from ._limits import raise_open_files
+from ._logforward import SERVICE as LOGS, Logs
 from ._machine import Control, Machine, State
 from ._node import Node, current_node, set_default
+from ._observe import Observing
 from ._serialize import dumps
 from ._service import check_services
 from ._session import B
+from ._statuspage import StatusPage
 from ._tls import ClusterCA
 from ._wire import KIND_PING
 from .backends import System
@@ -32,7 +35,7 @@ REDIAL_ATTEMPT = 2.0   # seconds one re-dial of a broken link may take
 REDIAL_PAUSE = 0.1     # seconds between re-dials
 
 
-class Driver(B):
+class Driver(B, Observing):
     """The driver's session: the machines it started (it owns them) and dialled."""
 
     def __init__(self, system: Optional[System] = None, **options: Any):
@@ -45,15 +48,32 @@ class Driver(B):
         identity = creds.ca.issue("driver") if creds.ca is not None else None
         node = Node(creds, "driver", user_timeout=self.system.lost_after, identity=identity,
                     socket_buffer=self.system.socket_buffer)
-        super().__init__(node, self.system.keepalive_period, self.system.lost_after)
+        B.__init__(self, node, self.system.keepalive_period, self.system.lost_after)
+        Observing.__init__(self)
         self._controls: dict[str, Control] = {}   # by machine name
         self._counter = 0
         self._renewed = time.monotonic()
+        self._page: Optional[StatusPage] = None
+        self._transfers: Optional[_progress.TransferBars] = None
         node.start_thread()
+        node.registry.add(LOGS, Logs())  # machines send their log records here
         node.on_connection_lost.append(self._on_connection_lost)
         set_default(node)
         self.start_timer()
         _live.add(self)
+        if _progress.on_terminal(self.system.progress):
+            self._transfers = _progress.TransferBars(node)
+        if self.system.status_addr is not None:
+            try:
+                self._page = StatusPage(self, self.system.status_addr)
+            except BaseException:
+                self.shutdown()
+                raise
+
+    @property
+    def status_url(self) -> Optional[str]:
+        """The status page's address, "http://HOST:PORT/TOKEN/" (None without status_addr)."""
+        return self._page.url if self._page is not None else None
 
     # ---- machines ------------------------------------------------------------
 
@@ -119,23 +139,27 @@ class Driver(B):
             return [exc]
         for control, proc in zip(controls, launched):
             control.launched(proc)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(controls), 16)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(controls), 16)) as pool, \
+                _progress.machines_bar(len(controls), _progress.on_terminal(self.system.progress)) as bar:
             futures = [pool.submit(self._boot, c, services, timeout) for c in controls]
+            for _ in concurrent.futures.as_completed(futures):
+                bar.update(1)
             errors = [f.exception() for f in futures]
         failed = [e for e in errors if e is not None]
         if len(controls) - len(failed) < needed:
             self.stop_machines([c.machine for c in controls])
         else:
             self.stop_machines([c.machine for c, e in zip(controls, errors) if e is not None])
+            self._forward_logs([c.machine for c, e in zip(controls, errors) if e is None])
         return failed
 
     def _boot(self, control: Control, services: dict, timeout: float) -> None:
         m, proc = control.machine, control.process
         try:
             conn = control.connect(timeout)
+            lease = self.system.lease if self.system.keepalives else None
             _rpc.call(conn, "Supervisor.register", (services,),
-                      {"lease": self.system.lease, "token": self.node.creds.owner_token(m.name)},
-                      timeout)
+                      {"lease": lease, "token": self.node.creds.owner_token(m.name)}, timeout)
         except BaseException as exc:
             if isinstance(exc, MachineLost) and not proc.alive(0.5):
                 # It died while starting: say how, with its last words if the system kept them.
@@ -150,6 +174,13 @@ class Driver(B):
         """The machines of this session that are not STOPPED: started and dialled."""
         with self._lock:
             owned = [c.machine for c in self._controls.values() if c.machine.state != State.STOPPED]
+        return owned + super().machines()
+
+    def _status_machines(self) -> list[Machine]:
+        """What status() reports: every machine started (stopped ones with their error)
+        and the dialled ones still in use."""
+        with self._lock:
+            owned = [c.machine for c in self._controls.values()]
         return owned + super().machines()
 
     def stop_machines(self, machines: list[Machine], timeout: Optional[float] = None) -> None:
@@ -198,10 +229,14 @@ class Driver(B):
         m = control.machine
         if m.state != State.RUNNING or conn is None or conn.closed:
             return
+        if not self.system.keepalives:
+            if not control.process.alive():
+                conn.fail(MachineLost(m.addr, f"its process exited ({self._exit_reason(m)})"))
+            return
         if now - conn.last_recv > self.lost_after:
             conn.fail(MachineLost(m.addr, f"no reply to keepalives for {self.lost_after:g} s"))
         elif not control.process.alive():
-            conn.fail(MachineLost(m.addr, f"its process exited ({control.process.describe_exit()})"))
+            conn.fail(MachineLost(m.addr, f"its process exited ({self._exit_reason(m)})"))
         else:
             try:
                 conn.send_control(KIND_PING, 0, int(now * 1e6))
@@ -240,7 +275,7 @@ class Driver(B):
         proc = control.process
         if not proc.alive(0.05):
             control.stopped(MachineLost(control.machine.addr,
-                                        f"its process exited ({proc.describe_exit()})"))
+                                        f"its process exited ({self._exit_reason(control.machine)})"))
             return
         deadline = conn.last_recv + self.lost_after
         try:
@@ -281,7 +316,7 @@ class Driver(B):
         if m.state != State.RUNNING:
             return
         if not control.process.alive():
-            err = MachineLost(m.addr, f"its process exited ({control.process.describe_exit()})")
+            err = MachineLost(m.addr, f"its process exited ({self._exit_reason(m)})")
         elif last is None:
             err = MachineLost.because(m.addr, broken.error)
         else:
@@ -299,6 +334,10 @@ class Driver(B):
                 return
             self._closed = True
             owned = [c.machine for c in self._controls.values()]
+        if self._page is not None:
+            self._page.close()
+        if self._transfers is not None:
+            self._transfers.close()
         self.stop_machines(owned)
         self.system.shutdown()
         self.node.close()

@@ -7,6 +7,7 @@ import threading
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from . import _rpc
+from ._metrics import Counters, acounted, acounted_iter, counted, counted_iter
 from ._connection import Connection
 from ._node import Node, current_node
 from .errors import Error, MachineLost
@@ -42,6 +43,7 @@ class Machine:
         self._async_waiters: list = []
         self._conn: Optional[Connection] = None
         self._control: Optional["Control"] = None
+        self.counters = Counters()  # the calls made through this handle, as the caller sees them
 
     def __repr__(self) -> str:
         return f"<Machine {self.name} {self.addr} {self._state.name}>"
@@ -227,11 +229,17 @@ class Machine:
         the remote traceback as its cause), MachineLost if the machine is gone,
         or TimeoutError after timeout seconds (the remote work is cancelled).
         """
+        return counted(self.counters(method), self._call, method, args, kwargs, timeout)
+
+    def _call(self, method: str, args: tuple, kwargs: dict, timeout: Optional[float]) -> Any:
         return _rpc.call(self._checked(self.connection(timeout)), method, args, kwargs, timeout)
 
     async def acall(self, method: str, *args: Any, timeout: Optional[float] = None,
                     **kwargs: Any) -> Any:
         """The asyncio form of call."""
+        return await acounted(self.counters(method), self._acall(method, args, kwargs, timeout))
+
+    async def _acall(self, method: str, args: tuple, kwargs: dict, timeout: Optional[float]) -> Any:
         conn = self._checked(await self.aconnection(timeout))
         return await _rpc.acall(conn, method, args, kwargs, timeout)
 
@@ -242,13 +250,15 @@ class Machine:
         timeout bounds the wait for each item. Stopping early (break, close)
         closes the generator on the machine.
         """
-        return _rpc.stream(self._checked(self.connection(timeout)), method, args, kwargs, timeout)
+        items = _rpc.stream(self._checked(self.connection(timeout)), method, args, kwargs, timeout)
+        return counted_iter(self.counters(method), items)
 
     async def astream(self, method: str, *args: Any, timeout: Optional[float] = None,
                       **kwargs: Any) -> AsyncIterator[Any]:
         """The asyncio form of stream."""
         conn = self._checked(await self.aconnection(timeout))
-        async for item in _rpc.astream(conn, method, args, kwargs, timeout):
+        items = _rpc.astream(conn, method, args, kwargs, timeout)
+        async for item in acounted_iter(self.counters(method), items):
             yield item
 
     def _checked(self, conn: Connection) -> Connection:
@@ -259,6 +269,12 @@ class Machine:
     def info(self, timeout: Optional[float] = 10.0) -> dict:
         """The machine's pid, host, versions and start time (Supervisor.info)."""
         return self.call("Supervisor.info", timeout=timeout)
+
+    @property
+    def keepalive_rtt(self) -> list[float]:
+        """Recent keepalive round trips (seconds, oldest first) on the current connection."""
+        conn = self._conn
+        return list(conn.keepalive_rtts) if conn is not None else []
 
     def stats(self, timeout: Optional[float] = 10.0) -> dict:
         """The machine's memory, load, disk and open calls (Supervisor.stats)."""

@@ -80,6 +80,7 @@ class Reader:
         self.io_failed = io_failed
         self.writer = writer              # corked while a batch runs, and for TLS output
         self.last_recv = time.monotonic()
+        self.bytes_received = 0
         self._deferred: list = []         # (fallback, fn, args) asked for by the current read
         self._batch: deque = deque()      # deferred work of a batch not yet begun
         self._deadline = 0.0              # when a running batch must hand on what is left
@@ -321,6 +322,7 @@ class Reader:
             self.io_failed("read", EOFError("connection closed by peer"))
             return False
         self.last_recv = time.monotonic()
+        self.bytes_received += n
         on_event = self.on_event
         pending = begin_batch()
         try:

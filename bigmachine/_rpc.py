@@ -84,8 +84,11 @@ def call(conn: Connection, method: str, args: tuple, kwargs: dict,
 
 
 async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
-                timeout: Optional[float]) -> Any:
-    """The asyncio form of call; cancelling the awaiting task cancels the remote work."""
+                timeout: Optional[float], decode: bool = True) -> Any:
+    """The asyncio form of call; cancelling the awaiting task cancels the remote work.
+
+    decode=False: a reply is not unpickled (None is returned); errors still are.
+    """
     message = encode_request(method, args, kwargs)
     await conn.gate.aacquire()
     try:
@@ -104,6 +107,8 @@ async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
             raise
     finally:
         conn.gate.release()
+    if not decode and item[0] == MTYPE_REPLY:
+        return None
     return _result(conn, item)
 
 

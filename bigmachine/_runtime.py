@@ -6,7 +6,7 @@ services call other machines.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from ._machine import Machine
 from ._node import Node
@@ -26,11 +26,12 @@ class Runtime(B):
         raise Error("machines cannot start machines; call start() in the driver")
 
 
-def start_machine(node: Node, lease: float, on_stop: Any, owner_token: bytes,
+def start_machine(node: Node, lease: Optional[float], on_stop: Any, owner_token: bytes,
                   listen: str = "127.0.0.1:0", keepalive_period: float = 1.0,
                   lost_after: float = 5.0) -> str:
     """Start serving on node at listen: Supervisor, listener, the machine's own B.
-    Returns the address peers dial."""
+    Returns the address peers dial. lease None: the machine has no lease (it lives
+    in its driver's process)."""
     node.start_thread()
     node.registry.add("Supervisor", Supervisor(node, lease, on_stop, owner_token))
     addr = node.run_sync(node.listen(listen))

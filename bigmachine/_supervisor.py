@@ -3,12 +3,13 @@
 Every machine serves ``Supervisor``. Its owner (the driver that started it)
 proves itself with the owner token the machine received in its bootstrap, not
 by which connection it calls on: only the owner may ``register`` services
-(once, running their ``init``), ``renew`` the machine's certificate or
-``shutdown`` the machine. The connection that registered (or, after the owner re-dialled, the one that
-``claim``-ed the machine) carries the owner's keepalives (PING frames,
-answered on the IO loop), which renew the machine's lease; when the lease
-runs out the machine stops itself. A broken link alone does not stop it: its
-owner re-dials within lost_after, which is shorter than the lease. Other members may call the rest (``ping``, ``info``, ``stats``).
+(once, running their ``init``), ``claim`` it after re-dialling, ``renew`` its
+certificate or ``shutdown`` the machine. The connection that registered (or
+claimed) carries the owner's keepalives (PING frames, answered by the
+connection's reader), which renew the machine's lease; when the lease runs
+out the machine stops itself. A broken link alone does not stop it: its owner
+re-dials within lost_after, which is shorter than the lease. Other members
+may call the rest (``ping``, ``info``, ``stats``, ``status``, profiles).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import threading
 import time
 from typing import Any, Optional
 
+from . import _health, _logforward, _profile, _resources
 from ._version import __version__
 from ._auth import check_token
 from ._connection import Connection
@@ -42,7 +44,7 @@ BOOT_TIMEOUT = 60.0  # how long a machine waits for its owner to register
 class Supervisor:
     """Built-in service on every machine."""
 
-    def __init__(self, node: Node, lease: float, on_stop: Any, owner_token: bytes):
+    def __init__(self, node: Node, lease: Optional[float], on_stop: Any, owner_token: bytes):
         self._node = node
         self._lease = lease
         self._on_stop = on_stop
@@ -50,6 +52,7 @@ class Supervisor:
         self._owner: Optional[Connection] = None
         self._started = time.time()
         self._lock = threading.Lock()
+        self.health = _health.watch(node)
         node.loop.call_soon_threadsafe(lambda: node.loop.create_task(self._watchdog()))
 
     def _check_owner(self, token: Any, what: str) -> None:
@@ -102,6 +105,9 @@ class Supervisor:
             "bigmachine": __version__,
             "started": self._started,
             "services": sorted(self._node.registry.services),
+            "hostname": socket.gethostname(),
+            "cpus": _resources.usable_cpus(),
+            "mem_total": _resources.memory()["mem_total"],
         }
 
     def stats(self) -> dict:
@@ -153,8 +159,42 @@ class Supervisor:
                     return
                 await asyncio.sleep(min(0.5, boot_deadline - now + 0.01))
                 continue
+            if self._lease is None:
+                return  # no lease: the machine lives in its driver's process
             ends = owner.last_recv + self._lease
             if now > ends:
                 self._on_stop(f"lease expired: no keepalive for {self._lease} s")
                 return
             await asyncio.sleep(ends - now + 0.01)
+
+    def status(self) -> dict:
+        """This machine's figures for b.status(): resources, memory health, calls served."""
+        return {
+            "name": self._node.name,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "uptime": time.time() - self._started,
+            "cpus": _resources.usable_cpus(),
+            "load1": os.getloadavg()[0],
+            **self.health.check(),
+            "calls": self._node.dispatcher.counters.snapshot(),
+        }
+
+    def profile(self, seconds: float, hz: float = _profile.HZ) -> list:
+        """Stack samples of every thread for seconds (see _profile.sample)."""
+        return _profile.sample(seconds, hz)
+
+    def forward_logs(self, level: int, driver_pid: int) -> None:
+        """Send this machine's log records at level or above to the caller (see _logforward).
+
+        Nothing when the driver is this very process: its records are there already.
+        """
+        served = getattr(_dispatch_local, "served", None)
+        if os.getpid() != driver_pid and served is not None:
+            self._node.loop.call_soon_threadsafe(_logforward.forward, self._node.name,
+                                                 served.conn, level)
+
+    def memory_profile(self, seconds: float, top: int = 20) -> list:
+        """The top allocation sites of a window of seconds (see _profile.allocation_sites)."""
+        return _profile.allocation_sites(seconds, top)
+

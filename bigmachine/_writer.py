@@ -66,6 +66,7 @@ class Writer:
         self.lost = lost
         self.max_queued = max_queued
         self.queued = 0                   # bytes queued and not yet written
+        self.bytes_sent = 0               # of message frames (before TLS), for progress
         self.closed = False
         self._ciphertext: Any = b""       # encrypted bytes not yet written
         self._lock = threading.Lock()
@@ -180,6 +181,7 @@ class Writer:
             try:
                 if len(units) == 1 and len(units[0]) <= IOV_MAX and self.tls is None:  # one frame
                     sent = self.sock.sendmsg(units[0], (), socket.MSG_DONTWAIT)
+                    self.bytes_sent += sent
                     if sent == nbytes:
                         return None
                     out = _Outgoing(units, nbytes)
@@ -274,6 +276,7 @@ class Writer:
                     return False
                 out.offset += n
                 out.sent += n
+                self.bytes_sent += n
                 unit = _skip(unit, n)
             out.index += 1
             out.offset = 0
@@ -289,7 +292,9 @@ class Writer:
                 return False
             unit = out.units[out.index]
             self._ciphertext = memoryview(self.tls.encrypt(unit))
-            out.sent += sum(memoryview(b).nbytes for b in unit)
+            n = sum(memoryview(b).nbytes for b in unit)
+            out.sent += n
+            self.bytes_sent += n
             out.index += 1
             encrypted += 1
         return False

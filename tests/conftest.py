@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 import bigmachine as bm
+from tests.ssh_fixtures import bare_venv, cache, sshd, system, venv  # noqa: F401 (shared fixtures)
 
 LEAK_GRACE = 5.0
 # Small timings so that failures are noticed fast, but generous enough for

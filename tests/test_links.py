@@ -19,7 +19,6 @@ import os
 import pickle
 import resource
 import shutil
-import signal
 import socket
 import stat
 import sys
@@ -27,7 +26,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 
@@ -36,10 +35,10 @@ from bigmachine import _wire
 from bigmachine._admission import Admission
 from bigmachine._auth import Credentials
 from bigmachine._node import Node
-from tests import sshd as sshd_fixture
 from tests.conftest import TIMING, poll
 from tests.link_services import Ledger, Peer
-from tests.rawpeer import connect, recv_exact
+from tests.rawpeer import connect
+from tests.relay import PathRelay
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -142,7 +141,6 @@ def test_a_dialler_refuses_a_unix_server_of_another_user():
     root = tempfile.mkdtemp(prefix="bm-evil-")
     os.chmod(root, 0o777)
     path = f"{root}/impostor.sock"
-    ready = threading.Event()
     result: list = []
 
     def impostor() -> str:
@@ -175,81 +173,10 @@ def test_a_dialler_refuses_a_unix_server_of_another_user():
 # ---- a relay on a TCP path ------------------------------------------------------------
 
 
-class Tamper:
-    """A TCP relay that can rewrite, corrupt or inject bytes client -> server."""
-
-    def __init__(self, target: str):
-        self.target = target
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(10)
-        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.edit: Optional[Callable[[bytes], bytes]] = None
-        self.inject = b""
-        self.lock = threading.Lock()
-        self.conns: list = []
-        self.threads: list = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        try:
-            while True:
-                client, _ = self.sock.accept()
-                upstream = connect(self.target)
-                self.conns += [client, upstream]
-                for src, dst, up in ((client, upstream, True), (upstream, client, False)):
-                    t = threading.Thread(target=self._pump, args=(src, dst, up), daemon=True)
-                    t.start()
-                    self.threads.append(t)
-        except OSError:
-            pass
-
-    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        src.settimeout(None)
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if up:
-                    with self.lock:
-                        if self.edit is not None:
-                            data, self.edit = self.edit(data), None
-                        if self.inject:
-                            dst.sendall(self.inject)
-                            self.inject = b""
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def arm(self, edit: Optional[Callable[[bytes], bytes]] = None, inject: bytes = b"") -> None:
-        with self.lock:
-            self.edit, self.inject = edit, inject
-
-    def close(self) -> None:
-        self.sock.close()
-        for s in self.conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in self.threads:
-            t.join(5)
-        for s in self.conns:
-            s.close()
-
-
 @contextmanager
 def tamper(target: str):
-    relay = Tamper(target)
-    try:
+    with PathRelay(lambda: target) as relay:
         yield relay
-    finally:
-        relay.close()
 
 
 def flip_last_byte(data: bytes) -> bytes:
@@ -309,13 +236,6 @@ def test_relay_cannot_rewrite_or_inject_on_tls_links(tmp_path):
         m0, m1 = b.start(2, services=SERVICES, timeout=30)
         assert not m0.addr.startswith("unix:")
         _relay_attacks(b, m0, m1, tmp_path, tls=True)
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    server = sshd_fixture.Sshd(tmp_path_factory.mktemp("sshd")).start()
-    yield server
-    server.stop()
 
 
 def ssh_system(sshd, cache, **kwargs) -> bm.SSH:

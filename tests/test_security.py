@@ -43,7 +43,8 @@ from bigmachine import _auth, _wire
 from bigmachine._auth import Credentials
 from bigmachine._admission import LOG_BURST, LOG_EVERY
 from bigmachine._node import Node
-from tests.rawpeer import client_handshake, connect, recv_exact
+from tests.rawpeer import connect, recv_exact
+from tests.relay import PathRelay
 from bigmachine._tls import ClusterCA, Identity
 from tests.conftest import TIMING, _shared_sessions, children, poll, shared, wait_no_leaks
 from tests.services import Echo, Relay
@@ -225,71 +226,6 @@ class Server:
         assert not self.thread.is_alive(), "fake server still running"
         assert not self.errors, self.errors
         return self.results
-
-
-class TCPRelay:
-    """A transparent TCP relay on loopback: client <-> target, recording both directions.
-
-    target(client_first_bytes) is called to choose where to connect: it lets a
-    relay connect wherever it likes once it has seen the client's hello.
-    """
-
-    def __init__(self, target: Callable[[], str]):
-        self.target = target
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(4)
-        self.sock.settimeout(10)
-        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.to_server = bytearray()
-        self.to_client = bytearray()
-        self.conns: list = []
-        self.threads: list = []
-        self.errors: list = []
-        self.accepted = threading.Thread(target=self._accept, daemon=True)
-        self.accepted.start()
-
-    def _accept(self) -> None:
-        try:
-            client, _ = self.sock.accept()
-            upstream = connect(self.target())
-            self.conns += [client, upstream]
-            for src, dst, log in ((client, upstream, self.to_server), (upstream, client, self.to_client)):
-                t = threading.Thread(target=self._pump, args=(src, dst, log), daemon=True)
-                t.start()
-                self.threads.append(t)
-        except BaseException as exc:
-            self.errors.append(exc)
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, log: bytearray) -> None:
-        src.settimeout(None)
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                log += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
-        for s in self.conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in [self.accepted] + self.threads:
-            t.join(5)
-        for s in self.conns:
-            s.close()
 
 
 class LogWatch:
@@ -694,7 +630,7 @@ def test_replayed_server_transcript_is_refused(plain):
     creds = plain.b.node.creds
     # Session 1: a relay (MITM) in front of the real machine records the server's
     # hello and proof.
-    relay = TCPRelay(lambda: m.addr)
+    relay = PathRelay(lambda: m.addr)
     with nodes(make_node(creds, "victim")) as (victim,):
         conn = victim.connect(relay.addr, timeout=5)
         assert not conn.closed
@@ -741,7 +677,7 @@ def test_handshake_reflected_back_to_the_dialer_is_refused(which, plain, tlsb):
     not end up authenticated to itself (the attacker knows no secret; without
     TLS it could then inject frames into an authenticated connection)."""
     victim = (plain if which == "plain" else tlsb).machines[1]
-    relay = TCPRelay(lambda: victim.addr)
+    relay = PathRelay(lambda: victim.addr)
     try:
         result = victim.call("Relay.via_addr", relay.addr, "Echo.echo", "reflected", timeout=10)
     except bm.AuthError:

@@ -21,7 +21,6 @@ from bigmachine.backends._shell import join, python_argv
 from bigmachine.backends.ssh import tunnel
 from tests.conftest import poll
 from tests.ssh_services import Remote
-from tests.test_ssh import cache, sshd, system, venv  # noqa: F401 (the same fixtures)
 
 pytestmark = pytest.mark.timeout(120)
 HERE = Path(__file__).resolve().parent

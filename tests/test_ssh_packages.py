@@ -19,7 +19,6 @@ from bigmachine.backends._bundle import Bundle
 from bigmachine.backends._packages import driver_requirements
 from tests import sshd as sshd_fixture
 from tests.package_services import Packaged
-from tests.test_ssh import cache, sshd, system, venv  # noqa: F401 (the same fixtures)
 from tests.test_ssh_netns import TIMING as NETNS_TIMING
 from tests.test_ssh_netns import lab  # noqa: F401 (the netns hosts)
 from tests.wheels import make_wheel

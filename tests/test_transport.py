@@ -41,7 +41,7 @@ from bigmachine._node import Node
 from bigmachine._serialize import dumps, load_exception, loads
 from tests.conftest import TIMING, poll, shared, unshare
 from tests.services import Echo
-from tests.rawpeer import client_handshake, connect, recv_exact, server_handshake
+from tests.rawpeer import client_handshake, connect, server_handshake
 
 pytestmark = pytest.mark.timeout(90)
 

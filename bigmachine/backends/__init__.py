@@ -63,6 +63,10 @@ class Process(ABC):
         ended, and its last output where the system kept it."""
         return Error(f"machine {what} ({self.describe_exit()})")
 
+    def local_pid(self) -> Optional[int]:
+        """The machine's process id when it is a process of this host, else None."""
+        return None
+
 
 class System(ABC):
     """How machines are launched, and the timing of their keepalives.
@@ -84,6 +88,10 @@ class System(ABC):
     socket_buffer: kernel socket buffer bytes of the cluster's connections
         (small on local links keeps pings prompt beside bulk transfers);
         0 leaves them to the kernel's autotuning, for long-distance links.
+    status_addr: "host:port" where the driver serves its status page (None:
+        no page); give a loopback host unless others must reach it.
+    progress: show progress bars on a terminal (starting machines, large
+        transfers); never when stderr is not a terminal.
     """
 
     name = "system"
@@ -95,6 +103,13 @@ class System(ABC):
     insecure = False
     cert_lifetime = LIFETIME
     socket_buffer = 1 << 20
+    status_addr: Optional[str] = None
+    progress = True
+
+    # Whether the driver keeps its machines alive with keepalives and a lease:
+    # machines that live inside the driver's process cannot outlive it, and the
+    # driver sees them end without I/O.
+    keepalives = True
 
     @property
     def tcp(self) -> bool:
@@ -102,10 +117,15 @@ class System(ABC):
         return True
 
     def configure(self, **options: Any) -> None:
-        """Set options: tls, insecure, cert_lifetime, socket_buffer, and timing
-        (keepalive_period, lost_after, lease, start_timeout)."""
+        """Set options: tls, insecure, cert_lifetime, socket_buffer, status_addr, progress,
+        and timing (keepalive_period, lost_after, lease, start_timeout)."""
         for key, value in options.items():
-            if key in ("tls", "insecure"):
+            if key == "status_addr":
+                if value is not None and not isinstance(value, str):
+                    raise Error(f"option status_addr must be 'host:port' or None, not {value!r}")
+                self.status_addr = value
+                continue
+            if key in ("tls", "insecure", "progress"):
                 if not isinstance(value, bool):
                     raise Error(f"option {key} must be True or False, not {value!r}")
                 setattr(self, key, value)
@@ -126,7 +146,7 @@ class System(ABC):
         """Refuse settings that cannot work: a lease that ends before the driver gives
         up re-dialling, and plain TCP unless insecure=True (then warn once per process)."""
         global _warned_insecure
-        if self.lease <= self.lost_after + self.keepalive_period:
+        if self.keepalives and self.lease <= self.lost_after + self.keepalive_period:
             raise Error(f"lease ({self.lease:g} s) must exceed lost_after ({self.lost_after:g} s) "
                         f"plus keepalive_period ({self.keepalive_period:g} s): a machine must not "
                         "stop itself while its driver may still re-dial it")

@@ -62,6 +62,9 @@ class _LocalProcess(Spawned):
             pass
         return self.popen.poll() is None
 
+    def local_pid(self) -> int:
+        return self.popen.pid
+
     def describe_exit(self) -> str:
         code = self.popen.poll()
         if code is None:

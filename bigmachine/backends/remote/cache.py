@@ -130,17 +130,17 @@ def verify(cache, entry):
     except (OSError, ValueError):
         return "it has no manifest"
     files = scan(root)
-    expected = dict(manifest["shipped"], **manifest["built"])
-    for rel in sorted(set(files) | set(expected)):
-        link = files.get(rel, "").startswith("link:") and not expected.get(rel, "").startswith(
+    listed = dict(manifest["shipped"], **manifest["built"])
+    for rel in sorted(set(files) | set(listed)):
+        link = files.get(rel, "").startswith("link:") and not listed.get(rel, "").startswith(
             "link:")
         if link:
             return "%s is a symlink where a file or directory was installed" % rel
-        if rel not in expected:
+        if rel not in listed:
             return "%s is not in its manifest (a file was added after it was installed)" % rel
         if rel not in files:
             return "%s is missing" % rel
-        if files[rel] != expected[rel]:
+        if files[rel] != listed[rel]:
             return "%s differs from its manifest" % rel
     if entry.startswith("bundles/") and bundle_hash(manifest["salt"], manifest["shipped"]) \
             != os.path.basename(entry):

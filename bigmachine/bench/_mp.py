@@ -1,7 +1,7 @@
 """The ``multiprocessing.connection`` baseline: the twenty lines a user could write instead.
 
-Run as a script (``python _mp.py serve unix|tcp``) it is the server, a child
-process: it reads an authkey (hex) from stdin, prints its address, and
+Run as a script (``python _mp.py serve unix|tcp``, by its path: it needs only
+the standard library) it is the server, a child process: it reads an authkey (hex) from stdin, prints its address, and
 serves each connection on a thread of its own, answering each pickled
 ``("Echo.echo", args, kwargs)`` request with the pickled result, until stdin
 closes. The client side is the functions below, each over one connection.

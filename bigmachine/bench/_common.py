@@ -1,7 +1,7 @@
 """Shared parts of the benchmarks: the Echo service, the raw-socket baseline
 server (a child process), statistics and reporting.
 
-Run as a script (``python _common.py serve threads|asyncio [tls]``) it is the
+Run as a module (``python -m bigmachine.bench._common serve threads|asyncio [tls]``) it is the
 raw baseline server: it prints its port on stdout and serves until stdin
 closes. With ``tls`` it first reads one JSON line from stdin: its identity
 (CA certificate, certificate, key; PEM) issued by a ``bigmachine._tls.ClusterCA``
@@ -39,6 +39,9 @@ import tempfile
 import threading
 import time
 from typing import Any, Optional
+
+# The directory holding the bigmachine package, for the baseline server's PYTHONPATH.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HEADER = struct.Struct("<BBHIQ")
 HEADER_SIZE = HEADER.size  # 16
@@ -347,9 +350,11 @@ class RawServer:
             ca = ClusterCA()
             server_identity = ca.issue("raw-server")
             self.client_ctx = ca.issue("raw-client").contexts()[1]
-        argv = ([sys.executable, os.path.abspath(__file__), "serve", kind] + (["tls"] if tls else [])
+        argv = ([sys.executable, "-m", "bigmachine.bench._common", "serve", kind] + (["tls"] if tls else [])
                 + (["unix", self.unix] if unix else []))
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [_PACKAGE_PARENT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         try:
             if server_identity is not None:
                 self.proc.stdin.write(json.dumps(server_identity.to_dict()).encode() + b"\n")

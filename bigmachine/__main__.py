@@ -1,0 +1,7 @@
+"""``python -m bigmachine``: the command line (see bigmachine._cli)."""
+import sys
+
+from ._cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The command line: ``python -m bigmachine COMMAND [options]``.
+
+    demo      estimate pi on a few local machines (bigmachine.examples.pi)
+    bench     run a benchmark and print its table (bigmachine.bench)
+    status    print the status table of a running driver, from its status page URL
+    version   print the versions of bigmachine and its parts
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Optional
+
+from ._status import Status
+from ._version import __version__
+from .bench import BENCHMARKS
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bigmachine", description="bigmachine: spread one Python program over "
+        "many machines. Each command has --help.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    commands.add_parser(
+        "demo", help="estimate pi on a few local machines",
+        description="Start local machines and estimate pi with them (bigmachine.examples.pi). "
+        "Options after 'demo' go to the example: --machines N (default 4), --samples N.")
+
+    bench = commands.add_parser(
+        "bench", help="run a benchmark and print its table",
+        description="Run one benchmark against its raw-socket baseline and print the table. "
+        "Options after NAME go to the benchmark (try: bench NAME --help).",
+        epilog="benchmarks:\n" + "\n".join(f"  {name:16} {text}" for name, text in BENCHMARKS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME", help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's options")
+
+    status = commands.add_parser(
+        "status", help="print a running driver's status table",
+        description="Print the status table of a running session, read from its status page: "
+        "the URL is b.status_url of a session started with status_addr='127.0.0.1:0' "
+        "(it carries the page's token).")
+    status.add_argument("url", metavar="URL", help="the status page, http://HOST:PORT/TOKEN/")
+    status.add_argument("--watch", type=float, metavar="SECONDS", nargs="?", const=2.0,
+                        help="print again every SECONDS (default 2) until interrupted")
+
+    commands.add_parser("version", help="print the versions of bigmachine and its parts",
+                        description="Print the versions of bigmachine, Python and the "
+                        "compiled wire module in use.")
+
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "demo":
+        from .examples import pi
+
+        pi.main(rest)
+    elif args.command == "bench":
+        importlib.import_module(f"bigmachine.bench.{args.name}").main(args.args)
+    elif args.command == "status":
+        return _status(args.url, args.watch)
+    elif args.command == "version":
+        from . import _wire
+
+        print(f"bigmachine {__version__}")
+        print(f"python {sys.version.split()[0]} ({sys.executable})")
+        print(f"wire module {_wire.__file__}")
+    return 0
+
+
+def _status(url: str, watch: Optional[float]) -> int:
+    """Print the status table once, or every watch seconds."""
+    source = url if url.endswith("status.json") else url.rstrip("/") + "/status.json"
+    while True:
+        try:
+            with urllib.request.urlopen(source, timeout=30) as reply:
+                table = str(Status.from_dict(json.load(reply)))
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+            print(f"cannot read the status at {source}: {exc}", file=sys.stderr)
+            return 1
+        if watch is None:
+            print(table)
+            return 0
+        if sys.stdout.isatty():
+            print("\033[H\033[2J", end="")  # clear the terminal between tables
+        print(f"{time.strftime('%H:%M:%S')}\n{table}\n", flush=True)
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return 0

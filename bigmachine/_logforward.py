@@ -1,0 +1,119 @@
+"""Machines' log records, shipped to the driver's logging.
+
+After a machine starts, its driver calls ``Supervisor.forward_logs(level)``.
+The machine then adds a handler to its root logger that queues records at the
+driver's level, and a task on its IO loop sends them in batches to the
+driver's built-in ``Logs`` service over the owner's connection, one batch at
+a time (the reply paces the next). On the driver each record goes to the
+logger ``bigmachine.machine.NAME``, with the machine's name in front of the
+message and as ``record.machine``, for the handlers the driver configured.
+The machine's own stderr handler stays, at its level: its lines still reach
+the driver's stderr with the machine's prefix (``m0: WARNING name: message``),
+which is all a driver that configured no logging shows. Machines in the
+driver's own process (``InProcess``) log there already.
+
+Records that cannot be sent (a driver that reads too slowly, a lost
+connection) are dropped and counted, never waited for: logging must not
+block a machine.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from . import _rpc
+from ._service import service
+from .errors import Error
+
+MAX_QUEUED = 10_000  # records a machine holds for a slow driver; more are dropped
+MAX_BATCH = 256
+SEND_TIMEOUT = 30.0
+SERVICE = "Logs"     # the driver's built-in service that receives records
+
+
+class _Shipper(logging.Handler):
+    """Queues records for the sender, from any thread, never blocking."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        super().__init__()
+        self.loop = loop
+        self.queue = queue
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            exc = logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
+            item = (record.name, record.levelno, record.getMessage(), record.created, exc,
+                    record.pathname, record.lineno, record.funcName, record.threadName)
+            self.loop.call_soon_threadsafe(self._put, item)
+        except RuntimeError:
+            pass  # the loop is closed: the machine is stopping
+        except Exception:
+            self.handleError(record)
+
+    def _put(self, item: tuple) -> None:
+        if self.queue.qsize() >= MAX_QUEUED:
+            self.dropped += 1
+        else:
+            self.queue.put_nowait(item)
+
+
+def forward(name: str, conn: Any, level: int) -> None:
+    """On a machine's IO loop: ship this process's records at level or above to conn's peer."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    shipper = _Shipper(loop, queue)
+    shipper.setLevel(level)
+    root = logging.getLogger()
+    for handler in root.handlers:  # they keep printing what they printed before
+        if handler.level == logging.NOTSET:
+            handler.setLevel(root.getEffectiveLevel())
+    root.addHandler(shipper)
+    root.setLevel(min(level, root.getEffectiveLevel()))
+
+    async def send() -> None:
+        try:
+            while True:
+                batch = [await queue.get()]
+                while not queue.empty() and len(batch) < MAX_BATCH:
+                    batch.append(queue.get_nowait())
+                if shipper.dropped:
+                    batch.append(("bigmachine.logs", logging.WARNING,
+                                  f"{shipper.dropped} log records were dropped",
+                                  batch[-1][3], "", __file__, 0, "forward", "logs"))
+                    shipper.dropped = 0
+                # The reply (None) is not unpickled: shipping logs costs a machine no loads.
+                await _rpc.acall(conn, f"{SERVICE}.records", (name, batch), {}, SEND_TIMEOUT,
+                                 decode=False)
+        except (Error, TimeoutError):
+            pass  # the driver is gone or stuck: its machine's records end here
+        finally:
+            root.removeHandler(shipper)
+
+    loop.create_task(send())
+
+
+def emit(machine: str, item: tuple) -> None:
+    """On the driver: log one record of machine's, if the driver's level lets it through."""
+    name, levelno, message, created, exc, pathname, lineno, func, thread = item
+    logger = logging.getLogger(f"bigmachine.machine.{machine}")
+    if not logger.isEnabledFor(levelno):
+        return
+    if not logger.hasHandlers():
+        return  # no logging configured here: the machine's stderr line is already shown
+    record = logger.makeRecord(logger.name, levelno, pathname, lineno, f"{machine}: {message}",
+                               (), None, func, {"machine": machine, "remote_logger": name,
+                                                "remote_thread": thread})
+    record.created = created
+    record.exc_text = exc or None
+    logger.handle(record)
+
+
+@service
+class Logs:
+    """The driver's built-in service: machines send their log records here."""
+
+    def records(self, machine: str, batch: list) -> None:
+        for item in batch:
+            emit(machine, item)

@@ -1,0 +1,371 @@
+"""Observability: status, profiles, memory health, logs, status page, progress."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import fcntl
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+import bigmachine as bm
+from tests.conftest import TIMING, poll
+from tests.obs_services import Work
+
+
+@pytest.fixture(scope="module")
+def duo():
+    b = bm.start(**TIMING)
+    try:
+        machines = b.start(2, services={"Work": Work()})
+        yield b, machines
+    finally:
+        b.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Module sessions outlive single tests; test_api's leak check would flag them."""
+    yield
+
+
+def stats_of(status: bm.Status, name: str) -> bm.MachineStatus:
+    return next(m for m in status if m.name == name)
+
+
+# ---- status ------------------------------------------------------------------
+
+
+def test_status_counts_equal_the_traffic(duo):
+    b, (m0, m1) = duo
+    for i in range(25):
+        assert m0.call("Work.echo", i) == i
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            m0.call("Work.fail", "no")
+    with pytest.raises(TimeoutError):
+        m1.call("Work.slow", 2.0, timeout=0.2)
+    status = b.status()
+    s0, s1 = stats_of(status, "m0"), stats_of(status, "m1")
+    echo, fail = s0.calls["Work.echo"], s0.calls["Work.fail"]
+    assert (echo.count, echo.errors, echo.in_flight) == (25, 0, 0)
+    assert (fail.count, fail.errors, fail.in_flight) == (3, 3, 0)
+    assert (s0.caller_calls["Work.echo"].count, s0.caller_calls["Work.fail"].errors) == (25, 3)
+    assert 0 < echo.p50 <= echo.p99 < 5
+    assert 0 < s0.caller_calls["Work.echo"].p50 <= s0.caller_calls["Work.echo"].p99 < 5
+    assert "Work.echo" not in s1.calls
+    # The call that timed out is an error at the caller and, once cancelled, on the machine.
+    assert s1.caller_calls["Work.slow"].errors == 1
+    poll(lambda: stats_of(b.status(), "m1").calls["Work.slow"].errors == 1, timeout=10)
+
+
+def test_status_in_flight_during_a_slow_call(duo):
+    b, (m0, _) = duo
+    t = threading.Thread(target=m0.call, args=("Work.slow", 1.5), daemon=True)
+    t.start()
+    try:
+        s0 = poll(lambda: (s := stats_of(b.status(), "m0")).calls.get("Work.slow")
+                  and s.calls["Work.slow"].in_flight == 1 and s, timeout=5)
+        assert s0.caller_calls["Work.slow"].in_flight == 1
+    finally:
+        t.join(10)
+    s0 = stats_of(b.status(), "m0")
+    assert s0.calls["Work.slow"].in_flight == 0 and s0.caller_calls["Work.slow"].in_flight == 0
+
+
+def test_status_records_and_table(duo):
+    b, _ = duo
+    poll(lambda: all(m.keepalive_rtt for m in b.status()), timeout=5)
+    status = b.status()
+    assert [m.name for m in status] == ["m0", "m1"]
+    for m in status:
+        assert m.state == "RUNNING" and m.healthy and m.err is None
+        assert m.cpus >= 1 and 0 < m.rss < m.mem_total and m.uptime > 0 and m.load1 >= 0
+        assert all(0 < rtt < 5 for rtt in m.keepalive_rtt)
+    data = json.loads(json.dumps(status.to_dict()))
+    assert bm.Status.from_dict(data).to_dict() == status.to_dict()
+    table = str(status)
+    assert "m0" in table and "m1" in table and "RUNNING" in table and "Work.echo" in table
+    info = duo[1][0].info()
+    assert info["cpus"] >= 1 and info["mem_total"] > 0 and info["hostname"] and info["pid"] > 0
+
+
+def test_status_of_a_stopped_machine():
+    with bm.start(**TIMING) as b:
+        m, = b.start(1, services={"Work": Work()})
+        os.kill(m.info()["pid"], signal.SIGKILL)
+        m.wait(bm.State.STOPPED, timeout=10)
+        status = b.status()
+        assert status[0].state == "STOPPED" and not status[0].healthy and status[0].err
+        assert "STOPPED" in str(status)
+
+
+# ---- profiles ----------------------------------------------------------------
+
+
+def test_merged_profile_names_a_function_under_the_one_machine_that_ran_it(duo, tmp_path):
+    b, (m0, m1) = duo
+    burning = threading.Thread(target=m0.call, args=("Work.burn", 2.5), daemon=True)
+    burning.start()
+    try:
+        profile = b.profile(seconds=1.5, driver=True)
+    finally:
+        burning.join(10)
+    assert profile.errors == {}
+    assert profile.machines[:1] == ["driver"] or "m0" in profile.machines
+    folded = profile.collapsed().splitlines()
+    burns = [line for line in folded if "only_on_one_machine" in line]
+    assert burns and all(line.startswith("m0;") for line in burns)
+    assert sum(int(line.rsplit(" ", 1)[1]) for line in burns) >= 50  # ~100 Hz for 1.5 s
+    assert "only_on_one_machine" in profile.top(5) and "m0" in profile.top(5)
+    assert "only_on_one_machine" not in profile.machine("m1").collapsed()
+    profile.save(str(tmp_path / "p.folded"))
+    profile.save(str(tmp_path / "p.json"))
+    assert (tmp_path / "p.folded").read_text() == profile.collapsed()
+    speedscope = json.loads((tmp_path / "p.json").read_text())
+    names = [p["name"] for p in speedscope["profiles"]]
+    assert "m0" in names and speedscope["shared"]["frames"]
+    with pytest.raises(bm.Error):
+        profile.save(str(tmp_path / "p.png"))
+
+
+def test_memory_profile_names_the_allocation_site(duo):
+    b, (m0, _) = duo
+    holding = threading.Thread(target=lambda: (time.sleep(0.3), m0.call("Work.hold", 8)), daemon=True)
+    holding.start()
+    memory = b.memory_profile(seconds=1.5, top=5, machines=[m0])
+    holding.join(10)
+    assert list(memory.sites) == ["m0"] and memory.errors == {}
+    site, size, count = memory.sites["m0"][0]
+    assert "obs_services.py" in site and size >= 8 << 20
+    assert "obs_services.py" in str(memory)
+
+
+# ---- logs --------------------------------------------------------------------
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_machines_warning_reaches_the_drivers_logging_with_its_name(duo):
+    b, (m0, m1) = duo
+    records = Records()
+    logger = logging.getLogger("bigmachine")
+    logger.addHandler(records)
+    try:
+        m1.call("Work.warn", "careful")
+        m1.call("Work.debug", "too fine for the driver's level")
+        found = poll(lambda: [r for r in records.records if "careful" in r.getMessage()], timeout=5)
+    finally:
+        logger.removeHandler(records)
+    record, = found
+    assert record.machine == "m1" and record.getMessage() == "m1: careful from the machine"
+    assert record.levelno == logging.WARNING and record.name == "bigmachine.machine.m1"
+    assert record.remote_logger == "tests.obs"
+    assert not any("too fine" in r.getMessage() for r in records.records)
+
+
+# ---- memory health -----------------------------------------------------------
+
+
+@pytest.fixture
+def small_memory_cgroup():
+    """A fresh memory cgroup limited to 300 MiB; removed after the test.
+
+    v1 (this host): a child of our own memory cgroup. v2: a child of the root,
+    where the memory controller is delegated. Never skipped: a host where it
+    cannot be made fails the test, saying why.
+    """
+    from bigmachine import _resources
+
+    limit = 300 << 20
+    own = _resources.cgroup_dir("memory")
+    if own is None:
+        pytest.fail("no memory cgroup is visible under /sys/fs/cgroup: cannot test OOM handling")
+    v2 = os.path.exists(f"{own}/cgroup.controllers")
+    parent = _resources.CGROUP_ROOT if v2 else own
+    path = f"{parent}/bigmachine-test-{os.getpid()}"
+    try:
+        os.mkdir(path)
+        with open(f"{path}/{'memory.max' if v2 else 'memory.limit_in_bytes'}", "w") as f:
+            f.write(str(limit))
+    except OSError as exc:
+        pytest.fail(f"cannot make a memory cgroup at {path} (root: {os.geteuid() == 0}): {exc}")
+    try:
+        yield path, limit
+    finally:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.rmdir(path)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def test_memory_hog_is_unhealthy_then_lost_out_of_memory(small_memory_cgroup):
+    path, limit = small_memory_cgroup
+    records = Records()
+    logging.getLogger("bigmachine").addHandler(records)
+    try:
+        with bm.start(**TIMING) as b:
+            m, = b.start(1, services={"Work": Work()})
+            with open(f"{path}/cgroup.procs", "w") as f:
+                f.write(str(m.info()["pid"]))
+            assert m.call("Work.hold", 280) == 280  # 93% of 300 MiB
+            s = b.status()[0]
+            assert s.mem_total == limit and not s.healthy and "UNHEALTHY" in str(b.status())
+            warnings = poll(lambda: [r for r in records.records if r.name == "bigmachine.machine.m0"
+                                     and "over 90% of the limit" in r.getMessage()], timeout=5)
+            assert len(warnings) == 1
+            with pytest.raises(bm.MachineLost):
+                m.call("Work.hold", 100, timeout=30)
+            m.wait(bm.State.STOPPED, timeout=10)
+            assert "out of memory" in str(m.err), m.err
+            with pytest.raises(bm.MachineLost, match="out of memory"):
+                m.call("Work.echo", 1)
+            assert "out of memory" in str(b.status()[0].err)
+    finally:
+        logging.getLogger("bigmachine").removeHandler(records)
+
+
+# ---- status page -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    from tests.browser import ensure_chromium
+
+    return ensure_chromium()
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_status_page_on_loopback_with_a_token_renders_in_chromium(chromium):
+    from tests.browser import render
+
+    with bm.start(status_addr="127.0.0.1:0", **TIMING) as b:
+        m0, m1 = b.start(2, services={"Work": Work()})
+        for i in range(7):
+            m0.call("Work.echo", i)
+        url = b.status_url
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/[A-Za-z0-9_-]{20,}/", url)
+        port = int(url.split(":")[2].split("/")[0])
+        listening = [c.laddr for c in psutil.Process().net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
+
+        base = url.rsplit("/", 2)[0]
+        assert get(f"{base}/")[0] == 404
+        assert get(f"{base}/wrong-token/status.json")[0] == 404
+        assert get(url + "nothing-here")[0] == 404
+        code, body = get(url + "status.json")
+        assert code == 200
+        data = json.loads(body)
+        assert [m["name"] for m in data["machines"]] == ["m0", "m1"]
+        assert data["machines"][0]["calls"]["Work.echo"]["count"] == 7
+        code, body = get(url + "profile?seconds=0.3")
+        assert code == 200 and all(line.rsplit(" ", 1)[1].isdigit()
+                                   for line in body.decode().splitlines())
+        assert get(url + "profile?seconds=1000")[0] == 400
+
+        dom, console = render(chromium, url)
+        assert console == []
+        rows = re.findall(r'<tr class="machine"><td>(m\d)</td><td>RUNNING</td>', dom)
+        assert rows == ["m0", "m1"]
+        assert "Work.echo" in dom and "<polyline" in dom
+    with pytest.raises(urllib.error.URLError):  # shut down with its session
+        urllib.request.urlopen(url + "status.json", timeout=5)
+
+
+def test_status_addr_is_checked():
+    with pytest.raises(bm.Error, match="status_addr"):
+        bm.start(status_addr="no-port")
+    with pytest.raises(bm.Error, match="status_addr"):
+        bm.start(status_addr=8080)
+
+
+# ---- progress ----------------------------------------------------------------
+
+PROGRESS_SCRIPT = """
+import sys, numpy, bigmachine as bm
+from tests.obs_services import Work
+with bm.start(progress=sys.argv[1] == "on", keepalive_period=0.25) as b:
+    m0, m1, m2 = b.start(3, services={"Work": Work()})
+    assert m0.call("Work.sink", numpy.ones(48 << 20)) == 384 << 20
+print("done", flush=True)
+"""
+
+
+def run_with_stderr(on_pty: bool, option: str) -> str:
+    """Run PROGRESS_SCRIPT with stderr on a pseudo-terminal or a pipe; its stderr."""
+    import pty
+
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, "-c", PROGRESS_SCRIPT, option]
+    if not on_pty:
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout == "done\n", done.stderr
+        return done.stderr
+    master, slave = pty.openpty()
+    # A fresh pty is 0 columns wide, where tqdm draws nothing: make it a terminal's size.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=slave)
+    finally:
+        os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every writer of the terminal is gone
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(10) == 0 and proc.stdout.read() == b"done\n", out[-2000:]
+    finally:
+        os.close(master)
+        proc.stdout.close()
+    return out.decode("utf-8", "replace")
+
+
+def test_progress_shows_on_a_terminal_and_not_in_a_pipe():
+    shown = run_with_stderr(True, "on")
+    assert "starting machines" in shown and "sending to " in shown and "B/s" in shown
+    piped = run_with_stderr(False, "on")
+    assert "starting machines" not in piped and "sending to" not in piped and "\r" not in piped
+    hidden = run_with_stderr(True, "off")
+    assert "starting machines" not in hidden and "sending to" not in hidden
