@@ -260,15 +260,17 @@ class Reader:
         """For the leader: read and handle events until waiter has an item."""
         try:
             while not waiter.items and self._read_once():
-                _pass_on(self._deferred)  # a caller does not run methods: the pool does
-                self._deferred = []
+                if self._deferred:  # a caller does not run methods: the pool does
+                    _pass_on(self._deferred)
+                    self._deferred = []
         except Exception as exc:
             self._failed(exc)
 
     def leave(self) -> None:
         """The leader is done: park the role, or give it to a reader thread if others wait."""
-        _pass_on(self._deferred)
-        self._deferred = []
+        if self._deferred:
+            _pass_on(self._deferred)
+            self._deferred = []
         with self._lock:
             if self.calls_in_flight() or self._buffered() or self.is_closed():
                 self._to_thread()

@@ -81,7 +81,8 @@ class Waiter:
     """Delivers a call's replies from the connection's reader to its caller.
 
     The reader calls ``put``; a thread caller blocks in ``get`` on a plain
-    lock (the cheapest cross-thread wake-up), an asyncio caller awaits
+    lock (the cheapest cross-thread wake-up), made only if it must wait (a
+    caller that read its own reply never does); an asyncio caller awaits
     ``aget`` on its own loop.
     """
 
@@ -89,8 +90,7 @@ class Waiter:
 
     def __init__(self) -> None:
         self.items: deque = deque()
-        self.lock = threading.Lock()
-        self.lock.acquire()
+        self.lock: Optional[threading.Lock] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.future: Optional[asyncio.Future] = None
 
@@ -100,17 +100,24 @@ class Waiter:
         if fut is not None:
             self.future = None
             call_soon_threadsafe(self.loop, _wake, fut)
-        elif self.lock.locked():
+            return
+        lock = self.lock
+        if lock is not None and lock.locked():
             try:
-                self.lock.release()
+                lock.release()
             except RuntimeError:
                 pass
 
     def get(self, timeout: Optional[float]) -> Any:
+        if self.items:
+            return self.items.popleft()
+        lock = threading.Lock()
+        lock.acquire()
+        self.lock = lock  # put() releases it from now on; check again for one that came before
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.items:
             wait = -1 if deadline is None else max(deadline - time.monotonic(), 0)
-            if not self.lock.acquire(timeout=wait) and not self.items:
+            if not lock.acquire(timeout=wait) and not self.items:
                 raise TimeoutError
         return self.items.popleft()
 
