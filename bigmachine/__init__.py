@@ -23,10 +23,11 @@ from .backends import Process, System
 from .backends.inprocess import InProcess
 from .backends.local import Local
 from .backends.ssh import SSH
+from .backends.ec2 import EC2
 from .errors import AuthError, Error, MachineLost, ProtocolError, RemoteError
 
 __all__ = [
-    "B", "Machine", "State", "System", "Process", "Local", "InProcess", "SSH",
+    "B", "Machine", "State", "System", "Process", "Local", "InProcess", "SSH", "EC2",
     "start", "current", "service", "cancelled", "retry",
     "Status", "MachineStatus", "CallStats", "Profile", "MemoryProfile",
     "Error", "RemoteError", "MachineLost", "AuthError", "ProtocolError",

@@ -3,6 +3,7 @@
     demo      estimate pi on a few local machines (bigmachine.examples.pi)
     bench     run a benchmark and print its table (bigmachine.bench)
     status    print the status table of a running driver, from its status page URL
+    ec2       list or clean up the EC2 instances drivers left (ec2 list, ec2 cleanup)
     version   print the versions of bigmachine and its parts
 """
 from __future__ import annotations
@@ -50,6 +51,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     status.add_argument("--watch", type=float, metavar="SECONDS", nargs="?", const=2.0,
                         help="print again every SECONDS (default 2) until interrupted")
 
+    ec2 = commands.add_parser(
+        "ec2", help="list or clean up the EC2 instances drivers left",
+        description="Find bigmachine's EC2 instances by their tags, whichever driver launched "
+        "them. Credentials and region come from boto3's usual chain.")
+    ec2.add_argument("action", choices=("list", "cleanup"),
+                     help="list: print them (cluster, age, state, type); cleanup: say what "
+                     "will be terminated, terminate it, delete unused cluster security groups")
+    ec2.add_argument("--cluster", metavar="ID", help="only this cluster's (its tag "
+                     "bigmachine:cluster)")
+    ec2.add_argument("--older-than", metavar="AGE", help="cleanup: only instances older than "
+                     "AGE, e.g. 30m, 1h, 2d")
+    ec2.add_argument("--region", help="the AWS region (default: boto3's chain)")
+    ec2.add_argument("--endpoint-url", metavar="URL", help="an AWS-compatible endpoint "
+                     "(moto, LocalStack)")
+
     commands.add_parser("version", help="print the versions of bigmachine and its parts",
                         description="Print the versions of bigmachine, Python and the "
                         "compiled wire module in use.")
@@ -65,6 +81,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         importlib.import_module(f"bigmachine.bench.{args.name}").main(args.args)
     elif args.command == "status":
         return _status(args.url, args.watch)
+    elif args.command == "ec2":
+        return _ec2(args)
     elif args.command == "version":
         from . import _wire
 
@@ -72,6 +90,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"python {sys.version.split()[0]} ({sys.executable})")
         print(f"wire module {_wire.__file__}")
     return 0
+
+
+def _ec2(args: argparse.Namespace) -> int:
+    from .backends.ec2 import cli
+    from .backends.ec2.aws import AWS
+    from .errors import Error
+
+    try:
+        aws = AWS(args.region, args.endpoint_url)
+        if args.action == "list":
+            if args.older_than:
+                raise Error("--older-than is for cleanup")
+            return cli.list_instances(aws, args.cluster, sys.stdout)
+        older = cli.parse_age(args.older_than) if args.older_than else None
+        return cli.cleanup(aws, args.cluster, older, sys.stdout)
+    except Error as exc:
+        print(f"python -m bigmachine ec2 {args.action}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _status(url: str, watch: Optional[float]) -> int:

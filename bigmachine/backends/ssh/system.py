@@ -4,7 +4,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import sysconfig
 import threading
 import time
 import uuid
@@ -14,16 +13,16 @@ from ..._auth import Credentials
 from ...errors import Error
 from .. import Process, System
 from .._bootstrap import PID_PREFIX, bootstrap
-from .._bundle import DEFAULT_EXCLUDE, Bundle, bigmachine_bundle, user_bundle, user_paths
-from .._packages import Packages, PackagesArg, env_key, pip_bundle
-from .._remote import HostCache, script
+from .._bundle import DEFAULT_EXCLUDE, Bundle, user_bundle, user_paths
+from .._hostprep import Plan, prepare
+from .._hostprep import run_dir as machine_dir
+from .._packages import Packages, PackagesArg
 from .._shell import exports, join, python_argv
 from .hosts import Host, open_session, parse_host
-from .probe import REQUIRED, bind_address, check_probe
+from .probe import bind_address
 from .process import SSHProcess
 
 log = logging.getLogger("bigmachine.ssh")
-LAUNCH_IN_ENV = "import os, sys; os.execv(sys.argv[1], sys.argv[1:])"
 
 
 class SSH(System):
@@ -148,8 +147,7 @@ class SSH(System):
         self.envs: list[tuple[str, str, float, Optional[str]]] = []
         self._lock = threading.Lock()  # over placement: each host's reserved and procs
         self._hosts = [Host(self, h, u, p, self._lock) for h, u, p in specs]
-        self._known_lock = threading.Lock()
-        self._lock = threading.Lock()
+        self._binds: dict[str, str] = {}  # host label -> the address its machines listen on
         self.configure(tls=tls, **options)
 
     def __repr__(self) -> str:
@@ -205,75 +203,39 @@ class SSH(System):
         paths = self.user_paths if self.user_paths is not None else user_paths()
         return [user_bundle(p, self.include, self.exclude) for p in paths]
 
-    def _prepare(self, host: Host, user: list[Bundle], deadline: float) -> dict:
+    def _prepare(self, host: Host, user: list[Bundle], deadline: float) -> Plan:
         """Connect, probe, and ship what the host lacks; return the launch plan."""
         host.client(deadline)
-        status, out, err = host.run_argv(
-            self.python_argv + ["-c", script("probe"), self.cache_dir, *REQUIRED], b"", deadline)
-        probe = check_probe(host.label, join(self.python_argv), status, out, err)
-        ours = sysconfig.get_config_var("EXT_SUFFIX") or ""
-        binaries = self.build == "auto" and probe["ext_suffix"] == ours
-        bm, exts = bigmachine_bundle(probe["ext_suffix"], binaries)
-        cache = HostCache(host.label, host.run_argv, self.python_argv, probe["cache"])
-        wanted = [(bm, {"build": "check" if binaries else "build", "exts": exts})]
-        wanted += [(b, {}) for b in user]
-        env_entry = []
-        if self.packages:
-            wheels, args = self.packages.resolve(probe, host.label, user)
-            pip = pip_bundle()
-            key = env_key(wheels, pip, args, probe)
-            wanted += [(wheels, {}), (pip, {})]
-            env_entry = [f"envs/{key}"]
-        sent = cache.ship(wanted, deadline, self.cache_keep, self.cache_max_age, env_entry)
-        for bundle, size in sent:
-            with self._lock:
+        plan = prepare(host.label, host.run_argv, self.python_argv, self.cache_dir, user,
+                       self.packages, self.build, self.cache_keep, self.cache_max_age,
+                       deadline, "SSH(python=...)")
+        with self._lock:
+            for bundle, size in plan.sent:
                 self.uploads.append((host.label, bundle.label, bundle.hash, size))
-            log.info("shipped %s to %s (%d bytes)", bundle.label, host.label, size)
-        dirs = [cache.where(cache.entry(b)) for b, _ in wanted[:1 + len(user)]]
-        plan = {"cache": probe["cache"], "bigmachine": dirs[0], "hold": list(dirs),
-                "sys_path": dirs + [p for p in probe["path"] if p != dirs[0]], "python": None,
-                "bind": bind_address(host.label, probe, self.bind, self.tunnel)}
-        if env_entry:
-            env = cache.env(key, wheels, pip, args, deadline)
-            if env["rebuilt"]:
-                log.warning("%s: rebuilt the environment %s: %s", host.label, env_entry[0],
-                            env["rebuilt"])
-            log.info("%s: environment %s ready in %.1f s", host.label, env_entry[0],
-                     env["seconds"])
-            self.envs.append((host.label, env["python"], env["seconds"], env["rebuilt"]))
-            plan.update(python=env["python"], hold=dirs + [cache.where(env_entry[0])],
-                        sys_path=dirs + [p for p in env["path"] if p != dirs[0]])
+            if plan.env is not None:
+                self.envs.append((host.label, plan.env["python"], plan.env["seconds"],
+                                  plan.env["rebuilt"]))
+        self._binds[host.label] = bind_address(host.label, plan.probe, self.bind, self.tunnel)
         return plan
 
-    def _spawn(self, host: Host, plan: dict, creds: Credentials, name: str,
+    def _spawn(self, host: Host, plan: Plan, creds: Credentials, name: str,
                launch_id: str, deadline: float, assignments: str = "") -> SSHProcess:
         client = host.machine_client(deadline)
         try:
-            run_dir = os.path.join(plan["cache"], "run", launch_id, name)
+            run_dir = machine_dir(plan, launch_id, name)
             tmp = join([run_dir + "/tmp"])
             command = (
                 f"(umask 077 && mkdir -p {tmp}) && cd {join([run_dir])} && "
                 f"echo {PID_PREFIX}$$ && "
-                f"TMPDIR={tmp} PYTHONPATH={join([plan['bigmachine']])} "
+                f"TMPDIR={tmp} PYTHONPATH={join([plan.bigmachine])} "
                 f"PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 {assignments}"
-                f"exec {join(self.python_argv + self._in_env(plan['python']))} "
-                "-m bigmachine._worker")
+                f"exec {join(plan.argv(self.python_argv))}")
             chan = open_session(client, host.label, deadline)
         except BaseException:
             host.release_session(client)
             raise
-        bind = plan["bind"]
-        config = {
-            "sys_path": plan["sys_path"],
-            "cwd": run_dir,
-            "hold": plan["hold"] + [run_dir],
-            "lease": self.lease,
-            "keepalive_period": self.keepalive_period,
-            "lost_after": self.lost_after,
-            "socket_buffer": self.socket_buffer,
-            "parent_pipe": True,
-            "listen": f"[{bind}]:0" if ":" in bind else f"{bind}:0",
-        }
+        bind = self._binds[host.label]
+        config = plan.config(run_dir, f"[{bind}]:0" if ":" in bind else f"{bind}:0", self)
         data = bootstrap(creds, name, config, (bind,))
         chan.settimeout(None)
         chan.exec_command(command)
@@ -288,10 +250,6 @@ class SSH(System):
             host.reserved -= 1
             host.procs.append(proc)
         return proc
-
-    def _in_env(self, python: Optional[str]) -> list[str]:
-        """Words that make python= exec the env's interpreter (keeping what wraps it)."""
-        return [] if python is None else ["-c", LAUNCH_IN_ENV, python]
 
     def shutdown(self) -> None:
         for host in self._hosts:
