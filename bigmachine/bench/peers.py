@@ -124,6 +124,7 @@ def execnet_channel() -> Any:
 
 PYRO_SERVER = """
 import sys, Pyro5.api
+Pyro5.config.THREADPOOL_SIZE = 256  # a worker per connected proxy: one per calling thread
 @Pyro5.api.expose
 class Echo:
     def echo(self, x):
