@@ -35,7 +35,7 @@ REDIAL_ATTEMPT = 2.0   # seconds one re-dial of a broken link may take
 REDIAL_PAUSE = 0.1     # seconds between re-dials
 
 
-class Driver(B, Observing):
+class Driver(Observing, B):
     """The driver's session: the machines it started (it owns them) and dialled."""
 
     def __init__(self, system: Optional[System] = None, **options: Any):
@@ -80,18 +80,7 @@ class Driver(B, Observing):
     def start(self, n: int, services: dict, timeout: Optional[float] = None, *,
               min_machines: Optional[int] = None, wait: bool = True,
               env: Optional[dict] = None) -> list[Machine]:
-        """Start n machines with these services.
-
-        services maps names to instances of @bigmachine.service classes; each
-        instance is pickled and shipped. With wait (the default) it returns the
-        machines once each is RUNNING; if one fails, all of this batch are
-        stopped and the first failure's cause is raised. min_machines=k keeps
-        the machines that came up (once every machine has come up or failed),
-        marks the rest STOPPED with their causes, and raises only when fewer
-        than k came up. wait=False returns STARTING handles at once; a call on
-        one waits for it to run, and fails with its start's cause if the start
-        fails. env adds variables to each machine's environment.
-        """
+        """Start n machines with these services (see B.start)."""
         if self._closed:
             raise Error("this session is shut down")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -136,21 +125,33 @@ class Driver(B, Observing):
         except BaseException as exc:
             for control in controls:
                 control.stopped(exc)
+            if not isinstance(exc, Exception):
+                raise  # Ctrl-C and the like: the system ended what it launched
             return [exc]
-        for control, proc in zip(controls, launched):
-            control.launched(proc)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(controls), 16)) as pool, \
-                _progress.machines_bar(len(controls), _progress.on_terminal(self.system.progress)) as bar:
-            futures = [pool.submit(self._boot, c, services, timeout) for c in controls]
-            for _ in concurrent.futures.as_completed(futures):
-                bar.update(1)
-            errors = [f.exception() for f in futures]
-        failed = [e for e in errors if e is not None]
+        errors: dict[str, BaseException] = {}
+        for control, result in zip(controls, launched):
+            if isinstance(result, BaseException):  # this one could not be launched
+                errors[control.machine.name] = result
+                control.stopped(result)
+            else:
+                control.launched(result)
+        booting = [c for c in controls if c.machine.name not in errors]
+        if booting:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(booting), 16)) as pool, \
+                    _progress.machines_bar(len(controls),
+                                           _progress.on_terminal(self.system.progress)) as bar:
+                bar.update(len(errors))
+                futures = {pool.submit(self._boot, c, services, timeout): c for c in booting}
+                for future in concurrent.futures.as_completed(futures):
+                    bar.update(1)
+                    if future.exception() is not None:
+                        errors[futures[future].machine.name] = future.exception()
+        failed = [errors[c.machine.name] for c in controls if c.machine.name in errors]
         if len(controls) - len(failed) < needed:
-            self.stop_machines([c.machine for c in controls])
+            self.stop_machines([c.machine for c in booting])
         else:
-            self.stop_machines([c.machine for c, e in zip(controls, errors) if e is not None])
-            self._forward_logs([c.machine for c, e in zip(controls, errors) if e is None])
+            self.stop_machines([c.machine for c in booting if c.machine.name in errors])
+            self._forward_logs([c.machine for c in booting if c.machine.name not in errors])
         return failed
 
     def _boot(self, control: Control, services: dict, timeout: float) -> None:
@@ -349,11 +350,13 @@ class Driver(B, Observing):
             set_default(others[-1].node if others else None)
 
 
-def start(system: Optional[System] = None, **options: Any) -> Driver:
+def start(system: Optional[System] = None, **options: Any) -> B:
     """Start a bigmachine session on system (default: bigmachine.Local()).
 
-    options are the session's: tls, insecure, cert_lifetime, socket_buffer and
-    timing (keepalive_period, lost_after, lease, start_timeout).
+    options are the session's: tls, insecure, cert_lifetime, socket_buffer,
+    status_addr (serve a status page there, e.g. "127.0.0.1:0"), progress
+    (progress bars on a terminal) and timing (keepalive_period, lost_after,
+    lease, start_timeout). It returns the driver's session, a B.
     """
     return Driver(system, **options)
 

@@ -267,7 +267,9 @@ class Machine:
         return conn
 
     def info(self, timeout: Optional[float] = 10.0) -> dict:
-        """The machine's pid, host, versions and start time (Supervisor.info)."""
+        """The machine's name, addr, pid, hostname, cpus (usable: affinity and cgroup
+        quota), mem_total (cgroup limit or host memory), versions, start time and
+        services (Supervisor.info)."""
         return self.call("Supervisor.info", timeout=timeout)
 
     @property

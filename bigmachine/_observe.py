@@ -45,7 +45,8 @@ class Observing:
     def _machine_status(self, m: Machine, timeout: float) -> MachineStatus:
         record: dict = {"name": m.name, "addr": m.addr, "state": m.state.name,
                         "err": None if m.err is None else str(m.err),
-                        "keepalive_rtt": m.keepalive_rtt, "caller_calls": m.counters.snapshot()}
+                        "keepalive_rtt": m.keepalive_rtt, "caller_calls": m.counters.snapshot(),
+                        "host": m.process.host_facts() if m.process is not None else {}}
         if m.state == State.RUNNING:
             try:
                 figures = m.call("Supervisor.status", timeout=timeout)

@@ -12,7 +12,6 @@ from ._machine import Machine
 from ._node import Node
 from ._session import B
 from ._supervisor import Supervisor
-from .errors import Error
 
 
 class Runtime(B):
@@ -21,9 +20,6 @@ class Runtime(B):
     def __init__(self, node: Node, keepalive_period: float, lost_after: float):
         super().__init__(node, keepalive_period, lost_after)
         self.machine = Machine(node, node.addr, name=node.name, expect=node.name)
-
-    def start(self, *args: Any, **kwargs: Any) -> list[Machine]:
-        raise Error("machines cannot start machines; call start() in the driver")
 
 
 def start_machine(node: Node, lease: Optional[float], on_stop: Any, owner_token: bytes,

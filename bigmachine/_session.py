@@ -22,7 +22,12 @@ log = logging.getLogger("bigmachine")
 
 class B:
     """A session: the machines it can call. Use it as a context manager, or call
-    ``shutdown()`` (idempotent)."""
+    ``shutdown()`` (idempotent).
+
+    ``bm.start()`` returns the driver's session, which also starts, watches and
+    stops machines; inside a service ``bm.current()`` returns the machine's own,
+    which dials other machines and whose ``machine`` is the machine itself.
+    """
 
     def __init__(self, node: Node, keepalive_period: float, lost_after: float):
         self.node = node
@@ -43,6 +48,47 @@ class B:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+    # ---- what only the driver's session does (bm.start returns one) ----------
+
+    def start(self, n: int, services: dict, timeout: Optional[float] = None, *,
+              min_machines: Optional[int] = None, wait: bool = True,
+              env: Optional[dict] = None) -> list[Machine]:
+        """Start n machines with these services (the driver's session only).
+
+        services maps names to instances of @bigmachine.service classes; each
+        instance is pickled and shipped. With wait (the default) it returns the
+        machines once each is RUNNING; if one fails, all of this batch are
+        stopped and the first failure's cause is raised. min_machines=k keeps
+        the machines that came up (once every machine has come up or failed),
+        marks the rest STOPPED with their causes, and raises only when fewer
+        than k came up. wait=False returns STARTING handles at once; a call on
+        one waits for it to run, and fails with its start's cause if the start
+        fails. env adds variables to each machine's environment.
+        """
+        raise Error("machines cannot start machines; call start() in the driver")
+
+    def status(self, timeout: float = 10.0) -> Any:
+        """Every machine's state, resources, health and calls, as a bm.Status (the
+        driver's session only)."""
+        raise Error("status() belongs to the driver's session")
+
+    def profile(self, seconds: float = 10.0, machines: Optional[list[Machine]] = None,
+                driver: bool = False) -> Any:
+        """Sample every thread of the machines for seconds; one merged bm.Profile (the
+        driver's session only)."""
+        raise Error("profile() belongs to the driver's session")
+
+    def memory_profile(self, seconds: float = 5.0, top: int = 20,
+                       machines: Optional[list[Machine]] = None) -> Any:
+        """The machines' top allocation sites over seconds, as a bm.MemoryProfile (the
+        driver's session only)."""
+        raise Error("memory_profile() belongs to the driver's session")
+
+    @property
+    def status_url(self) -> Optional[str]:
+        """The status page's address ("http://HOST:PORT/TOKEN/"), or None without one."""
+        return None
 
     def machines(self) -> list[Machine]:
         """The machines of this session that are not STOPPED: started and dialled."""

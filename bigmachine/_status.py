@@ -43,6 +43,7 @@ class MachineStatus:
     caller_calls: dict = dataclasses.field(default_factory=dict)
     pid: Optional[int] = None
     hostname: Optional[str] = None
+    host: dict = dataclasses.field(default_factory=dict)  # the system's facts (EC2: instance)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,6 +110,10 @@ def render(status: Status) -> str:
             rows.append((name, method, str(s.count), str(s.errors), str(s.in_flight),
                          latency(s.p50), latency(s.p99), latency(c.p50), latency(c.p99)))
         lines += [""] + _columns(rows)
+    hosts = [f"{m.name}: " + ", ".join(f"{k} {v}" for k, v in m.host.items())
+             for m in status if m.host]
+    if hosts:
+        lines += [""] + hosts
     errors = [f"{m.name}: {m.err}" for m in status if m.err]
     if errors:
         lines += [""] + errors

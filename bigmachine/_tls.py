@@ -65,25 +65,47 @@ def _context(identity: Identity, protocol: int) -> ssl.SSLContext:
 
 
 class _memory_file:
-    """A path to data held in an anonymous memory file, never on a file system.
+    """A path to data held in memory, never on a file system.
 
-    load_cert_chain reads paths only; /proc/self/fd/N of a memfd is a path
-    whose bytes live in memory and vanish when the descriptor is closed.
+    load_cert_chain reads paths only. /proc/self/fd/N of a memfd is a path whose
+    bytes live in memory and vanish when the descriptor is closed; where there
+    is no memfd (macOS), /dev/fd/N of a pipe holding the bytes (a few KiB, well
+    within a pipe's buffer) is read the same way.
     """
 
     def __init__(self, data: bytes):
-        self.fd = os.memfd_create("bigmachine-tls", os.MFD_CLOEXEC)
+        if hasattr(os, "memfd_create"):
+            self.fds = (os.memfd_create("bigmachine-tls", os.MFD_CLOEXEC),)
+            self.path = f"/proc/self/fd/{self.fds[0]}"
+            target = self.fds[0]
+        else:
+            r, w = os.pipe()
+            self.fds = (r, w)
+            self.path = f"/dev/fd/{r}"
+            target = w
         try:
-            os.write(self.fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(target, view):]
+            if target != self.fds[0]:
+                os.close(target)  # the reader sees the end of the data
+                self.fds = self.fds[:1]
         except BaseException:
-            os.close(self.fd)
+            self._close()
             raise
 
     def __enter__(self) -> str:
-        return f"/proc/self/fd/{self.fd}"
+        return self.path
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
+        self._close()
+
+    def _close(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def peer_name(obj: ssl.SSLObject) -> str:

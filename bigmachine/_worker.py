@@ -29,6 +29,8 @@ from ._runtime import start_machine
 from .backends._bootstrap import STATUS_PREFIX, hold, read_bootstrap
 
 
+log = logging.getLogger("bigmachine.worker")
+
 def main() -> None:
     no_core_dumps()
     raise_open_files()
@@ -64,9 +66,9 @@ def main() -> None:
         if reasons and reasons[0] != "shut down by its owner":
             _kill_group()  # first: they may hold our output pipes
             _nonblocking_output()
-            print(f"machine {config['name']} stopping: {reasons[0]}", file=sys.stderr)
+            log.warning("machine %s stopping: %s", config["name"], reasons[0])
     finally:
-        # Even if that print failed (the driver, which reads our output, may be
+        # Even if that write failed (the driver, which reads our output, may be
         # dead or stopped): an exception here would leave the interpreter waiting
         # for the pool's threads, that is for the calls still running.
         _exit(0)

@@ -209,6 +209,8 @@ class Harness:
         self.boxes: dict[str, Box] = {}
         self.replays: list[Box] = []
         self.hold = False  # while True, new instances wait unbooted
+        self.unbootable = 0  # this many of the next new instances never boot
+        self.skipped: set = set()  # the instances left unbooted on purpose
         self.errors: list[str] = []
         self.prefix = ""
         self.route_made = self.bridge_made = False
@@ -289,6 +291,12 @@ class Harness:
             for d in reservation["Instances"]:
                 iid, state = d["InstanceId"], d["State"]["Name"]
                 box = self.boxes.get(iid)
+                if box is None and iid in self.skipped:
+                    continue
+                if box is None and state in ("pending", "running") and self.unbootable:
+                    self.unbootable -= 1
+                    self.skipped.add(iid)
+                    continue
                 if box is None and state in ("pending", "running") and not self.hold:
                     data = ec2.describe_instance_attribute(
                         InstanceId=iid, Attribute="userData")["UserData"].get("Value", "")

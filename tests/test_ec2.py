@@ -95,6 +95,13 @@ def test_calls_arrays_machine_to_machine_and_shutdown(lab, system):
             assert b.node.creds.ca.ca_pem.split(b"\n")[1] not in text
         group = ec2.group
         assert group is not None
+        # The instance type's facts (describe_instance_types) appear in status;
+        # the machine measures its own cpus as everywhere.
+        status = b.status()
+        host = status[0].host
+        assert host["instance"] == instances[0]["InstanceId"] and host["vcpus"] >= 1
+        assert host["type"] == instances[0]["InstanceType"] and host["memory"] > 0
+        assert status[0].cpus >= 1 and host["instance"] in str(status)
     finally:
         b.shutdown()
     assert not live(lab, cluster)
@@ -342,3 +349,31 @@ def test_packages_are_shipped_to_instances(lab, system, tmp_path):
         seen = m.call("Packaged.where")
     assert seen["version"] == "1.0" and seen["bmtiny"].startswith("/var/cache/bigmachine/envs/")
     assert [label for _, label, _, _ in ec2.uploads][-2:] == ["packages", "pip"]
+
+
+def test_ec2_links_are_always_tls():
+    system = bm.EC2(ami="ami-12345678", region="us-east-1")
+    for options in ({"tls": False}, {"tls": False, "insecure": True}):
+        with pytest.raises(bm.Error, match="always reached over TLS"):
+            bm.start(system, **options)
+
+
+def test_min_machines_keeps_the_instances_that_booted(lab, system):
+    """One of two instances never boots: with min_machines=1 its machine is STOPPED with
+    the cause, the instance is terminated, and the other machine runs."""
+    lab.unbootable = 1
+    b = bm.start(system(boot_timeout=6))
+    try:
+        t0 = time.monotonic()
+        machines = b.start(2, {"Remote": Remote()}, min_machines=1)
+        assert len(machines) == 1 and machines[0].call("Remote.echo", "up") == "up"
+        assert time.monotonic() - t0 < 20
+        assert b.machines() == machines
+        stopped = [r for r in b.status() if r.state == "STOPPED"]
+        assert len(stopped) == 1 and stopped[0].err, stopped  # with its cause
+        skipped, = lab.skipped
+        poll(lambda: skipped not in {d["InstanceId"] for d in live(lab, cluster_of(b))},
+             timeout=10)
+    finally:
+        b.shutdown()
+    assert not live(lab, cluster_of(b))

@@ -432,3 +432,23 @@ def test_a_member_dials_in_while_strangers_fill_every_slot():
             s.close()
         server.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_keys_load_from_a_pipe_where_there_is_no_memfd(monkeypatch):
+    """macOS has no memfd: the key then reaches OpenSSL through a pipe, still no file."""
+    from bigmachine._tls import ClusterCA
+    import ssl
+
+    seen: list = []
+    original = ssl.SSLContext.load_cert_chain
+
+    def observe(self, certfile, keyfile=None, password=None):
+        seen.append((certfile, keyfile, os.readlink(keyfile)))
+        return original(self, certfile, keyfile, password)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", observe)
+    monkeypatch.delattr(os, "memfd_create")
+    server, client = ClusterCA().issue("probe").contexts()
+    assert len(seen) == 2
+    for certfile, keyfile, target in seen:
+        assert keyfile.startswith("/dev/fd/") and target.startswith("pipe:"), (keyfile, target)

@@ -460,3 +460,18 @@ def test_options_are_checked():
     assert _parse_host("::1", None, 22) == ("::1", None, 22)
     assert bm.SSH(hosts=["h"]).tls is True
     assert bm.SSH(hosts=["h"], tls=False).tls is False
+
+
+def test_min_machines_keeps_the_hosts_that_came_up(system, sshd):
+    """Two hosts, one of which refuses connections: min_machines=1 keeps the machine on
+    the other, and the one that could not start is STOPPED with the cause."""
+    dead = sshd_fixture.free_port()
+    with bounded(30), bm.start(system(hosts=[f"{sshd.host}:{sshd.port}", f"127.0.0.1:{dead}"],
+                                      connect_timeout=2.0)) as b:
+        machines = b.start(2, services={"Remote": Remote()}, timeout=60, min_machines=1)
+        assert len(machines) == 1 and machines[0].call("Remote.echo", "up", timeout=10) == "up"
+        failed = [r for r in b.status() if r.state == "STOPPED"]
+        assert len(failed) == 1 and f"127.0.0.1:{dead}" in failed[0].err, failed
+        # the next machine goes to the host with room, the dead one: nothing starts
+        with pytest.raises(bm.Error, match="cannot reach"):
+            b.start(1, services={"Remote": Remote()}, timeout=30)

@@ -63,6 +63,11 @@ class Process(ABC):
         ended, and its last output where the system kept it."""
         return Error(f"machine {what} ({self.describe_exit()})")
 
+    def host_facts(self) -> dict:
+        """What the system knows of where the machine runs, for status (e.g. an EC2
+        instance's id, type, vCPUs and memory); empty when it has nothing to add."""
+        return {}
+
     def local_pid(self) -> Optional[int]:
         """The machine's process id when it is a process of this host, else None."""
         return None
@@ -163,9 +168,15 @@ class System(ABC):
 
     @abstractmethod
     def launch(self, creds: Credentials, names: list[str], timeout: float,
-               env: Optional[dict] = None) -> list[Process]:
+               env: Optional[dict] = None) -> list[Any]:
         """Launch one machine per name, with env added to its environment; return once
-        each listens, with its address."""
+        each listens, with its address.
+
+        The list holds, for each name, its Process, or the exception that kept that
+        machine from starting (a host that could not be reached, an instance that
+        did not boot) when others could. Raise when none could, after ending what
+        was launched.
+        """
 
     def shutdown(self) -> None:
         """Release what the system holds once the session's machines are stopped."""

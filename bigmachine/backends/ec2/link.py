@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -152,7 +153,7 @@ class AgentLink:
         sock.setblocking(True)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         cert = chan.obj.getpeercert(binary_form=True) if chan.obj is not None else None
-        if not cert or hashlib.sha256(cert).digest() != one.fingerprint:
+        if not cert or not hmac.compare_digest(hashlib.sha256(cert).digest(), one.fingerprint):
             raise AuthError(label, "the agent's certificate is not the pinned one of its "
                                    "user-data: something else answers at its address")
         return chan

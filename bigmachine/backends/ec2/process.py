@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 from .._bootstrap import Output, Spawned
 from .instances import Instance
+from .launch import Facts
 from .link import AgentLink, Pipes
 
 
@@ -14,8 +15,9 @@ class Booted:
     """One instance this session launched: what EC2 last said of it, the link to its
     agent once open, and its machines that have not stopped."""
 
-    def __init__(self, instance: Instance):
+    def __init__(self, instance: Instance, facts: Facts):
         self.instance = instance
+        self.facts = facts          # its type's vCPUs and memory (describe_instance_types)
         self.link: Optional[AgentLink] = None
         self.procs: list["EC2Process"] = []
         self.lock = threading.Lock()
@@ -45,6 +47,12 @@ class EC2Process(Spawned):
         self.output = Output(f"{name} on {booted.id}", f"{booted.id} {name}: ")
         self.output.pump(pipes.stdout, f"bigmachine-ec2-out-{name}", status=True)
         self.output.pump(pipes.stderr, f"bigmachine-ec2-err-{name}")
+
+    def host_facts(self) -> dict:
+        instance, facts = self.booted.instance, self.booted.facts
+        return {"instance": instance.id, "type": instance.type or facts.instance_type,
+                "lifecycle": instance.lifecycle, "vcpus": facts.vcpus,
+                "memory": facts.mem_bytes}
 
     def alive(self, wait: float = 0.0) -> bool:
         if self.pipes.exited.is_set() or self.booted.instance.gone:

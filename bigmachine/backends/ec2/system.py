@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Union
 
 from ..._auth import Credentials
 from ...errors import Error
-from .. import Process, System
+from .. import System
 from .._bootstrap import bootstrap
 from .._bundle import DEFAULT_EXCLUDE, Bundle, user_bundle, user_paths
 from .._hostprep import Plan, prepare, run_dir
@@ -87,7 +87,7 @@ class EC2(System):
                  port: int = AGENT_PORT, packages: PackagesArg = None,
                  requirements: Optional[str] = None, pip_options: Optional[Sequence[str]] = None,
                  user_paths: Optional[Sequence[str]] = None, include: Sequence[str] = ("*.py",),
-                 exclude: Sequence[str] = (), tls: bool = True, **options: Any):
+                 exclude: Sequence[str] = (), **options: Any):
         if not ami:
             raise Error("EC2 needs ami=: an image id of the region, with a POSIX shell and "
                         "Python of the driver's major.minor (see the README's EC2 section)")
@@ -138,7 +138,14 @@ class EC2(System):
         self._cluster = ""
         self._admit_lock = threading.Lock()
         self._admitted: set[str] = set()  # the driver's addresses our group admits
-        self.configure(tls=tls, **options)
+        self.configure(tls=True, **options)
+
+    def check(self) -> None:
+        """EC2 links cross networks we do not control: always TLS (the contract's rule)."""
+        if not self.tls:
+            raise Error("EC2 machines are always reached over TLS: tls=False is not allowed, "
+                        "even with insecure=True")
+        super().check()
 
     def __repr__(self) -> str:
         return f"EC2(instance_type={self.instance_type!r}, ami={self.ami!r})"
@@ -151,7 +158,9 @@ class EC2(System):
     # ---- launching
 
     def launch(self, creds: Credentials, names: list[str], timeout: float,
-               env: Optional[dict] = None) -> list[Process]:
+               env: Optional[dict] = None) -> list[Any]:
+        """Launch instances and start the machines on them; the machines of an instance
+        that fails to boot are exceptions in the list (see System.launch)."""
         started = time.monotonic()
         deadline = started + timeout
         boot_deadline = min(deadline, started + self.boot_timeout)
@@ -188,16 +197,22 @@ class EC2(System):
                 run_instances(self.aws.ec2, spec, count, self.spot, launch_id, launched)
             finally:
                 with self._lock:
-                    self._booted.update((i.id, Booted(i)) for i in launched)
+                    self._booted.update((i.id, Booted(i, facts)) for i in launched)
             user = self._user_bundles()
             jobs = []
             for k, instance in enumerate(launched):
                 slots = names[k * mpi:(k + 1) * mpi]
-                jobs.append(pool.submit(self._boot, self._booted[instance.id], slots, one,
-                                        creds, env or {}, launch_id, user, boot_deadline,
-                                        deadline, cancel, procs))
-            for job in jobs:
-                job.result()
+                jobs.append((instance, slots, pool.submit(
+                    self._boot, self._booted[instance.id], slots, one, creds, env or {},
+                    launch_id, user, boot_deadline, deadline, cancel, procs)))
+            failed: dict[str, BaseException] = {}  # by machine name
+            for instance, slots, job in jobs:
+                error = job.exception()
+                if error is not None and not isinstance(error, Exception):
+                    raise error
+                failed.update((name, error) for name in slots if error is not None)
+            if len(failed) == len(names):
+                raise failed[names[0]]
         except BaseException:
             cancel.set()
             pool.shutdown(wait=False, cancel_futures=True)
@@ -206,10 +221,26 @@ class EC2(System):
             self._abandon(launched, launch_id, procs)
             raise
         pool.shutdown(wait=True)
-        log.info("%d machine(s) on %d instance(s) running %.1f s after launch", len(names),
-                 count, time.monotonic() - started)
+        self._end_failed(jobs, failed, procs)
+        log.info("%d machine(s) on %d instance(s) running %.1f s after launch",
+                 len(names) - len(failed), count, time.monotonic() - started)
         by_name = {p.name: p for p in procs}
-        return [by_name[name] for name in names]
+        return [failed.get(name) or by_name[name] for name in names]
+
+    def _end_failed(self, jobs: list, failed: dict, procs: list[EC2Process]) -> None:
+        """Instances whose machines did not all come up are ended, with those machines:
+        the others of the launch are kept (b.start's min_machines decides)."""
+        bad = [instance.id for instance, slots, _ in jobs if any(n in failed for n in slots)]
+        for instance_id, slots in ((i.id, s) for i, s, _ in jobs if i.id in bad):
+            for proc in [p for p in procs if p.name in slots]:
+                proc.stop(0.0)
+                procs.remove(proc)
+                failed.setdefault(proc.name, Error(f"{proc.name}: another machine of its "
+                                                   f"instance {instance_id} did not start"))
+            log.warning("%s: its machines did not start (%s); terminating it", instance_id,
+                        "; ".join(str(failed[n]) for n in slots if n in failed))
+        if bad:
+            self._terminate(bad, wait=30.0)
 
     def _preflight(self) -> Facts:
         if self.facts is None:

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 from ..._auth import Credentials
 from ...errors import Error
-from .. import Process, System
+from .. import System
 from .._bootstrap import PID_PREFIX, bootstrap
 from .._bundle import DEFAULT_EXCLUDE, Bundle, user_bundle, user_paths
 from .._hostprep import Plan, prepare
@@ -156,33 +156,55 @@ class SSH(System):
     # ---- launching
 
     def launch(self, creds: Credentials, names: list[str], timeout: float,
-               env: Optional[dict] = None) -> list[Process]:
+               env: Optional[dict] = None) -> list[Any]:
+        """Start the machines; one whose host cannot be prepared or which fails to
+        come up is an exception in the list (see System.launch), unless all fail."""
         deadline = time.monotonic() + timeout
         assignments = exports(env or {})
         placement = self._place(names)
-        procs: list[SSHProcess] = []
+        results: list[Any] = [None] * len(names)
+        procs: dict[int, SSHProcess] = {}
+        unreserved = set(range(len(names)))  # placements whose host slot is still reserved
         try:
             hosts = list(dict.fromkeys(placement))
             user = self._user_bundles()
             with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
-                futures = [pool.submit(self._prepare, h, user, deadline) for h in hosts]
-                plans = {h: f.result() for h, f in zip(hosts, futures)}
+                futures = {h: pool.submit(self._prepare, h, user, deadline) for h in hosts}
+                plans = {h: f.exception() or f.result() for h, f in futures.items()}
             launch_id = uuid.uuid4().hex[:12]
-            for name, host in zip(names, placement):
-                procs.append(self._spawn(host, plans[host], creds, name, launch_id, deadline,
-                                         assignments))
-            for proc in procs:
-                proc.addr = proc.await_addr(deadline, timeout)
-                if self.tunnel:
-                    proc.forward()
+            for i, (name, host) in enumerate(zip(names, placement)):
+                plan = plans[host]
+                try:
+                    if isinstance(plan, BaseException):
+                        raise plan
+                    procs[i] = self._spawn(host, plan, creds, name, launch_id, deadline,
+                                           assignments)
+                    unreserved.discard(i)  # _spawn moved it to the host's machines
+                except Exception as exc:
+                    results[i] = exc
+            for i, proc in procs.items():
+                try:
+                    proc.addr = proc.await_addr(deadline, timeout)
+                    if self.tunnel:
+                        proc.forward()
+                    results[i] = proc
+                except Exception as exc:
+                    proc.stop(0.0, grace=0.5)
+                    results[i] = exc
         except BaseException:
             with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(procs))) as pool:
-                list(pool.map(lambda p: p.stop(0.0, grace=0.5), procs))
-            with self._lock:
-                for host in placement[len(procs):]:
-                    host.reserved -= 1
+                list(pool.map(lambda p: p.stop(0.0, grace=0.5), procs.values()))
             raise
-        return procs
+        finally:
+            with self._lock:
+                for i in unreserved:
+                    placement[i].reserved -= 1
+        if all(isinstance(r, BaseException) for r in results):
+            raise results[0]
+        for i, r in enumerate(results):
+            if isinstance(r, BaseException):
+                log.warning("%s did not start on %s: %s", names[i], placement[i].label, r)
+        return results
 
     def _place(self, names: list[str]) -> list[Host]:
         """Round-robin: each machine goes to the host running the fewest."""
