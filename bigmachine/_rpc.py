@@ -1,8 +1,8 @@
 """Making calls: send a request on a connection and wait for its reply or stream.
 
-The blocking forms run entirely in the caller's thread except for the read of
-the reply, which the IO loop hands over with one lock release. Replies are
-unpickled in the caller's thread or loop, not on the IO loop.
+A blocking call without a deadline reads its own reply when no other thread
+is reading the connection (see _reader); otherwise the reader hands the reply
+over with one lock release. Replies are unpickled in the caller's thread or loop.
 """
 from __future__ import annotations
 
