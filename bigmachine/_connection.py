@@ -6,18 +6,21 @@ reader (``_reader``) decodes frames on a thread of its own and hands each
 event to ``_on_event`` here; its writer (``_writer``) schedules the frames of
 every stream onto the socket. Any socket error, from either, becomes the
 connection's ``MachineLost`` in ``io_failed``, and every call on it fails.
+On a Unix socket without TLS, large out-of-band buffers travel as shared
+memory (``_shmlink``).
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import socket
 import threading
 import time
 from collections import deque
 from typing import Any, Callable, Optional
 
-from . import _buffers, _wire
+from . import _buffers, _shmlink, _wire
 from ._reader import Reader
 from ._waiters import Gate, Waiter, on_loop_thread
 from ._wire import (KIND_CANCEL, KIND_CREDIT, KIND_GOAWAY, KIND_MSG, KIND_PING,
@@ -64,14 +67,18 @@ class Connection:
         self.pong_at = 0.0
         self.keepalive_rtts: deque = deque(maxlen=KEEPALIVE_HISTORY)  # seconds, oldest first
         sock.setblocking(True)  # the reader blocks; writers pass MSG_DONTWAIT
+        # Shared memory needs both ends on this host, on a link that passes descriptors.
+        self.shm = _shmlink.AVAILABLE and tls is None and sock.family == socket.AF_UNIX
         self.writer = Writer(sock, loop, tls, self.io_failed, self._lost, max_queued)
         # At most four maximal messages may be arriving at once.
         self.decoder = _wire.Decoder(alloc=_buffers.aligned, max_message=max_message,
-                                     max_pending=4 * max_message)
+                                     max_pending=4 * max_message,
+                                     map_shm=_shmlink.map_received if self.shm else None)
         # Its threads run sync methods too: named as the node's pool threads are.
         thread_name = f"bigmachine-{node.name}-read-{peer}" if node is not None else f"bigmachine-read-{peer}"
         self.reader = Reader(sock, tls, self.decoder, peer, thread_name, self._on_event, self._is_closed,
-                             self._calls_in_flight, self.fail, self.io_failed, self.writer)
+                             self._calls_in_flight, self.fail, self.io_failed, self.writer,
+                             _shmlink.receive_into if self.shm else None)
         self.reader.start()
 
     def __repr__(self) -> str:
@@ -154,10 +161,14 @@ class Connection:
         message may wait until this thread uncorks the writer (a reply in a
         batch the reader runs; never a request whose reply the thread awaits).
         """
-        units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
+        units, nbytes, fds = self._frames(sid, mtype, mflags, segments, readonly)
         if nbytes > SMALL_MESSAGE and not self.in_loop():
-            self.writer.wait_for_room(deadline, self.peer)
-        self.writer.enqueue(sid, units, nbytes, cork)
+            try:
+                self.writer.wait_for_room(deadline, self.peer)
+            except BaseException:
+                _close_all(fds)
+                raise
+        self.writer.enqueue(sid, units, nbytes, cork, fds)
 
     async def asend(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> None:
         """Send a message from a coroutine; a large one awaits room first (see send).
@@ -165,12 +176,27 @@ class Connection:
         Small ones sent in one turn of the event loop go out together, in one
         sendmsg when the loop turns.
         """
-        units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
+        units, nbytes, fds = self._frames(sid, mtype, mflags, segments, readonly)
         if nbytes > SMALL_MESSAGE:
-            await self.writer.await_room()
+            try:
+                await self.writer.await_room()
+            except BaseException:
+                _close_all(fds)
+                raise
         elif self.writer.cork():
             asyncio.get_running_loop().call_soon(self.writer.uncork)
-        self.writer.enqueue(sid, units, nbytes, True)
+        self.writer.enqueue(sid, units, nbytes, True, fds)
+
+    def _frames(self, sid: int, mtype: int, mflags: int, segments: list,
+                readonly: list) -> tuple[list, int, list]:
+        """A message's frames, and the descriptors that go with them (shared memory)."""
+        shm, fds = _shmlink.outgoing(segments) if self.shm and len(segments) > 1 else (None, [])
+        try:
+            units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly, shm=shm)
+        except BaseException:
+            _close_all(fds)
+            raise
+        return units, nbytes, fds
 
     # ---- reading ----------------------------------------------------------
 
@@ -251,3 +277,8 @@ class Connection:
     def _lost(self) -> MachineLost:
         """What a new call on this closed connection raises."""
         return MachineLost.because(self.peer, self.error)
+
+
+def _close_all(fds: list) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -38,7 +38,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ._standby import STANDBY
 from ._waiters import Waiter, begin_batch, end_batch
@@ -66,7 +66,8 @@ class Reader:
     def __init__(self, sock: socket.socket, tls: Any, decoder: Decoder, peer: str, name: str,
                  on_event: Callable[[tuple], None], is_closed: Callable[[], bool],
                  calls_in_flight: Callable[[], bool], fail: Callable[[BaseException], None],
-                 io_failed: Callable[[str, BaseException], BaseException], writer: Writer):
+                 io_failed: Callable[[str, BaseException], BaseException], writer: Writer,
+                 receive_into: Optional[Callable[[socket.socket, memoryview, Decoder], int]] = None):
         self.sock = sock
         self.fd = sock.fileno()
         self.tls = tls
@@ -79,6 +80,7 @@ class Reader:
         self.fail = fail
         self.io_failed = io_failed
         self.writer = writer              # corked while a batch runs, and for TLS output
+        self.receive_into = receive_into  # recv_into that takes descriptors too (shared memory)
         self.last_recv = time.monotonic()
         self.bytes_received = 0
         self._deferred: list = []         # (fallback, fn, args) asked for by the current read
@@ -314,7 +316,9 @@ class Reader:
     def _read_once(self) -> bool:
         """Receive once and handle what was decoded; False when reading is over."""
         decoder, tls = self.decoder, self.tls
-        if tls is None:
+        if self.receive_into is not None:
+            n = self.receive_into(self.sock, decoder.get_buffer(), decoder)
+        elif tls is None:
             n = self.sock.recv_into(decoder.get_buffer())
         else:
             n = tls.read_into(self.sock, decoder.get_buffer())

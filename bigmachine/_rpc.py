@@ -16,7 +16,7 @@ from ._serialize import dumps, load_exception, loads
 from ._streams import Stream
 from ._waiters import on_loop_thread
 from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
-from .errors import Error, MachineLost, ProtocolError
+from .errors import Error, MachineLost, ProtocolError, ResourceError
 
 
 def _not_on_loop(conn: Connection, method: str) -> None:
@@ -44,6 +44,8 @@ def _result(conn: Connection, item: tuple) -> Any:
             if mtype != MTYPE_ERROR:
                 return loads(payload)
             error = load_exception(payload)
+        except ResourceError:
+            raise  # this process could not take the reply: say so as it is
         except Exception as exc:
             raise Error(f"cannot unpickle a reply from {conn.peer}: {exc}") from exc
         finally:

@@ -18,6 +18,7 @@ from typing import Any
 import cloudpickle
 
 from . import _wire
+from ._shmlink import Unreceived
 from .errors import Error, RemoteError
 
 # A message carries its buffers as a list; short ones ride in-band so that a
@@ -159,7 +160,13 @@ class _Pickler(cloudpickle.CloudPickler):
 
 
 def loads(segments: list) -> Any:
-    """Rebuild the object from received segments, without copying buffers."""
+    """Rebuild the object from received segments, without copying buffers.
+
+    Raises ResourceError if a segment could not be received (see _shmlink).
+    """
+    for seg in segments:
+        if type(seg) is Unreceived:
+            raise seg.error
     return pickle.loads(segments[0], buffers=segments[1:])
 
 

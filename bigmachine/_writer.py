@@ -9,11 +9,16 @@ bytes (flow control); small ones never wait (the in-flight gate bounds them).
 With TLS, frames are encrypted one at a time and ciphertext the socket did
 not take waits for the next write. A thread may cork the writer: its small
 messages then wait until it uncorks and go out together, one ``sendmsg``
-for a batch of replies or of an event loop's requests.
+for a batch of replies or of an event loop's requests. A message may carry
+descriptors (shared-memory segments, Unix sockets only): they go with the
+first ``sendmsg`` that writes any of its bytes, which starts at its MSG frame,
+and are closed here once sent or dropped.
 """
 from __future__ import annotations
 
+import array
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -38,14 +43,34 @@ _CORKED = -1  # the queue key of corked messages written together (no stream has
 class _Outgoing:
     """A message being written: its frames, and where the writer is in them."""
 
-    __slots__ = ("units", "index", "offset", "nbytes", "sent")
+    __slots__ = ("units", "index", "offset", "nbytes", "sent", "fds")
 
-    def __init__(self, units: list, nbytes: int):
+    def __init__(self, units: list, nbytes: int, fds: Optional[list] = None):
         self.units = units
         self.index = 0
         self.offset = 0  # bytes of units[index] already written
         self.nbytes = nbytes
         self.sent = 0    # bytes of the message written (or, with TLS, encrypted)
+        self.fds = fds   # descriptors not yet sent (ours to close)
+
+    def ancillary(self) -> list:
+        """What the next sendmsg carries besides bytes."""
+        if not self.fds:
+            return []
+        return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.fds))]
+
+    def wrote(self, n: int) -> None:
+        """n bytes (n > 0) of the message left: its descriptors went with the first."""
+        self.offset += n
+        self.sent += n
+        if self.fds and n:
+            self.release()
+
+    def release(self) -> None:
+        """Close the descriptors (sent, or never to be)."""
+        fds, self.fds = self.fds, None
+        for fd in fds or ():
+            os.close(fd)
 
 
 class Writer:
@@ -115,27 +140,34 @@ class Writer:
 
     # ---- sending ----------------------------------------------------------
 
-    def enqueue(self, sid: int, units: list, nbytes: int, cork: bool = False) -> None:
+    def enqueue(self, sid: int, units: list, nbytes: int, cork: bool = False,
+                fds: Optional[list] = None) -> None:
         """Write now if nothing is queued, else queue for the IO loop to write.
 
-        cork: a small message may wait for uncork() if this thread corked the writer.
+        cork: a small message may wait for uncork() if this thread corked the
+        writer (never one with descriptors). fds: descriptors to send with the
+        message; the writer owns them from now on.
         """
+        out = _Outgoing(units, nbytes, fds)
         if _faults.FAULTS is not None and self._inject(units):
+            out.release()
             return
         with self._lock:
             if self.closed:
+                out.release()
                 raise self.lost()
             if self._cork_owner is not None and self._cork_owner == threading.get_ident():
-                if cork and len(units) == 1 and nbytes <= SMALL_MESSAGE:
+                if cork and not fds and len(units) == 1 and nbytes <= SMALL_MESSAGE:
                     self._corked.extend(units[0])
                     self._corked_bytes += nbytes
                     return
                 error = self._unplug()  # what this thread corked goes first
                 if error is None:
-                    error = self._send(sid, units, nbytes)
+                    error = self._send(sid, out)
             else:
-                error = self._send(sid, units, nbytes)
+                error = self._send(sid, out)
         if error is not None:
+            out.release()
             raise self.io_failed("write", error)
 
     def cork(self) -> bool:
@@ -172,30 +204,26 @@ class Writer:
         if self.closed:
             return None
         units = [buffers[i:i + IOV_MAX] for i in range(0, len(buffers), IOV_MAX)]
-        return self._send(_CORKED, units, nbytes)
+        return self._send(_CORKED, _Outgoing(units, nbytes))
 
-    def _send(self, sid: int, units: list, nbytes: int) -> Optional[OSError]:
+    def _send(self, sid: int, out: _Outgoing) -> Optional[OSError]:
         """With the lock held: write now if nothing is queued, else queue; the error if one."""
-        out = None
+        units = out.units
         if not self._streams:
             try:
                 if len(units) == 1 and len(units[0]) <= IOV_MAX and self.tls is None:  # one frame
-                    sent = self.sock.sendmsg(units[0], (), socket.MSG_DONTWAIT)
+                    sent = self.sock.sendmsg(units[0], out.ancillary(), socket.MSG_DONTWAIT)
                     self.bytes_sent += sent
-                    if sent == nbytes:
+                    if sent:
+                        out.wrote(sent)
+                    if sent == out.nbytes:
                         return None
-                    out = _Outgoing(units, nbytes)
-                    out.offset = out.sent = sent
-                else:
-                    out = _Outgoing(units, nbytes)
                 if self._write(out, DIRECT_FRAMES):
                     return None
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as exc:
                 return exc
-        if out is None:
-            out = _Outgoing(units, nbytes)
         queue = self._streams.get(sid)
         if queue is None:
             self._streams[sid] = queue = deque()
@@ -214,6 +242,7 @@ class Writer:
             for out in queue:
                 if not out.sent:
                     self.queued -= out.nbytes
+                    out.release()
             if keep:
                 self._streams[sid] = keep
             else:
@@ -271,11 +300,10 @@ class Writer:
             while unit:
                 batch = unit[:IOV_MAX]
                 try:
-                    n = sock.sendmsg(batch, (), socket.MSG_DONTWAIT)
+                    n = sock.sendmsg(batch, out.ancillary(), socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     return False
-                out.offset += n
-                out.sent += n
+                out.wrote(n)
                 self.bytes_sent += n
                 unit = _skip(unit, n)
             out.index += 1
@@ -357,6 +385,9 @@ class Writer:
         its reader). Once only."""
         with self._lock:
             self.closed = True
+            for queue in self._streams.values():
+                for out in queue:
+                    out.release()
             self._streams.clear()
             self._corked, self._corked_bytes = [], 0
             self.queued = 0

@@ -89,8 +89,9 @@ def test_an_unwritten_mapping_can_be_passed_on_and_a_written_one_cannot():
     os.close(fd)
     assert float(b.sum()) == float(a.sum())  # reading leaves it passable
     found = _shm.find(memoryview(b))
-    assert found is not None and found[1] == 0
-    assert _shm.find(memoryview(b[1000:3000]))[1] == 1000 * 4  # a slice: same segment, an offset
+    assert found is not None and found[1:] == (a.nbytes, 0)
+    assert _shm.find(memoryview(b[1000:3000]))[1:] == (a.nbytes, 1000 * 4)  # a slice: an offset
+    assert _shm.find(memoryview(b).toreadonly()) == found  # a read-only view of it too
     assert _shm.find(memoryview(np.ones(10))) is None  # not a segment at all
     b[-1] = 7
     assert _shm.find(memoryview(b)) is None  # its bytes are not the segment's any more
