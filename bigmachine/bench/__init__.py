@@ -13,5 +13,6 @@ BENCHMARKS = {
     "bulk": "large float64 arrays between driver and machines, against raw TCP into numpy",
     "ping_under_load": "ping latency while 512 MiB arrays share the connection",
     "counting": "what per-method counting costs per call, and small calls with it on and off",
+    "shm": "arrays between machines on one host (shared memory) against raw TCP, Unix and Ray",
     "peers": "ping and calls/s beside multiprocessing.connection, execnet, Pyro5, dask, ray",
 }
