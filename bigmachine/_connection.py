@@ -6,8 +6,8 @@ reader (``_reader``) decodes frames on a thread of its own and hands each
 event to ``_on_event`` here; its writer (``_writer``) schedules the frames of
 every stream onto the socket. Any socket error, from either, becomes the
 connection's ``MachineLost`` in ``io_failed``, and every call on it fails.
-On a Unix socket without TLS, large out-of-band buffers travel as shared
-memory (``_shmlink``).
+On a Unix socket without TLS, with the session's shared_memory option, large
+out-of-band buffers travel as shared memory (``_shmlink``).
 """
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ class Connection:
         self.keepalive_rtts: deque = deque(maxlen=KEEPALIVE_HISTORY)  # seconds, oldest first
         sock.setblocking(True)  # the reader blocks; writers pass MSG_DONTWAIT
         # Shared memory needs both ends on this host, on a link that passes descriptors.
-        self.shm = _shmlink.AVAILABLE and tls is None and sock.family == socket.AF_UNIX
+        self.shm = (node is not None and node.shared_memory and _shmlink.AVAILABLE
+                    and tls is None and sock.family == socket.AF_UNIX)
         self.writer = Writer(sock, loop, tls, self.io_failed, self._lost, max_queued)
         # At most four maximal messages may be arriving at once.
         self.decoder = _wire.Decoder(alloc=_buffers.aligned, max_message=max_message,

@@ -62,7 +62,7 @@ class Node:
 
     def __init__(self, creds: Credentials, name: str, workers: Optional[int] = None,
                  user_timeout: float = USER_TIMEOUT, identity: Optional[Identity] = None,
-                 socket_buffer: int = SOCKET_BUFFER):
+                 socket_buffer: int = SOCKET_BUFFER, shared_memory: bool = False):
         self.creds = creds
         # With an identity, every connection (both ways) is TLS 1.3 with
         # certificates of the cluster CA, and the handshake runs inside it.
@@ -70,6 +70,7 @@ class Node:
         self.name = name
         self.user_timeout = user_timeout
         self.socket_buffer = socket_buffer
+        self.shared_memory = shared_memory  # Unix-socket links may pass arrays as memfds
         self.registry = Registry()
         self.loop = asyncio.new_event_loop()
         self.executor = Pool(workers or max(32, (os.cpu_count() or 1) * 4),

@@ -15,7 +15,7 @@ from ._node import swap_current
 from ._serialize import dumps, load_exception, loads
 from ._streams import Stream
 from ._waiters import on_loop_thread
-from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
+from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
 from .errors import Error, MachineLost, ProtocolError, ResourceError
 
 

@@ -21,7 +21,7 @@ import bigmachine as bm
 from bigmachine import _buffers, _shm, _shmlink, _wire
 from bigmachine._serialize import dumps, loads
 from tests.conftest import TIMING, shared, unshare
-from tests.test_transport import closed_within, raw_call, raw_connect
+from tests.test_transport import closed_within, raw_connect
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(not _shmlink.AVAILABLE, reason="memfd sealing is Linux's")]
@@ -114,7 +114,7 @@ class S:
 
 @pytest.fixture(scope="module")
 def machines():
-    b = shared(bm.start(**TIMING))
+    b = shared(bm.start(shared_memory=True, **TIMING))
     try:
         ma, mb = b.start(2, services={"S": S()})
         yield b, ma, mb

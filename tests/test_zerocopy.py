@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import bigmachine as bm
-from bigmachine import _buffers, _node, _rpc, _shmlink, _wire
+from bigmachine import _buffers, _node, _rpc, _wire
 from bigmachine._connection import Connection
 from bigmachine._serialize import INBAND_MAX, dumps
 from tests.conftest import TIMING, shared, unshare
@@ -197,22 +197,8 @@ class SocketRecorder:
         return sum(n for a, n in ranges) - SocketRecorder.covered(ranges, lo, hi)
 
 
-@pytest.fixture
-def inproc_sockets(monkeypatch):
-    """An InProcess machine whose links carry every byte on the socket, as TCP
-    links and hosts without memfd do (shared memory: tests/test_shm_transport.py)."""
-    monkeypatch.setattr(_shmlink, "AVAILABLE", False)
-    b = bm.start(bm.InProcess(), **TIMING)
-    try:
-        m, = b.start(1, services={"Z": Z()})
-        yield b, m
-    finally:
-        b.shutdown()
-
-
-def test_bytes_go_from_the_array_to_the_socket_and_from_the_socket_into_the_array(inproc_sockets,
-                                                                                  monkeypatch):
-    b, m = inproc_sockets
+def test_bytes_go_from_the_array_to_the_socket_and_from_the_socket_into_the_array(inproc, monkeypatch):
+    b, m = inproc
     arr = np.random.default_rng(1).random(8 << 20)  # 64 MiB of float64
     lo = arr.__array_interface__["data"][0]
     m.call("Z.echo", 0, timeout=10)  # connected
