@@ -24,12 +24,12 @@ from .backends.inprocess import InProcess
 from .backends.local import Local
 from .backends.ssh import SSH
 from .backends.ec2 import EC2
-from .errors import AuthError, Error, MachineLost, ProtocolError, RemoteError
+from .errors import AuthError, Error, MachineLost, ProtocolError, RemoteError, ResourceError
 
 __all__ = [
     "B", "Machine", "State", "System", "Process", "Local", "InProcess", "SSH", "EC2",
     "start", "current", "service", "cancelled", "retry",
     "Status", "MachineStatus", "CallStats", "Profile", "MemoryProfile",
-    "Error", "RemoteError", "MachineLost", "AuthError", "ProtocolError",
+    "Error", "RemoteError", "MachineLost", "AuthError", "ProtocolError", "ResourceError",
     "__version__",
 ]

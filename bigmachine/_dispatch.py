@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Callable, Optional
 
-from ._connection import Connection, call_soon_threadsafe
+from ._connection import Connection
 from ._metrics import Counters, MethodCounter
 from ._serialize import dump_exception, dumps, loads
 from ._service import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, Registry
+from ._streams import Stream
+from ._waiters import call_soon_threadsafe
+from ._writer import SMALL_MESSAGE
 from ._wire import MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY
 from .errors import Error, MachineLost
-
-# Items a stream may send ahead of what the caller has consumed.
-STREAM_WINDOW = 64
 
 _local = threading.local()
 
@@ -35,27 +36,30 @@ def cancelled() -> bool:
 
 
 class Served:
-    """A call this node is serving: cancellation and stream credit."""
+    """A call this node is serving: its stream state, and the waiting on it."""
 
-    __slots__ = ("conn", "sid", "cancelled", "task", "credits", "cond", "wakeup", "loop",
+    __slots__ = ("conn", "sid", "stream", "task", "cond", "wakeup", "loop",
                  "counter", "started", "failed")
 
     def __init__(self, conn: Connection, sid: int, loop: asyncio.AbstractEventLoop):
         self.conn = conn
         self.sid = sid
         self.loop = loop
-        self.cancelled = False
+        self.stream = Stream(sid)
         self.task: Optional[asyncio.Task] = None
-        self.credits = STREAM_WINDOW
         self.cond: Optional[threading.Condition] = None  # made for streams only
         self.wakeup: Optional[asyncio.Future] = None
         self.counter: Optional[MethodCounter] = None  # counts the call once it is known
         self.started = 0
         self.failed = False
 
+    @property
+    def cancelled(self) -> bool:
+        return self.stream.cancelled
+
     def cancel(self) -> None:
         """From any thread: the caller gave up (or the connection closed)."""
-        self.cancelled = True
+        self.stream.cancel()
         self.loop.call_soon_threadsafe(self._cancel_task)
         self._notify()
 
@@ -67,7 +71,7 @@ class Served:
         if self.cond is None:
             return  # not a stream
         with self.cond:
-            self.credits += n
+            self.stream.credit(n)
         self._notify()
 
     def _notify(self) -> None:
@@ -82,18 +86,19 @@ class Served:
 
     def take_credit(self) -> bool:
         """Thread side: wait for room to send one more item; False if cancelled."""
+        stream = self.stream
         with self.cond:
-            while self.credits <= 0 and not self.cancelled and not self.conn.closed:
+            while stream.credits <= 0 and stream.open and not self.conn.closed:
                 self.cond.wait(1.0)
-            self.credits -= 1
-            return not (self.cancelled or self.conn.closed)
+            stream.sent_one()
+            return stream.open and not self.conn.closed
 
     async def atake_credit(self) -> None:
-        while self.credits <= 0:
+        while self.stream.credits <= 0:
             self.wakeup = asyncio.get_running_loop().create_future()
             await self.wakeup
         with self.cond:  # credit() adds from the reader thread
-            self.credits -= 1
+            self.stream.sent_one()
 
     def finish(self) -> None:
         """The call is over (replied, failed or cancelled): forget it and count it."""
@@ -137,7 +142,9 @@ class Dispatcher:
         if kind in (GENERATOR, ASYNC_GENERATOR):
             served.cond = threading.Condition(threading.Lock())
         if kind == SYNC:
-            self.executor.submit(_run_sync, served, fn, args, kwargs)
+            # The reader runs it once the read is handled (see _reader), or
+            # the pool does if reading must go on first.
+            conn.reader.defer(self.executor.submit, _run_sync, served, fn, args, kwargs)
         elif kind == GENERATOR:
             self.executor.submit(_run_generator, served, fn, args, kwargs)
         else:
@@ -155,7 +162,7 @@ def _start_task(served: Served, run: Any, fn: Any, args: tuple, kwargs: dict) ->
 
 def _send(conn: Connection, sid: int, mtype: int, message: tuple) -> None:
     try:
-        conn.send(sid, mtype, 0, *message)
+        conn.send(sid, mtype, 0, *message, cork=True)
     except MachineLost:
         pass  # the caller is gone; there is no one to tell
     except Exception as exc:  # the reply could not be framed: say so instead
@@ -172,18 +179,30 @@ def _reply(result: Any, mtype: int = MTYPE_REPLY) -> tuple[int, tuple]:
         return MTYPE_ERROR, dump_exception(exc)
 
 
-def _run_sync(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
+def _run_sync(served: Served, fn: Any, args: tuple, kwargs: dict) -> Optional[Callable[[], None]]:
+    """Run the method; return the sending of a small reply, or None.
+
+    The reader (see _reader.defer) sends that reply once it reads again, so
+    the caller's next request cannot arrive while it is still busy (which
+    would make another thread take over reading); a large reply, whose send
+    may wait for room, is sent here.
+    """
     _local.served = served
     try:
         if served.cancelled:
-            return
+            return None
         try:
             mtype, message = _reply(fn(*args, **kwargs))
         except BaseException as exc:
             mtype, message = MTYPE_ERROR, dump_exception(exc)
         served.failed = mtype == MTYPE_ERROR
-        if not served.cancelled:
-            _send(served.conn, served.sid, mtype, message)
+        if served.cancelled:
+            return None
+        segments = message[0]
+        if len(segments) == 1 and len(segments[0]) <= SMALL_MESSAGE:
+            return partial(_send, served.conn, served.sid, mtype, message)
+        _send(served.conn, served.sid, mtype, message)
+        return None
     finally:
         _local.served = None
         served.finish()

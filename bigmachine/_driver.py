@@ -47,7 +47,8 @@ class Driver(Observing, B):
         creds = Credentials.generate(ClusterCA(self.system.cert_lifetime) if self.system.tls else None)
         identity = creds.ca.issue("driver") if creds.ca is not None else None
         node = Node(creds, "driver", user_timeout=self.system.lost_after, identity=identity,
-                    socket_buffer=self.system.socket_buffer)
+                    socket_buffer=self.system.socket_buffer,
+                    shared_memory=self.system.shared_memory)
         B.__init__(self, node, self.system.keepalive_period, self.system.lost_after)
         Observing.__init__(self)
         self._controls: dict[str, Control] = {}   # by machine name
@@ -355,6 +356,7 @@ def start(system: Optional[System] = None, **options: Any) -> B:
     """Start a bigmachine session on system (default: bigmachine.Local()).
 
     options are the session's: tls, insecure, cert_lifetime, socket_buffer,
+    shared_memory (arrays as shared memory between machines of one host),
     status_addr (serve a status page there, e.g. "127.0.0.1:0"), progress
     (progress bars on a terminal) and timing (keepalive_period, lost_after,
     lease, start_timeout). It returns the driver's session, a B.

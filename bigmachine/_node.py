@@ -20,7 +20,9 @@ from typing import Any, Callable, Optional
 from . import _auth, _handshake
 from ._admission import Admission, RefusalLog
 from ._auth import Credentials
-from ._connection import SOCKET_BUFFER, Connection, configure_socket, mark_loop_thread
+from ._connection import Connection
+from ._sockopts import SOCKET_BUFFER, configure_socket
+from ._waiters import mark_loop_thread
 from ._limits import open_files
 from ._dispatch import Dispatcher
 from ._pool import Pool
@@ -60,7 +62,7 @@ class Node:
 
     def __init__(self, creds: Credentials, name: str, workers: Optional[int] = None,
                  user_timeout: float = USER_TIMEOUT, identity: Optional[Identity] = None,
-                 socket_buffer: int = SOCKET_BUFFER):
+                 socket_buffer: int = SOCKET_BUFFER, shared_memory: bool = False):
         self.creds = creds
         # With an identity, every connection (both ways) is TLS 1.3 with
         # certificates of the cluster CA, and the handshake runs inside it.
@@ -68,6 +70,7 @@ class Node:
         self.name = name
         self.user_timeout = user_timeout
         self.socket_buffer = socket_buffer
+        self.shared_memory = shared_memory  # Unix-socket links may pass arrays as memfds
         self.registry = Registry()
         self.loop = asyncio.new_event_loop()
         self.executor = Pool(workers or max(32, (os.cpu_count() or 1) * 4),
@@ -331,7 +334,7 @@ class Node:
                 if self.addr is not None and self.addr.startswith("unix:"):
                     _unlink(self.addr[5:])
             for conn in list(self.connections.values()) + list(self.accepted):
-                conn._fail(MachineLost(conn.peer, "shut down"))
+                conn.fail(MachineLost(conn.peer, "shut down"))
             for task in asyncio.all_tasks(self.loop):
                 task.cancel()
             self.loop.call_soon(self.loop.stop)

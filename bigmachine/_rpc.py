@@ -1,8 +1,8 @@
 """Making calls: send a request on a connection and wait for its reply or stream.
 
-The blocking forms run entirely in the caller's thread except for the read of
-the reply, which the IO loop hands over with one lock release. Replies are
-unpickled in the caller's thread or loop, not on the IO loop.
+A blocking call without a deadline reads its own reply when no other thread
+is reading the connection (see _reader); otherwise the reader hands the reply
+over with one lock release. Replies are unpickled in the caller's thread or loop.
 """
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import time
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from ._connection import Connection
-from ._dispatch import STREAM_WINDOW
 from ._node import swap_current
 from ._serialize import dumps, load_exception, loads
-from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
-from .errors import Error, MachineLost, ProtocolError
+from ._streams import Stream
+from ._waiters import on_loop_thread
+from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
+from .errors import Error, MachineLost, ProtocolError, ResourceError
 
 
 def _not_on_loop(conn: Connection, method: str) -> None:
-    if conn._in_loop():
+    if on_loop_thread(conn.loop):
         raise Error(f"cannot make the blocking call {method} on the IO loop; "
                     "use acall/astream from async code")
 
@@ -43,6 +44,8 @@ def _result(conn: Connection, item: tuple) -> Any:
             if mtype != MTYPE_ERROR:
                 return loads(payload)
             error = load_exception(payload)
+        except ResourceError:
+            raise  # this process could not take the reply: say so as it is
         except Exception as exc:
             raise Error(f"cannot unpickle a reply from {conn.peer}: {exc}") from exc
         finally:
@@ -60,10 +63,14 @@ def call(conn: Connection, method: str, args: tuple, kwargs: dict,
     message = encode_request(method, args, kwargs)
     deadline = None if timeout is None else time.monotonic() + timeout
     conn.gate.acquire(timeout)
+    # Read the reply ourselves if nobody else reads (no deadline: a leader's read has none).
+    leading = deadline is None and conn.reader.try_lead()
     try:
-        sid, waiter = conn.new_call()
+        sid, waiter = conn.new_call(leading)
         try:
             conn.send(sid, MTYPE_REQUEST, 0, *message, deadline=deadline)
+            if leading:
+                conn.reader.read_until(waiter)
             item = waiter.get(None if deadline is None else deadline - time.monotonic())
         except TimeoutError:
             conn.cancel(sid)
@@ -72,6 +79,8 @@ def call(conn: Connection, method: str, args: tuple, kwargs: dict,
             conn.cancel(sid)
             raise
     finally:
+        if leading:
+            conn.reader.leave()
         conn.gate.release()
     return _result(conn, item)
 
@@ -105,34 +114,15 @@ async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
     return _result(conn, item)
 
 
-class _StreamState:
-    """Credit bookkeeping for one stream on the caller's side."""
+def _consumed(conn: Connection, state: Stream) -> None:
+    credit = state.consumed_one()
+    if credit:
+        conn.send_control(KIND_CREDIT, state.sid, credit)
 
-    def __init__(self, conn: Connection, sid: int):
-        self.conn = conn
-        self.sid = sid
-        self.consumed = 0
-        self.done = False
 
-    def accept(self, item: tuple) -> bool:
-        """Note a message that arrived on the stream; False once it has ended."""
-        if item[0] == MTYPE_END:
-            self.done = True
-            return False
-        if item[0] != MTYPE_ITEM:
-            self.done = True  # an error, or the connection's loss, is the last item
-        return True
-
-    def consumed_one(self) -> None:
-        self.consumed += 1
-        if self.consumed >= STREAM_WINDOW // 2:
-            self.conn.send_control(KIND_CREDIT, self.sid, self.consumed)
-            self.consumed = 0
-
-    def close(self) -> None:
-        if not self.done:
-            self.done = True
-            self.conn.cancel(self.sid)
+def _close(conn: Connection, state: Stream) -> None:
+    if state.close():
+        conn.cancel(state.sid)
 
 
 def stream(conn: Connection, method: str, args: tuple, kwargs: dict,
@@ -143,7 +133,7 @@ def stream(conn: Connection, method: str, args: tuple, kwargs: dict,
     conn.gate.acquire(timeout)
     try:
         sid, waiter = conn.new_call()
-        state = _StreamState(conn, sid)
+        state = Stream(sid)
         try:
             conn.send(sid, MTYPE_REQUEST, MFLAG_STREAM, *message)
             while True:
@@ -151,12 +141,12 @@ def stream(conn: Connection, method: str, args: tuple, kwargs: dict,
                     item = waiter.get(timeout)
                 except TimeoutError:
                     raise TimeoutError(f"{method} on {conn.peer}: no item within {timeout} s") from None
-                if not state.accept(item):
+                if not state.received(item[0]):
                     return
                 yield _result(conn, item)
-                state.consumed_one()
+                _consumed(conn, state)
         finally:
-            state.close()
+            _close(conn, state)
     finally:
         conn.gate.release()
 
@@ -168,7 +158,7 @@ async def astream(conn: Connection, method: str, args: tuple, kwargs: dict,
     await conn.gate.aacquire()
     try:
         sid, waiter = conn.new_call()
-        state = _StreamState(conn, sid)
+        state = Stream(sid)
         try:
             await conn.asend(sid, MTYPE_REQUEST, MFLAG_STREAM, *message)
             while True:
@@ -176,12 +166,12 @@ async def astream(conn: Connection, method: str, args: tuple, kwargs: dict,
                     item = await asyncio.wait_for(waiter.aget(), timeout)
                 except asyncio.TimeoutError:
                     raise TimeoutError(f"{method} on {conn.peer}: no item within {timeout} s") from None
-                if not state.accept(item):
+                if not state.received(item[0]):
                     return
                 yield _result(conn, item)
-                state.consumed_one()
+                _consumed(conn, state)
         finally:
-            state.close()
+            _close(conn, state)
     finally:
         conn.gate.release()
 

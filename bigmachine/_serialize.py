@@ -18,6 +18,7 @@ from typing import Any
 import cloudpickle
 
 from . import _wire
+from ._shmlink import Unreceived
 from .errors import Error, RemoteError
 
 # A message carries its buffers as a list; short ones ride in-band so that a
@@ -25,10 +26,21 @@ from .errors import Error, RemoteError
 INBAND_MAX = 512
 # Out-of-band buffers one message can carry (segment 0 is the pickle stream).
 MAX_BUFFERS = _wire.MAX_SEGMENTS - 1
+_INBAND_ONLY = [False]  # the readonly flags of a message of one segment (never mutated)
 
 
 def dumps(obj: Any) -> tuple[list, list]:
     """Return (segments, readonly flags) for obj."""
+    # Most messages are small: one plain pickle does for them (a tenth of the
+    # general path's cost) when no buffer travels out of band (a large one
+    # stops it before it is copied) and the stream is too short to hold
+    # bytes worth lifting.
+    try:
+        main = pickle.dumps(obj, protocol=5, buffer_callback=_inband_only)
+    except Exception:
+        main = None
+    if main is not None and len(main) < BYTES_OUT_OF_BAND and b"__main__" not in main:
+        return [main], _INBAND_ONLY
     obj = _lift(obj, 0)
     main, buffers = _pickle(obj, INBAND_MAX)
     if len(buffers) > MAX_BUFFERS:
@@ -82,6 +94,16 @@ def _lift(obj: Any, depth: int) -> Any:
         return lifted if any(lifted[k] is not v for k, v in obj.items()) else obj
     items = [_lift(x, depth + 1) for x in obj]
     return kind(items) if any(a is not b for a, b in zip(items, obj)) else obj
+
+
+class _OutOfBand(Exception):
+    """A buffer too large to travel in band: the general path is needed."""
+
+
+def _inband_only(buf: pickle.PickleBuffer) -> bool:
+    if buf.raw().nbytes > INBAND_MAX:
+        raise _OutOfBand
+    return True
 
 
 def _pickle(obj: Any, inband_max: int) -> tuple[bytes, list]:
@@ -138,7 +160,13 @@ class _Pickler(cloudpickle.CloudPickler):
 
 
 def loads(segments: list) -> Any:
-    """Rebuild the object from received segments, without copying buffers."""
+    """Rebuild the object from received segments, without copying buffers.
+
+    Raises ResourceError if a segment could not be received (see _shmlink).
+    """
+    for seg in segments:
+        if type(seg) is Unreceived:
+            raise seg.error
     return pickle.loads(segments[0], buffers=segments[1:])
 
 

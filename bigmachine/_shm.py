@@ -14,7 +14,6 @@ connection moves their descriptors.
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import mmap
 import os
@@ -22,6 +21,9 @@ import threading
 import weakref
 from typing import Optional
 
+import numpy as np
+
+from ._buffers import SharedMapping, address_of
 from .errors import ProtocolError
 
 AVAILABLE = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
@@ -64,13 +66,12 @@ def check(fd: int, size: int) -> None:
 
 
 class _Mapped:
-    __slots__ = ("fd", "start", "size", "map")
+    __slots__ = ("fd", "start", "size")
 
-    def __init__(self, fd: int, start: int, size: int, mapping: "weakref.ref"):
+    def __init__(self, fd: int, start: int, size: int):
         self.fd = fd
         self.start = start
         self.size = size
-        self.map = mapping
 
 
 _mapped: dict[int, _Mapped] = {}   # received segments still mapped, by start address
@@ -81,18 +82,18 @@ def map_segment(fd: int, size: int) -> memoryview:
     """Map a checked segment privately (copy-on-write) as a writable buffer.
 
     The segment keeps fd while its mapping lives (so that it can be passed on
-    unwritten, see find) and closes it when the last view of the buffer is gone.
+    unwritten, see find) and closes it when the last view of the buffer is
+    gone. On failure (OSError: ENOMEM) fd is still the caller's.
     """
     if not size:
         os.close(fd)
         return memoryview(bytearray())
-    mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    view = memoryview(mapping)
-    start = _address(view)
+    mapping = SharedMapping(fd, size)
+    start = mapping.address
     with _lock:
-        _mapped[start] = _Mapped(fd, start, size, weakref.ref(mapping))
+        _mapped[start] = _Mapped(fd, start, size)
     weakref.finalize(mapping, _unmapped, start, fd)
-    return view
+    return memoryview(mapping)
 
 
 def _unmapped(start: int, fd: int) -> None:
@@ -100,55 +101,44 @@ def _unmapped(start: int, fd: int) -> None:
         entry = _mapped.get(start)
         if entry is not None and entry.fd == fd:
             del _mapped[start]
-    os.close(fd)
 
 
-def find(view: memoryview) -> Optional[tuple[int, int]]:
-    """(fd, offset) of the received segment that holds view, when that segment was
-    never written here: it can then travel on as it is. None otherwise."""
+def find(view: memoryview) -> Optional[tuple[int, int, int]]:
+    """(fd, size, offset) of the received segment of size bytes that holds view
+    at offset, when that segment was never written here: it can then travel on
+    as it is. None otherwise. The fd stays the mapping's (dup it to keep it)."""
     if not _mapped or view.nbytes == 0:
         return None
-    try:
-        start = _address(view)
-    except TypeError:  # a read-only buffer: not one of our (writable) mappings
-        return None
+    start = address_of(view)
     with _lock:
         for entry in _mapped.values():
             if entry.start <= start and start + view.nbytes <= entry.start + entry.size:
+                fd, base, size = entry.fd, entry.start, entry.size
                 break
         else:
             return None
-    if _private_dirty(entry.start, entry.size):
+    if _private_dirty(base, size):
         return None  # written here: what the next receiver would see is not the segment
-    return entry.fd, start - entry.start
-
-
-def _address(view: memoryview) -> int:
-    """Where a writable buffer's bytes start in this process's memory."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(view.cast("B") if view.ndim != 1 or
-                                                      view.format != "B" else view))
+    return fd, size, start - base
 
 
 def _private_dirty(start: int, size: int) -> bool:
-    """Whether the mapping at start has anonymous (written, copied) pages: /proc/self/smaps.
+    """Whether the private mapping at start has a written (copied, anonymous) page.
 
-    A private file mapping's pages become anonymous when written (copy-on-write);
-    reads leave them the segment's own shared pages.
+    /proc/self/pagemap has a word per page: a present page that is not the
+    file's own (bit 61 clear), or a swapped one (bit 62, only anonymous pages
+    swap), was written here; an untouched page is neither.
     """
-    end = start + ((size + PAGE - 1) // PAGE) * PAGE
-    with open("/proc/self/smaps", "rb") as f:
-        inside = False
-        for line in f:
-            if line[:1] in _HEX and b"-" in line[:40]:
-                lo, _, hi = line.split(b" ", 1)[0].partition(b"-")
-                try:
-                    a, b = int(lo, 16), int(hi, 16)
-                except ValueError:
-                    continue
-                inside = a < end and b > start
-            elif inside and line.startswith(b"Anonymous:") and int(line.split()[1]) > 0:
-                return True
-    return False
+    first = start // PAGE
+    pages = (start + size + PAGE - 1) // PAGE - first
+    with open("/proc/self/pagemap", "rb", buffering=0) as f:
+        words = bytearray(8 * pages)
+        got = f.readinto(memoryview(words)) if f.seek(8 * first) == 8 * first else 0
+    if got != len(words):
+        return True  # cannot tell: treat as written (a copy is always right)
+    flags = np.frombuffer(words, dtype=np.uint64)
+    written = (flags & _SWAPPED) | ((flags & _PRESENT) & ~((flags & _FILE) << np.uint64(2)))
+    return bool(written.any())
 
 
-_HEX = b"0123456789abcdef"
+_PRESENT, _SWAPPED, _FILE = np.uint64(1 << 63), np.uint64(1 << 62), np.uint64(1 << 61)

@@ -288,6 +288,11 @@ class TLSChannel:
                 self.obj.write(buf)
             return self.outgoing.read()
 
+    def buffered(self) -> bool:
+        """True if received bytes wait in the channel rather than in the socket."""
+        with self.lock:
+            return self.incoming.pending > 0 or self.obj.pending() > 0
+
     def pending_output(self) -> bytes:
         """Ciphertext OpenSSL produced while reading (e.g. a key update reply)."""
         with self.lock:

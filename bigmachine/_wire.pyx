@@ -9,9 +9,14 @@ Kinds:
 
 - MSG: starts a message on a stream. Its payload is a descriptor
   ``u8 mtype | u8 mflags | u16 0 | u32 nsegs`` followed by ``nsegs`` u64
-  segment lengths (bit 63 marks a read-only segment). Segment 0 is the pickle
-  stream, the rest are out-of-band buffers. With FLAG_INLINE the segment bytes
-  follow the descriptor in the same frame; otherwise DATA frames carry them.
+  segment lengths (bit 63 marks a read-only segment, bit 62 a shared-memory
+  one). Segment 0 is the pickle stream, the rest are out-of-band buffers.
+  For each shared-memory segment, in order, two u64 follow the lengths: the
+  size of the memfd that holds it and its offset there; the k-th such
+  segment is the k-th descriptor of the batch that arrived (SCM_RIGHTS) with
+  the MSG frame's first byte, and its bytes never travel on the socket.
+  With FLAG_INLINE the other segments' bytes follow the descriptor in the same
+  frame; otherwise DATA frames carry them.
 - DATA: the next bytes of the message being received on that stream.
 - CANCEL (no payload), CREDIT (u64 count): per-stream control.
 - PING, PONG (u64 token), GOAWAY (u64 0): connection-level, stream id 0.
@@ -22,6 +27,7 @@ returns events. It does no I/O. Every length is checked against a limit before
 anything is allocated; anything malformed raises WireError.
 """
 from libc.string cimport memcpy, memmove
+from posix.unistd cimport close as _close_fd
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef enum:
@@ -43,6 +49,8 @@ cdef enum:
     _MFLAG_STREAM = 1
 
 cdef uint64_t _READONLY_BIT = (<uint64_t>1) << 63
+cdef uint64_t _SHM_BIT = (<uint64_t>1) << 62
+cdef uint64_t _LENGTH_MASK = ~((<uint64_t>3) << 62)
 
 cdef enum:
     _HEADER = 16
@@ -74,6 +82,9 @@ MTYPE_MAX = _MTYPE_MAX
 MFLAG_STREAM = _MFLAG_STREAM
 
 READONLY_BIT = 1 << 63
+SHM_BIT = 1 << 62
+# Descriptors one message may carry: Linux passes at most 253 per sendmsg.
+MAX_FDS = 253
 MAX_STREAM_ID = 0xFFFFFFFF
 
 # Default limits; each Decoder may be given tighter or looser ones.
@@ -151,24 +162,35 @@ def control_frame(int kind, uint32_t stream_id, uint64_t value=0):
 
 def message_frames(uint32_t stream_id, int mtype, int mflags, list segments,
                    list readonly=None, Py_ssize_t inline_max=INLINE_MAX,
-                   Py_ssize_t chunk=CHUNK):
+                   Py_ssize_t chunk=CHUNK, list shm=None):
     """Cut one message into frames without copying its segments.
 
     segments: bytes-like objects (segment 0 is the pickle stream).
+    shm: None, or for each segment None or (memfd size, offset): that segment
+    travels as a descriptor the caller sends with the first unit.
     Returns (units, nbytes): units is a list of lists of buffers, each inner
     list being whole frames to write together with one gather write; the first
     unit holds the MSG frame, the rest DATA frames of at most ``chunk`` bytes.
     """
     cdef Py_ssize_t nsegs = len(segments)
-    cdef Py_ssize_t i, total = 0, n, off, take, room
-    cdef uint64_t ln
+    cdef Py_ssize_t i, total = 0, n, off, take, room, nshm = 0, table
+    cdef uint64_t ln, word
     cdef list views = []
     cdef bytearray head
     cdef uint8_t *p
     cdef uint32_t n32 = <uint32_t>nsegs
     if nsegs == 0 or nsegs > MAX_SEGMENTS:
         raise WireError(f"a message has 1 to {MAX_SEGMENTS} segments, not {nsegs}")
-    head = bytearray(16 + 8 + 8 * nsegs)
+    if shm is not None:
+        if len(shm) != nsegs:
+            raise WireError("shm must say, for each segment, whether it is shared")
+        for i in range(nsegs):
+            if shm[i] is not None:
+                nshm += 1
+        if nshm > MAX_FDS:
+            raise WireError(f"a message carries at most {MAX_FDS} descriptors, not {nshm}")
+    table = 16 + 8 + 8 * nsegs
+    head = bytearray(table + 16 * nshm)
     p = head
     p[16] = <uint8_t>mtype
     p[17] = <uint8_t>mflags
@@ -179,9 +201,17 @@ def message_frames(uint32_t stream_id, int mtype, int mflags, list segments,
         v = memoryview(segments[i])
         if v.ndim != 1 or v.itemsize != 1 or not v.c_contiguous:
             v = v.cast("B") if v.c_contiguous else memoryview(v.tobytes())
-        views.append(v)
         ln = <uint64_t>len(v)
-        total += len(v)
+        if nshm and shm[i] is not None:
+            word = <uint64_t>shm[i][0]
+            memcpy(p + table, &word, 8)
+            word = <uint64_t>shm[i][1]
+            memcpy(p + table + 8, &word, 8)
+            table += 16
+            ln |= _SHM_BIT
+        else:
+            views.append(v)
+            total += len(v)
         if readonly is not None and readonly[i]:
             ln |= _READONLY_BIT
         memcpy(p + 24 + 8 * i, &ln, 8)
@@ -189,9 +219,9 @@ def message_frames(uint32_t stream_id, int mtype, int mflags, list segments,
     cdef int flags = 0
     if total <= inline_max:
         flags = _FLAG_INLINE
-        flen = 8 + 8 * nsegs + total
+        flen = 8 + 8 * nsegs + 16 * nshm + total
     else:
-        flen = 8 + 8 * nsegs
+        flen = 8 + 8 * nsegs + 16 * nshm
     p[0] = _KIND_MSG
     p[1] = <uint8_t>flags
     p[2] = 0
@@ -249,11 +279,20 @@ cdef class Decoder:
     - ``(_KIND_PING, 0, token)``, ``(_KIND_PONG, 0, token)``, ``(_KIND_GOAWAY, 0, 0)``
 
     ``alloc(n)`` returns a writable buffer of n bytes for incoming segments.
+
+    ``map_shm(fd, size, offset, length, readonly)`` returns the buffer of a
+    shared-memory segment; it owns fd (-1 when this process could not receive
+    it: it then returns what stands for the lost segment) and raises WireError
+    for a segment the peer should not have sent. Without it a message with
+    shared-memory segments is malformed. ``add_fds`` gives the decoder the
+    descriptors a receive brought, before the bytes that came with them.
     """
 
     cdef bytearray scratch
     cdef Py_ssize_t start, end
     cdef object alloc
+    cdef object map_shm
+    cdef list fd_batches            # (fds, truncated) of receives, not yet claimed
     cdef dict assemblies
     cdef _Assembly current          # assembly the current DATA frame fills
     cdef Py_ssize_t data_left       # payload bytes left in the current DATA frame
@@ -266,10 +305,12 @@ cdef class Decoder:
                  Py_ssize_t max_segments=MAX_SEGMENTS,
                  Py_ssize_t max_message=MAX_MESSAGE,
                  Py_ssize_t max_pending=MAX_PENDING,
-                 Py_ssize_t scratch_size=SCRATCH_SIZE):
+                 Py_ssize_t scratch_size=SCRATCH_SIZE, map_shm=None):
         self.scratch = bytearray(max(scratch_size, 64))
         self.start = self.end = 0
         self.alloc = alloc
+        self.map_shm = map_shm
+        self.fd_batches = []
         self.assemblies = {}
         self.current = None
         self.data_left = 0
@@ -279,6 +320,11 @@ cdef class Decoder:
         self.max_segments = max_segments
         self.max_message = max_message
         self.max_pending = max_pending
+
+    def __dealloc__(self):
+        if self.fd_batches:
+            for fds, truncated in self.fd_batches:
+                _close_all(fds)
 
     @property
     def open_streams(self):
@@ -325,6 +371,17 @@ cdef class Decoder:
             return self.start + _HEADER
         return self.start + _HEADER + <Py_ssize_t>length
 
+    def add_fds(self, list fds, bint truncated=False):
+        """Descriptors one receive brought (truncated: some were lost on the way
+        here, for want of descriptors); the message whose first byte came with
+        them claims them. The decoder owns them from now on."""
+        if self.closed or len(fds) > MAX_FDS:
+            _close_all(fds)
+            if not self.closed:
+                raise WireError(f"{len(fds)} descriptors in one receive (limit {MAX_FDS})")
+            return
+        self.fd_batches.append((fds, truncated))
+
     def buffer_updated(self, Py_ssize_t n):
         """Record that n bytes were written into the last get_buffer() view."""
         cdef list events = []
@@ -333,10 +390,55 @@ cdef class Decoder:
         if self.direct:
             self.direct = False
             self._advance(n, events)
-            return events
-        self.end += n
-        self._process(events)
+        else:
+            self.end += n
+            self._process(events)
+        if self.fd_batches:
+            self._check_unclaimed()
         return events
+
+    cdef _check_unclaimed(self):
+        """Descriptors came with a message's first byte: at a frame boundary
+        none may be left, and within a frame only that frame's batch."""
+        if len(self.fd_batches) > 1 or (self.start == self.end and self.data_left == 0):
+            self._close_fds()
+            raise WireError("descriptors arrived that no message claimed")
+
+    cdef _close_fds(self):
+        for fds, truncated in self.fd_batches:
+            _close_all(fds)
+        self.fd_batches = []
+
+    cdef list _claim_fds(self, Py_ssize_t n):
+        """The n descriptors of the message being decoded; None when this process
+        lost them on the way (it was out of descriptors)."""
+        if self.map_shm is None:
+            raise WireError("a shared-memory segment on a link without shared memory")
+        if not self.fd_batches:
+            raise WireError(f"a message promises {n} descriptors and none arrived")
+        fds, truncated = self.fd_batches.pop(0)
+        if truncated:
+            _close_all(fds)
+            return None
+        if len(fds) != n:
+            _close_all(fds)
+            raise WireError(f"a message promises {n} descriptors and {len(fds)} arrived")
+        return fds
+
+    cdef dict _map_shared(self, list shared):
+        """Segment index -> buffer for shared-memory segments (index, size, offset, length, ro)."""
+        cdef list fds = self._claim_fds(len(shared))
+        cdef dict out = {}
+        cdef Py_ssize_t k = 0
+        try:
+            for k in range(len(shared)):
+                i, size, offset, ln, ro = shared[k]
+                out[i] = self.map_shm(fds[k] if fds is not None else -1, size, offset, ln, ro)
+        except BaseException:
+            if fds is not None:
+                _close_all(fds[k + 1:])
+            raise
+        return out
 
     def feed(self, data):
         """Decode bytes; return the events they complete."""
@@ -482,7 +584,8 @@ cdef class Decoder:
         cdef uint32_t nsegs
         cdef Py_ssize_t i, total = 0, region = 0, off, pos
         cdef uint64_t raw, ln
-        cdef Py_ssize_t ln_i
+        cdef Py_ssize_t ln_i, k
+        cdef uint64_t size, offset
         cdef bint ro
         if sid == 0:
             raise WireError("message on stream 0")
@@ -504,19 +607,45 @@ cdef class Decoder:
         if length < _DESCRIPTOR + 8 * <Py_ssize_t>nsegs:
             raise WireError("truncated message descriptor")
         lengths = []
+        shared = []
         for i in range(nsegs):
             raw = _u64(body + _DESCRIPTOR + 8 * i)
-            ln = raw & ~(<uint64_t>_READONLY_BIT)
-            if ln > <uint64_t>self.max_message or total + <Py_ssize_t>ln > self.max_message:
+            ln = raw & _LENGTH_MASK
+            if ln > <uint64_t>self.max_message:
+                raise WireError(f"message larger than the limit of {self.max_message} bytes")
+            if raw & _SHM_BIT:
+                if len(shared) >= MAX_FDS:
+                    raise WireError(f"a message with more than {MAX_FDS} shared segments")
+                shared.append(i)
+                lengths.append((-1, (raw & _READONLY_BIT) != 0))
+                continue
+            if total + <Py_ssize_t>ln > self.max_message:
                 raise WireError(f"message larger than the limit of {self.max_message} bytes")
             total += <Py_ssize_t>ln
             lengths.append((<Py_ssize_t>ln, (raw & _READONLY_BIT) != 0))
         pos = _DESCRIPTOR + 8 * nsegs
+        if length < pos + 16 * <Py_ssize_t>len(shared):
+            raise WireError("truncated shared-memory table")
+        for k in range(len(shared)):
+            i = shared[k]
+            ln = _u64(body + _DESCRIPTOR + 8 * i) & _LENGTH_MASK
+            size = _u64(body + pos)
+            offset = _u64(body + pos + 8)
+            pos += 16
+            if size > <uint64_t>self.max_message or offset > size or ln > size - offset:
+                raise WireError(f"a shared segment of {ln} bytes at {offset} "
+                                f"in a memfd of {size} bytes")
+            shared[k] = (i, size, offset, ln, lengths[i][1])
         if flags & _FLAG_INLINE:
             if length != pos + total:
                 raise WireError("inline message length does not match its segments")
+            mapped = self._map_shared(shared) if shared else None
             segments = []
-            for ln_i, ro in lengths:
+            for i in range(nsegs):
+                ln_i, ro = lengths[i]
+                if ln_i < 0:
+                    segments.append(mapped[i])
+                    continue
                 seg = self._alloc(ln_i)
                 if ln_i:
                     memoryview(seg)[:] = memoryview(self.scratch)[
@@ -535,9 +664,10 @@ cdef class Decoder:
         # Lengths are checked; now allocate. Small segments share one region
         # (at aligned offsets), large ones get their own memory.
         for ln_i, ro in lengths:
-            if ln_i < _SMALL_SEGMENT:
+            if 0 <= ln_i < _SMALL_SEGMENT:
                 region += (ln_i + _ALIGN - 1) & ~(_ALIGN - 1)
-        shared = memoryview(self._alloc(region)) if region else None
+        mapped = self._map_shared(shared) if shared else None
+        small = memoryview(self._alloc(region)) if region else None
         cdef _Assembly a = _Assembly()
         a.stream_id = sid
         a.mtype = mtype
@@ -545,9 +675,13 @@ cdef class Decoder:
         a.targets = []
         a.results = []
         off = 0
-        for ln_i, ro in lengths:
+        for i in range(nsegs):
+            ln_i, ro = lengths[i]
+            if ln_i < 0:
+                a.results.append(mapped[i])
+                continue
             if ln_i < _SMALL_SEGMENT:
-                view = shared[off:off + ln_i]
+                view = small[off:off + ln_i]
                 off += (ln_i + _ALIGN - 1) & ~(_ALIGN - 1)
             else:
                 view = memoryview(self._alloc(ln_i))
@@ -567,4 +701,10 @@ cdef class Decoder:
         self.data_left = 0
         self.pending_bytes = 0
         self.closed = True
+        self._close_fds()
         return sids
+
+
+cdef _close_all(list fds):
+    for fd in fds:
+        _close_fd(fd)

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 
-from ._connection import SOCKET_BUFFER
+from ._sockopts import SOCKET_BUFFER
 from ._limits import no_core_dumps, raise_open_files
 from ._node import Node
 from ._runtime import start_machine
@@ -49,7 +49,8 @@ def main() -> None:
         stopped.set()
 
     node = Node(creds, config["name"], identity=identity,
-                socket_buffer=config.get("socket_buffer", SOCKET_BUFFER))
+                socket_buffer=config.get("socket_buffer", SOCKET_BUFFER),
+                shared_memory=config.get("shared_memory", False))
     addr = start_machine(node, config["lease"], on_stop, owner_token, listen=config["listen"],
                          keepalive_period=config["keepalive_period"], lost_after=config["lost_after"])
     status = f"{STATUS_PREFIX}{addr}\n"

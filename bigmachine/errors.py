@@ -54,6 +54,13 @@ class AuthError(Error):
         return f"cannot authenticate {self.host}: {self.reason}"
 
 
+class ResourceError(Error):
+    """This process is short of descriptors or memory to take a message.
+
+    The call fails; its connection stays usable.
+    """
+
+
 class ProtocolError(Error):
     """A peer sent a malformed frame or spoke another protocol."""
 

@@ -8,6 +8,7 @@ network, mount and PID namespaces. Systems use address="private" only.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ import pytest
 import bigmachine as bm
 from bigmachine.backends.ec2.instances import TAG_CLUSTER
 from tests.conftest import poll
-from tests.ec2harness import ENV, FaultProxy, Harness
+from tests.ec2harness import ENV, REGION, FaultProxy, Harness, decode
 from tests.ssh_services import Remote
 
 pytestmark = pytest.mark.timeout(60)
@@ -234,6 +235,88 @@ def test_errors_fail_fast_say_what_to_fix_and_leave_nothing(lab, system, case):
     finally:
         if proxy is not None:
             proxy.close()
+
+
+def refused_launch(lab, system, **change):
+    """b.start with every RunInstances refused by a proxy (nothing boots): the system,
+    the RunInstances requests it made, and the error b.start raised."""
+    asked: list[dict] = []
+    proxy = FaultProxy(lab.url, lambda p: asked.append(p) or "InsufficientInstanceCapacity")
+    try:
+        ec2 = system(endpoint_url=proxy.url, **change)
+        with bm.start(ec2) as b:
+            started = time.monotonic()
+            with pytest.raises(bm.Error) as raised:
+                b.start(1, {"Remote": Remote()})
+            assert time.monotonic() - started < 10
+            assert not live(lab, cluster_of(b))
+    finally:
+        proxy.close()
+    return ec2, asked, raised.value
+
+
+def setup_and_agent(request: dict) -> tuple[str, str]:
+    """The setup part of a RunInstances request's user-data, and the agent's command line."""
+    text = decode(request["UserData"]).decode()
+    setup = text.split("<<'BIGMACHINE_SETUP'\n")[1].split("\nBIGMACHINE_SETUP\n")[0]
+    agent, = [line for line in text.splitlines() if line.startswith("setsid ")]
+    return setup, agent
+
+
+@pytest.mark.parametrize("instance_type, arch", [("m7i.large", "x86_64"),
+                                                 ("m7g.large", "arm64")])
+def test_default_ami_is_the_latest_al2023_with_the_drivers_python(lab, system, caplog,
+                                                                   instance_type, arch):
+    """ami=None: SSM's public parameter for the type's architecture picks the image,
+    and setup installs the driver's Python, numpy and cloudpickle before the user's."""
+    import boto3
+    import cloudpickle
+
+    caplog.set_level(logging.INFO, logger="bigmachine.ec2")
+    ssm = boto3.client("ssm", endpoint_url=lab.url, region_name=REGION)
+    want = ssm.get_parameter(Name="/aws/service/ami-amazon-linux-latest/"
+                                  f"al2023-ami-kernel-default-{arch}")["Parameter"]["Value"]
+    image, = lab.ec2().describe_images(ImageIds=[want])["Images"]
+    assert image["Architecture"] == arch and image["Name"].startswith("al2023-ami-")
+    ec2, asked, err = refused_launch(lab, system, ami=None, python="python3",
+                                     instance_type=instance_type, setup="echo theirs")
+    assert "InsufficientInstanceCapacity" in str(err)
+    assert asked and {r["ImageId"] for r in asked} == {want}
+    assert f"using {want}, the latest Amazon Linux 2023 for {arch}" in caplog.text
+    version = "%d.%d" % sys.version_info[:2]
+    pins = f"numpy=={np.__version__} cloudpickle=={cloudpickle.__version__}"
+    setup, agent = setup_and_agent(asked[0])
+    assert setup == (
+        f"# bigmachine (ami=None): the driver's Python {version}, numpy, cloudpickle\n"
+        f"dnf install -y python{version} python{version}-pip || exit\n"
+        f"python{version} -m pip install --no-cache-dir {pins} || exit\n"
+        "echo theirs")
+    assert agent.startswith("setsid /usr/bin/python3 ")  # the image's own, before setup
+    assert ec2.python == f"python{version}"  # what the machines run
+
+
+def test_default_ami_without_the_drivers_python_fails_before_launching(lab, system,
+                                                                      monkeypatch):
+    from bigmachine.backends.ec2 import image
+
+    monkeypatch.setattr(image, "DRIVER", (3, 10))
+    _, asked, err = refused_launch(lab, system, ami=None, python="python3")
+    assert asked == []  # no run_instances at all
+    assert re.search(r"no Python 3\.10.*pass ami=.*python=", str(err)), err
+
+
+def test_explicit_ami_and_python_take_precedence(lab, system, caplog):
+    caplog.set_level(logging.INFO, logger="bigmachine.ec2")
+    ec2, asked, _ = refused_launch(lab, system, python="python3")  # ami=lab.ami
+    assert {r["ImageId"] for r in asked} == {lab.ami}
+    setup, agent = setup_and_agent(asked[0])
+    assert setup == "" and agent.startswith("setsid python3 ")
+    assert ec2.python == "python3" and "Amazon Linux 2023" not in caplog.text
+    # ami=None with python= of the user's: their Python and setup, untouched.
+    ec2, asked, _ = refused_launch(lab, system, ami=None, python="/opt/py/bin/python3",
+                                   setup="echo theirs")
+    assert setup_and_agent(asked[0])[0] == "echo theirs"
+    assert ec2.python == "/opt/py/bin/python3"
 
 
 def test_missing_credentials(lab, system, monkeypatch):

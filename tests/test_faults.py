@@ -580,11 +580,11 @@ SOAK = textwrap.dedent("""
     import collections, faulthandler, itertools, json, queue, sys, threading, time, traceback
     import psutil
     import bigmachine as bm
-    from bigmachine import _connection
+    from bigmachine import _faults
 
     TOTAL, THREADS, TIMEOUT, SLACK = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), 0.25
     faulthandler.dump_traceback_later(100, exit=True)  # a hang shows every stack, then exits 1
-    assert _connection.FAULTS is not None, "the fault injector is off"
+    assert _faults.FAULTS is not None, "the fault injector is off"
 
     @bm.service
     class Soak:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import bigmachine as bm
-from bigmachine._connection import Gate
+from bigmachine._waiters import Gate
 from tests.conftest import poll
 from tests.services import Echo, LoopCaller, Relay
 

@@ -440,7 +440,7 @@ def test_stalled_reader_does_not_grow_sender_memory_past_the_cap():
     threads, size, attempts = 4, 8 << 20, 40
     with RawServer(creds, never_read) as server, client_node(creds) as node:
         conn = node.connect(server.addr, timeout=5)
-        cap = conn.max_queued
+        cap = conn.writer.max_queued
         rss0 = rss()
         stop = threading.Event()
         progress = [0] * threads
@@ -466,7 +466,7 @@ def test_stalled_reader_does_not_grow_sender_memory_past_the_cap():
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline and any(t.is_alive() for t in pool):
             peak_rss = max(peak_rss, rss())
-            peak_queued = max(peak_queued, conn._queued)
+            peak_queued = max(peak_queued, conn.writer.queued)
             time.sleep(0.005)
         stop.set()
         sent = sum(progress)
@@ -485,10 +485,10 @@ def test_stalled_reader_does_not_grow_sender_memory_past_the_cap():
 
 def _fill_send_queue(conn):
     """Start a call whose request alone is more than the socket and the cap hold."""
-    filler = np.ones(conn.max_queued + (128 << 20), np.uint8)  # beyond any socket buffering
+    filler = np.ones(conn.writer.max_queued + (128 << 20), np.uint8)  # beyond any socket buffering
     thread, box = run_in_thread(_rpc.call, conn, "T.total", (filler,), {}, 0.2)
-    poll(lambda: conn._queued > conn.max_queued or "elapsed" in box, timeout=5)
-    assert conn._queued > conn.max_queued, "the write queue never went over its cap"
+    poll(lambda: conn.writer.queued > conn.writer.max_queued or "elapsed" in box, timeout=5)
+    assert conn.writer.queued > conn.writer.max_queued, "the write queue never went over its cap"
     return thread, box
 
 

@@ -88,6 +88,10 @@ class System(ABC):
         whose links are TCP refuses tls=False unless insecure=True is also given.
     insecure: allow plain TCP links (tls=False): anyone on the path between
         hosts can then read and rewrite calls. Logs a warning.
+    shared_memory: on Unix-socket links (one host), out-of-band buffers of 1 MiB
+        or more travel as sealed shared memory: forwarding a received array costs
+        no copy, but a fresh array's first send is slower than the socket today
+        (fresh shared pages; see README "Performance"). Off by default.
     cert_lifetime: seconds a member's certificate is valid; the session
         renews every member's certificate before half of it has passed.
     socket_buffer: kernel socket buffer bytes of the cluster's connections
@@ -106,6 +110,7 @@ class System(ABC):
     start_timeout = 60.0
     tls = False
     insecure = False
+    shared_memory = False
     cert_lifetime = LIFETIME
     socket_buffer = 1 << 20
     status_addr: Optional[str] = None
@@ -130,7 +135,7 @@ class System(ABC):
                     raise Error(f"option status_addr must be 'host:port' or None, not {value!r}")
                 self.status_addr = value
                 continue
-            if key in ("tls", "insecure", "progress"):
+            if key in ("tls", "insecure", "progress", "shared_memory"):
                 if not isinstance(value, bool):
                     raise Error(f"option {key} must be True or False, not {value!r}")
                 setattr(self, key, value)

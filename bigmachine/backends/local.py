@@ -222,6 +222,7 @@ class Local(System):
             "keepalive_period": self.keepalive_period,
             "lost_after": self.lost_after,
             "socket_buffer": self.socket_buffer,
+            "shared_memory": self.shared_memory,
             "status_fd": status_fd,
             "parent_pipe": self.parent_pipe,
             "listen": self._listen_addr(name),

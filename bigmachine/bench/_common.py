@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import ssl
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Optional
@@ -168,7 +170,8 @@ def send_all(sock: socket.socket, view: memoryview, chunk: int = RAW_CHUNK) -> N
 
 
 def _serve_conn(conn: socket.socket, ctx: Optional[ssl.SSLContext] = None) -> None:
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if conn.family != socket.AF_UNIX:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         if ctx is not None:
             conn = ctx.wrap_socket(conn, server_side=True)  # handshake, client cert required
@@ -261,12 +264,19 @@ def _read_tls_context() -> ssl.SSLContext:
     return identity.contexts()[0]
 
 
-def _serve_threads(ctx: Optional[ssl.SSLContext] = None) -> None:
-    lst = socket.socket()
-    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(64)
-    print(lst.getsockname()[1], flush=True)
+def _serve_threads(ctx: Optional[ssl.SSLContext] = None, unix: Optional[str] = None) -> None:
+    """unix: serve on a Unix socket at this path instead of loopback TCP."""
+    if unix:
+        lst = socket.socket(socket.AF_UNIX)
+        lst.bind(unix)
+        lst.listen(64)
+        print(0, flush=True)
+    else:
+        lst = socket.socket()
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(64)
+        print(lst.getsockname()[1], flush=True)
 
     def accept() -> None:
         while True:
@@ -325,10 +335,13 @@ class RawServer:
     client an identity each; the server's reaches the child through its stdin
     pipe. Connections are then TLS 1.3 with mutual certificate verification,
     with the same contexts bigmachine uses (``Identity.contexts()``).
+    unix=True (threads only): a Unix socket in a fresh private directory
+    instead of loopback TCP, like bigmachine's links on one host.
     """
 
-    def __init__(self, kind: str = "threads", tls: bool = False):
+    def __init__(self, kind: str = "threads", tls: bool = False, unix: bool = False):
         self.tls = tls
+        self.unix = os.path.join(tempfile.mkdtemp(prefix="bench-"), "raw.sock") if unix else None
         self.client_ctx: Optional[ssl.SSLContext] = None
         server_identity = None
         if tls:
@@ -337,7 +350,8 @@ class RawServer:
             ca = ClusterCA()
             server_identity = ca.issue("raw-server")
             self.client_ctx = ca.issue("raw-client").contexts()[1]
-        argv = [sys.executable, "-m", "bigmachine.bench._common", "serve", kind] + (["tls"] if tls else [])
+        argv = ([sys.executable, "-m", "bigmachine.bench._common", "serve", kind] + (["tls"] if tls else [])
+                + (["unix", self.unix] if unix else []))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [_PACKAGE_PARENT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
@@ -351,6 +365,11 @@ class RawServer:
             raise
 
     def connect(self, mode: bytes) -> socket.socket:
+        if self.unix:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(self.unix)
+            s.sendall(mode)
+            return s
         s = socket.create_connection(("127.0.0.1", self.port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.client_ctx is not None:
@@ -369,6 +388,8 @@ class RawServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.unix:
+            shutil.rmtree(os.path.dirname(self.unix), ignore_errors=True)
 
     def __enter__(self) -> "RawServer":
         return self
@@ -449,5 +470,7 @@ def tls_description(sock: socket.socket) -> str:
 
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "serve":
     kind = sys.argv[2] if len(sys.argv) > 2 else "threads"
-    ctx = _read_tls_context() if sys.argv[3:4] == ["tls"] else None
-    _serve_asyncio(ctx) if kind == "asyncio" else _serve_threads(ctx)
+    rest = sys.argv[3:]
+    ctx = _read_tls_context() if "tls" in rest else None
+    unix_path = rest[rest.index("unix") + 1] if "unix" in rest else None
+    _serve_asyncio(ctx) if kind == "asyncio" else _serve_threads(ctx, unix_path)

@@ -5,7 +5,11 @@
 Measures, in one run and against child processes:
 
 - raw:          blocking client -> blocking server, 16-byte header + 8 bytes echoed
-                (the limit);
+                over loopback TCP (the limit for a TCP link);
+- raw_unix:     the same over a Unix socket (the limit for bm.Local()'s links);
+- mp_unix:      ``multiprocessing.connection`` over a Unix socket, pickled
+                ``("Echo.echo", (1,), {})`` request and pickled reply, one thread per
+                side (what a user could write in twenty lines; see _mp.py);
 - raw_asyncio:  the same client -> a bare asyncio Protocol echo server
                 (what an event loop costs on the serving side);
 - call:         ``m.call("Echo.echo", 1)`` (sync method: thread pool on the machine);
@@ -15,7 +19,8 @@ Measures, in one run and against child processes:
 
 Each is timed per call; rounds are interleaved so that load from other
 processes hits them alike. Prints median and p99 in microseconds and the
-ratio of each median to the raw one.
+ratio of each median to raw_unix and to mp_unix (bm.Local() links are Unix
+sockets), and to raw (TCP).
 
 With ``--tls`` bigmachine runs with ``bm.Local(tls=True)`` (the call rows are
 then over TLS), and two more baselines run in the same rounds, over TLS 1.3
@@ -38,6 +43,7 @@ from typing import Optional
 
 import bigmachine as bm
 
+from . import _mp
 from ._common import (HEADER, Echo, RawServer, json_arg, median, pct,
                       print_header, recv_exact, tls_description, write_json)
 
@@ -97,11 +103,15 @@ def main(argv: Optional[list] = None) -> None:
     info = print_header("ping: sequential round trip of one small call"
                         + (", bigmachine and raw over TLS 1.3" if tls else ""))
 
-    raws = ["raw", "raw_asyncio"] + (["raw_tls", "raw_asyncio_tls"] if tls else [])
-    samples: dict = {k: [] for k in raws + ["call", "call_async_method", "acall"]}
+    raws = ["raw", "raw_unix", "raw_asyncio"] + (["raw_tls", "raw_asyncio_tls"] if tls else [])
+    kinds = {"raw": "threads", "raw_unix": "threads", "raw_asyncio": "asyncio",
+             "raw_tls": "threads", "raw_asyncio_tls": "asyncio"}
+    samples: dict = {k: [] for k in raws + ["mp_unix", "call", "call_async_method", "acall"]}
     with contextlib.ExitStack() as stack:
-        servers = {name: stack.enter_context(RawServer(kind, tls=name.endswith("_tls")))
-                   for name, kind in zip(raws, ["threads", "asyncio"] * 2)}
+        servers = {name: stack.enter_context(RawServer(kinds[name], tls=name.endswith("_tls"),
+                                                       unix=name == "raw_unix"))
+                   for name in raws}
+        mp_conn = stack.enter_context(_mp.MPServer("unix")).connect()
         b = stack.enter_context(bm.start(bm.Local(tls=True) if tls else bm.Local()))
         m, = b.start(1, services={"Echo": Echo()})
         socks = {name: srv.connect(b"ECHO") for name, srv in servers.items()}
@@ -110,37 +120,39 @@ def main(argv: Optional[list] = None) -> None:
         # warm up everything
         for sock in socks.values():
             raw_round(sock, 200)
+        _mp.ping_round(mp_conn, 200)
         call_round(m, "Echo.echo", 200)
         call_round(m, "Echo.aecho", 200)
         acall_round(m, 200)
         for r in range(args.rounds):
             for name in raws:
                 samples[name] += raw_round(socks[name], args.calls)
+            samples["mp_unix"] += _mp.ping_round(mp_conn, args.calls)
             samples["call"] += call_round(m, "Echo.echo", args.calls)
             samples["call_async_method"] += call_round(m, "Echo.aecho", args.calls)
             samples["acall"] += acall_round(m, args.calls)
         for sock in socks.values():
             sock.close()
+        mp_conn.close()
 
     figures: dict = {}
-    raw_med = median(samples["raw"]) / 1e3
-    tls_med = median(samples["raw_tls"]) / 1e3 if tls else None
-    print(f"\n{'':20} {'median us':>10} {'p99 us':>10} {'x raw':>8}" + (f" {'x raw_tls':>10}" if tls else ""))
+    meds = {name: median(vals) / 1e3 for name, vals in samples.items()}
+    bases = ["raw", "raw_unix", "mp_unix"] + (["raw_tls"] if tls else [])
+    print(f"\n{'':20} {'median us':>10} {'p99 us':>10}" + "".join(f" {'x ' + b:>10}" for b in bases))
     for name, vals in samples.items():
         us = [v / 1e3 for v in vals]
-        med, p99 = median(us), pct(us, 99)
-        figures[name] = {"median_us": med, "p99_us": p99, "ratio_to_raw": med / raw_med, "n": len(us)}
-        line = f"{name:20} {med:10.1f} {p99:10.1f} {med / raw_med:8.2f}"
-        if tls:
-            figures[name]["ratio_to_raw_tls"] = med / tls_med
-            line += f" {med / tls_med:10.2f}"
-        print(line)
+        med, p99 = meds[name], pct(us, 99)
+        figures[name] = {"median_us": med, "p99_us": p99, "n": len(us),
+                         **{f"ratio_to_{b}": med / meds[b] for b in bases}}
+        print(f"{name:20} {med:10.1f} {p99:10.1f}" + "".join(f" {med / meds[b]:10.2f}" for b in bases))
+    call = figures["call"]
     if tls:
-        print(f"\nratio call median (TLS) / raw_tls median = {figures['call']['ratio_to_raw_tls']:.2f}"
-              f"   (/ plain raw median = {figures['call']['ratio_to_raw']:.2f};"
+        print(f"\nratio call median (TLS) / raw_tls median = {call['ratio_to_raw_tls']:.2f}"
+              f"   (/ plain raw median = {call['ratio_to_raw']:.2f};"
               f" raw_tls / raw = {figures['raw_tls']['ratio_to_raw']:.2f})")
     else:
-        print(f"\nratio call median / raw median = {figures['call']['ratio_to_raw']:.2f}")
+        print(f"\nratio call median / raw_unix median = {call['ratio_to_raw_unix']:.2f};"
+              f" / mp_unix median = {call['ratio_to_mp_unix']:.2f}")
     write_json(path, {"benchmark": "ping", "implementation": info, "rounds": args.rounds,
                       "calls_per_round": args.calls, **({"tls": True} if tls else {}),
                       "figures": figures})

@@ -45,10 +45,12 @@ class AWS:
         self.endpoint_url = endpoint_url
         self.retry_mode = retry_mode
         self._lock = threading.Lock()
+        self._session: Any = None
         self._clients: dict[str, Any] = {}
 
     def client(self, service: str) -> Any:
-        """The boto3 client of service ("ec2", ...), at endpoint_url if one was given."""
+        """The boto3 client of service ("ec2", "ssm", ...): one session, endpoint_url and
+        retry settings for all of them."""
         with self._lock:
             if service not in self._clients:
                 boto3 = load_boto3()
@@ -58,8 +60,9 @@ class AWS:
                                          "max_attempts": RETRY_ATTEMPTS},
                                 connect_timeout=10, read_timeout=60)
                 try:
-                    session = boto3.session.Session(region_name=self.region_name)
-                    self._clients[service] = session.client(
+                    if self._session is None:
+                        self._session = boto3.session.Session(region_name=self.region_name)
+                    self._clients[service] = self._session.client(
                         service, endpoint_url=self.endpoint_url, config=config)
                 except Exception as exc:
                     raise explain(exc, f"make an AWS {service} client") from exc
@@ -98,6 +101,8 @@ HINTS = {
                                          "subnet=",
     "UnauthorizedOperation": "the credentials may not do this: grant their IAM identity the "
                              "EC2 actions bigmachine uses (see the README)",
+    "AccessDeniedException": "the credentials may not do this: grant their IAM identity the "
+                             "actions bigmachine uses (see the README)",
     "AuthFailure": "AWS refused the credentials: check AWS_ACCESS_KEY_ID / AWS_PROFILE",
     "InvalidClientTokenId": "AWS does not know these credentials: check AWS_ACCESS_KEY_ID "
                             "/ AWS_PROFILE",

@@ -1,7 +1,8 @@
 """Launching instances: checks that fail fast, then run_instances in batches.
 
-Before anything is launched, the instance type, the AMI, the subnet and the
-security groups are looked up, so that a wrong one fails in seconds with what
+Before anything is launched, the instance type, the AMI (the latest Amazon
+Linux 2023 when none was given, see image), the subnet and the security
+groups are looked up, so that a wrong one fails in seconds with what
 to fix. Instances are launched with InstanceInitiatedShutdownBehavior
 "terminate" (an instance that powers itself off is gone), tagged, with a root
 volume of disk_gib. spot=True asks for spot instances first and launches the
@@ -14,7 +15,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
-from .aws import CAPACITY, AWSError, explain
+from .aws import AWS, CAPACITY, AWSError, explain
+from .image import latest
 from .instances import Instance
 
 log = logging.getLogger("bigmachine.ec2")
@@ -25,9 +27,10 @@ SPOT = {"MarketType": "spot", "SpotOptions": {"SpotInstanceType": "one-time",
 
 @dataclass(frozen=True)
 class Facts:
-    """What the launch needs to know: the type's size, the AMI's root device, the VPC."""
+    """What the launch needs to know: the type's size, the AMI and its root device, the VPC."""
 
     instance_type: str
+    ami: str
     vcpus: int
     mem_bytes: int
     root_device: str
@@ -35,9 +38,11 @@ class Facts:
     subnet_cidr: str
 
 
-def preflight(ec2: Any, instance_type: str, ami: str, subnet: Optional[str],
+def preflight(aws: AWS, instance_type: str, ami: Optional[str], subnet: Optional[str],
               groups: Sequence[str]) -> Facts:
-    """Look up what the launch names; an AWSError that says what to fix if any is wrong."""
+    """Look up what the launch names (ami None: the latest AL2023 for the type); an
+    AWSError that says what to fix if any is wrong."""
+    ec2 = aws.ec2
     try:
         types = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
     except Exception as exc:
@@ -46,6 +51,9 @@ def preflight(ec2: Any, instance_type: str, ami: str, subnet: Optional[str],
         raise AWSError("InvalidInstanceType", f"instance_type={instance_type!r} does not exist "
                        "in this region: choose one it offers (aws ec2 describe-instance-types)")
     kind = types[0]
+    archs = kind.get("ProcessorInfo", {}).get("SupportedArchitectures", [])
+    if ami is None:
+        ami = latest(aws.client("ssm"), instance_type, archs)
     try:
         images = ec2.describe_images(ImageIds=[ami])["Images"]
     except Exception as exc:
@@ -54,7 +62,6 @@ def preflight(ec2: Any, instance_type: str, ami: str, subnet: Optional[str],
         raise AWSError("InvalidAMIID.NotFound", f"ami={ami!r} was not found in this region: "
                        "AMIs are regional; pass an image id of this region")
     image = images[0]
-    archs = kind.get("ProcessorInfo", {}).get("SupportedArchitectures", [])
     if archs and image.get("Architecture") and image["Architecture"] not in archs:
         raise AWSError("InvalidParameterValue", f"ami={ami!r} is for {image['Architecture']}, "
                        f"and {instance_type} runs {', '.join(archs)}: pass an AMI or an "
@@ -79,7 +86,7 @@ def preflight(ec2: Any, instance_type: str, ami: str, subnet: Optional[str],
     if not found:
         raise AWSError("InvalidSubnetID", f"subnet={subnet!r} was not found: pass a subnet id "
                        "of this region")
-    return Facts(instance_type, int(kind["VCpuInfo"]["DefaultVCpus"]),
+    return Facts(instance_type, ami, int(kind["VCpuInfo"]["DefaultVCpus"]),
                  int(kind["MemoryInfo"]["SizeInMiB"]) << 20,
                  image.get("RootDeviceName") or "/dev/xvda", found[0]["VpcId"],
                  found[0]["CidrBlock"])

@@ -19,6 +19,7 @@ from .._hostprep import Plan, prepare, run_dir
 from .._packages import Packages, PackagesArg
 from .._shell import exports, python_argv
 from .aws import AWS
+from .image import AGENT_PYTHON, python_setup
 from .instances import Instance, describe, find, tag_specifications, terminate
 from .launch import Facts, preflight, run_instances
 from .link import AgentLink
@@ -40,7 +41,13 @@ class EC2(System):
     instance_type: the EC2 type; its vCPUs and memory are looked up.
     ami: the image: a Linux with a POSIX shell and the driver's Python
         major.minor (python=) with numpy and cloudpickle (or setup= that
-        installs them). Required.
+        installs them). None: the latest Amazon Linux 2023 of the type's
+        architecture (AWS Systems Manager's public parameter; logged); unless
+        python= says otherwise, setup then first installs the driver's Python
+        (dnf) with its numpy and cloudpickle (pip), and python= is that
+        Python: the instances need to reach package repositories (internet
+        or a NAT gateway). An AMI of your own avoids it. b.start fails before
+        launching when AL2023 has no package of the driver's Python.
     region: the AWS region (default: boto3's chain, e.g. AWS_DEFAULT_REGION).
     spot: True asks for spot instances and launches the shortfall on demand;
         "only" never launches on demand.
@@ -53,9 +60,11 @@ class EC2(System):
     tags: more tags for the instances and their volumes.
     address: "private", "public" or "auto" (public when the instance has one):
         the IP address literal the driver dials.
-    python: the command that runs Python on the instances (as for SSH).
+    python: the command that runs Python on the instances (as for SSH); with
+        ami=None, left at "python3": the driver's, installed by setup.
     setup: shell run as root on each instance before its machines start
         (installing packages, mounting disks); its failure fails the start.
+        With ami=None and python left at "python3", it runs after the install.
     machines_per_instance: machines each instance runs.
     boot_timeout: seconds an instance has to boot, run setup and accept the
         driver; its agent accepts nothing after it, and powers the instance
@@ -88,9 +97,6 @@ class EC2(System):
                  requirements: Optional[str] = None, pip_options: Optional[Sequence[str]] = None,
                  user_paths: Optional[Sequence[str]] = None, include: Sequence[str] = ("*.py",),
                  exclude: Sequence[str] = (), **options: Any):
-        if not ami:
-            raise Error("EC2 needs ami=: an image id of the region, with a POSIX shell and "
-                        "Python of the driver's major.minor (see the README's EC2 section)")
         if spot not in (True, False, "only"):
             raise Error(f"spot must be True, False or 'only', not {spot!r}")
         if address not in ("private", "public", "auto"):
@@ -106,7 +112,7 @@ class EC2(System):
             raise Error(f"port must leave room for machines_per_instance ports after it "
                         f"(1024..{65535 - machines_per_instance}), not {port!r}")
         self.instance_type = instance_type
-        self.ami = ami
+        self.ami = ami  # None: the latest AL2023, looked up at the first launch
         self.spot = spot
         self.subnet = subnet
         self.security_groups = list(security_groups or ())
@@ -116,6 +122,7 @@ class EC2(System):
         self.address = address
         self.python = python
         self.python_argv = python_argv(python)
+        self.agent_argv = AGENT_PYTHON if ami is None else self.python_argv
         self.setup = setup
         self.machines_per_instance = machines_per_instance
         self.boot_timeout = float(boot_timeout)
@@ -183,7 +190,7 @@ class EC2(System):
             raise
         one = OneTime.generate(self.boot_timeout)
         launch_id = uuid.uuid4().hex[:16]
-        spec = self._spec(facts, groups, user_data(one, self.python_argv, self.setup,
+        spec = self._spec(facts, groups, user_data(one, self.agent_argv, self.setup,
                                                    self.port, self.boot_timeout), launch_id)
         log.info("launching %d %s instance(s) (%d vCPUs, %d MiB each) for %d machine(s)",
                  count, facts.instance_type, facts.vcpus, facts.mem_bytes >> 20, len(names))
@@ -244,7 +251,10 @@ class EC2(System):
 
     def _preflight(self) -> Facts:
         if self.facts is None:
-            self.facts = preflight(self.aws.ec2, self.instance_type, self.ami, self.subnet,
+            if self.ami is None and self.python == "python3":  # AL2023's python3 is 3.9
+                self.python, self.setup = python_setup(self.setup)
+                self.python_argv = python_argv(self.python)
+            self.facts = preflight(self.aws, self.instance_type, self.ami, self.subnet,
                                    self.security_groups)
             if self.machines_per_instance > self.facts.vcpus:
                 log.warning("machines_per_instance=%d exceeds the %d vCPUs of %s",
@@ -273,7 +283,7 @@ class EC2(System):
 
     def _spec(self, facts: Facts, groups: list[str], data: str, launch_id: str) -> dict:
         spec: dict = {
-            "ImageId": self.ami, "InstanceType": facts.instance_type, "UserData": data,
+            "ImageId": facts.ami, "InstanceType": facts.instance_type, "UserData": data,
             "InstanceInitiatedShutdownBehavior": "terminate",
             "SecurityGroupIds": groups,
             "BlockDeviceMappings": [{"DeviceName": facts.root_device, "Ebs": {

@@ -70,9 +70,10 @@ def template() -> str:
         return f.read()
 
 
-def user_data(one: OneTime, python_argv: Sequence[str], setup: Optional[str], port: int,
+def user_data(one: OneTime, agent_argv: Sequence[str], setup: Optional[str], port: int,
               boot_timeout: float) -> str:
-    """The user-data script of an instance whose agent listens on port."""
+    """The user-data script of an instance whose agent (run by agent_argv, a Python
+    there before setup) listens on port."""
     setup = (setup or "").rstrip("\n")
     if any(line.strip() == "BIGMACHINE_SETUP" for line in setup.splitlines()):
         raise Error("setup= may not contain a line BIGMACHINE_SETUP (it ends the setup "
@@ -80,7 +81,7 @@ def user_data(one: OneTime, python_argv: Sequence[str], setup: Optional[str], po
     config = json.dumps({"port": port, "boot_timeout": boot_timeout,
                          "cert": one.cert_pem.decode(), "key": one.key_pem.decode(),
                          "token_sha256": hashlib.sha256(one.token).hexdigest()})
-    values = {"SETUP": setup, "PYTHON": join(python_argv), "CONFIG": config,
+    values = {"SETUP": setup, "PYTHON": join(agent_argv), "CONFIG": config,
               "AGENT": script("ec2_agent").rstrip("\n")}
     text = re.sub(r"@(SETUP|PYTHON|AGENT|CONFIG)@", lambda m: values[m[1]], template())
     size = len(text.encode())

@@ -1,0 +1,367 @@
+"""The reading role of a connection: who turns bytes off the socket into frame events.
+
+Whoever reads blocks in ``recv_into`` (or the TLS channel's ``read_into``)
+straight into the buffer the decoder hands out, so bulk data lands in its
+final place, and passes each decoded event to the connection on its own
+thread; loop wake-ups that one read causes are sent together.
+
+Who reads is chosen to save thread hand-offs, which are most of a small
+call's cost (each a futex wake-up, often of an idle vCPU, and a GIL hand-over):
+
+- A reader thread reads by default.
+- Work a read asks for (a sync method to run) is *deferred*: the reader
+  thread runs it itself once the read's events are handled, instead of
+  handing it to a pool thread and back. Meanwhile the role is *busy*. For
+  one piece of work the socket is armed with the standby (``_standby``): if
+  anything arrives before it is done, another reader thread takes the role
+  at once. A read that asks for several (a pipelining caller) runs them in
+  turn with their small replies corked into one ``sendmsg``, and the
+  standby's timer hands on reading, the pieces not yet begun (to the pool)
+  and the corked replies once the batch has run for ``BOUND``. A blocking
+  method therefore holds up other calls on its connection for a
+  millisecond at most.
+- A blocking caller *leads*: when the role is *parked* (nobody reads) it
+  reads its own reply itself, handling whatever else arrives, and parks the
+  role again, or hands it to a reader thread if other calls still wait. A
+  reader thread parks the role after a read when a blocking caller wanted
+  to lead and no call is in flight; the standby gives it back to a reader
+  thread as soon as anything arrives that no caller reads.
+
+A reader thread that lost or parked the role waits, idle, to be given it
+again; at most one waits per connection, the others end.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Optional
+
+from ._standby import STANDBY
+from ._waiters import Waiter, begin_batch, end_batch
+from ._wire import Decoder, WireError
+from ._writer import Writer
+from .errors import MachineLost, ProtocolError
+
+log = logging.getLogger("bigmachine.connection")
+
+READING, BUSY, PARKED = "reading", "busy", "parked"
+
+# Seconds a batch of deferred work may hold up reading (and the rest of the
+# batch) before the standby hands both on.
+BOUND = 0.001
+
+
+class Reader:
+    """The reading role of one connection, and its reader threads.
+
+    on_event(event) handles one decoded frame event; is_closed() says the
+    connection closed; calls_in_flight() whether any call of ours awaits a
+    reply; fail(error) and io_failed(what, exc) close the connection.
+    """
+
+    def __init__(self, sock: socket.socket, tls: Any, decoder: Decoder, peer: str, name: str,
+                 on_event: Callable[[tuple], None], is_closed: Callable[[], bool],
+                 calls_in_flight: Callable[[], bool], fail: Callable[[BaseException], None],
+                 io_failed: Callable[[str, BaseException], BaseException], writer: Writer,
+                 receive_into: Optional[Callable[[socket.socket, memoryview, Decoder], int]] = None):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.tls = tls
+        self.decoder = decoder
+        self.peer = peer
+        self.name = name                  # of its threads
+        self.on_event = on_event
+        self.is_closed = is_closed
+        self.calls_in_flight = calls_in_flight
+        self.fail = fail
+        self.io_failed = io_failed
+        self.writer = writer              # corked while a batch runs, and for TLS output
+        self.receive_into = receive_into  # recv_into that takes descriptors too (shared memory)
+        self.last_recv = time.monotonic()
+        self.bytes_received = 0
+        self._deferred: list = []         # (fallback, fn, args) asked for by the current read
+        self._batch: deque = deque()      # deferred work of a batch not yet begun
+        self._deadline = 0.0              # when a running batch must hand on what is left
+        self._lock = threading.Lock()
+        self._state = READING
+        self._generation = 0              # bumped whenever a reader thread is given the role
+        self._lead_wanted = False         # a blocking caller found the role taken
+        self._idle = threading.Lock()     # an idle reader thread waits on it for the role
+        self._idle.acquire()
+        self._idle_waiting = False
+        self._threads = 0                 # reader threads alive
+
+    def start(self) -> None:
+        with self._lock:
+            self._spawn()
+
+    def is_alive(self) -> bool:
+        """True while a reader thread reads, runs deferred work, or waits for the role."""
+        return self._threads > 0
+
+    # ---- moving the role (with the lock held) ----------------------------------
+
+    def _spawn(self) -> None:
+        self._threads += 1
+        threading.Thread(target=self._run, args=(self._generation,), daemon=True,
+                         name=self.name).start()
+
+    def _to_thread(self) -> None:
+        """A reader thread reads now: the idle one if there is one, else a new one."""
+        self._state = READING
+        self._generation += 1
+        if self._idle_waiting:
+            self._idle_waiting = False
+            self._idle.release()
+        else:
+            self._spawn()
+
+    def _leave(self, state: str) -> None:
+        """The role becomes busy or parked: nobody reads until it is taken again."""
+        self._state = state
+        STANDBY.arm(self.fd, self)
+
+    def _take(self) -> None:
+        self._state = READING
+        STANDBY.disarm(self.fd, self)
+
+    def data_waiting(self) -> None:
+        """From the standby: bytes arrived while nobody read."""
+        with self._lock:
+            if self._state != READING and not self.is_closed():
+                self._to_thread()
+
+    def ensure_reading(self) -> None:
+        """For a caller that will not lead: make a reader thread read if the role is parked."""
+        if self._state == PARKED:
+            with self._lock:
+                if self._state == PARKED:
+                    STANDBY.disarm(self.fd, self)
+                    self._to_thread()
+
+    def close(self) -> None:
+        """The connection closed: the idle reader thread ends, the standby forgets us."""
+        with self._lock:
+            STANDBY.forget(self.fd, self)
+            if self._idle_waiting:
+                self._idle_waiting = False
+                self._idle.release()
+
+    def _buffered(self) -> bool:
+        """Received bytes wait above the socket, where the standby cannot see them."""
+        return self.tls is not None and self.tls.buffered()
+
+    # ---- deferred work ------------------------------------------------------
+
+    def defer(self, fallback: Callable, fn: Callable, *args: Any) -> None:
+        """From an event handler: run fn(*args) on this thread once the read's
+        events are handled, unless reading must go on first: then
+        fallback(complete, fn, *args). fn may return a callable that must not
+        block, to run once this thread reads again (the sending of a reply)."""
+        self._deferred.append((fallback, fn, args))
+
+    def _run_deferred(self, generation: int) -> bool:
+        """Run this read's deferred work; False if another thread took the role meanwhile."""
+        work, self._deferred = self._deferred, []
+        if self._buffered():
+            _pass_on(work)
+            return True
+        if len(work) > 1:
+            return self._run_batch(generation, work)
+        fallback, fn, args = work.pop()
+        del fallback
+        with self._lock:
+            self._leave(BUSY)
+        after = None
+        try:
+            after = fn(*args)
+        except Exception:
+            log.exception("connection to %s: deferred work failed", self.peer)
+        fn = args = None  # hold nothing of a finished call
+        with self._lock:
+            taken = generation == self._generation
+            if taken:
+                self._take()
+        if after is not None:
+            after()
+        return taken
+
+    def _run_batch(self, generation: int, work: list) -> bool:
+        """Run a read's deferred pieces in turn, their small replies corked together.
+
+        Bytes arriving meanwhile wait (a pipelining caller sends more while
+        its first requests run); instead the standby hands on reading, and
+        the pieces not yet begun to the pool, if the batch runs past BOUND.
+        """
+        batch = self._batch
+        with self._lock:
+            batch.extend(work)
+            self._state = BUSY
+            self._deadline = deadline = time.monotonic() + BOUND
+        del work
+        STANDBY.wake_at(self, deadline)
+        corked = self.writer.cork()
+        try:
+            while True:
+                with self._lock:
+                    if not batch:
+                        break
+                    fallback, fn, args = batch.popleft()
+                try:
+                    after = fn(*args)
+                    if after is not None:
+                        after()
+                except Exception:
+                    log.exception("connection to %s: deferred work failed", self.peer)
+                fn = args = after = None  # hold nothing of a finished call
+        finally:
+            if corked:
+                self.writer.uncork()
+        with self._lock:
+            self._deadline = 0.0
+            if generation != self._generation:
+                return False
+            self._state = READING
+        return True
+
+    def timed_out(self, now: float) -> float:
+        """From the standby: hand on a batch that ran past its deadline; the
+        deadline still ahead, or 0 when there is none."""
+        with self._lock:
+            deadline = self._deadline
+            if not deadline or now < deadline:
+                return deadline
+            self._deadline = 0.0
+            left = list(self._batch)
+            self._batch.clear()
+            if self._state == BUSY and not self.is_closed():
+                self._to_thread()
+        self.writer.uncork(anyone=True)  # the replies of the pieces already run
+        _pass_on(left)
+        return 0.0
+
+    # ---- leading ----------------------------------------------------------------
+
+    def try_lead(self) -> bool:
+        """For a blocking caller, before it sends: take the role if it is parked.
+
+        If it returns True the caller reads with read_until and must call leave().
+        """
+        with self._lock:
+            if self._state != PARKED:
+                self._lead_wanted = True
+                return False
+            self._take()
+            return True
+
+    def read_until(self, waiter: Waiter) -> None:
+        """For the leader: read and handle events until waiter has an item."""
+        try:
+            while not waiter.items and self._read_once():
+                if self._deferred:  # a caller does not run methods: the pool does
+                    _pass_on(self._deferred)
+                    self._deferred = []
+        except Exception as exc:
+            self._failed(exc)
+
+    def leave(self) -> None:
+        """The leader is done: park the role, or give it to a reader thread if others wait."""
+        if self._deferred:
+            _pass_on(self._deferred)
+            self._deferred = []
+        with self._lock:
+            if self.calls_in_flight() or self._buffered() or self.is_closed():
+                self._to_thread()
+            else:
+                self._leave(PARKED)
+
+    # ---- reader threads ---------------------------------------------------------
+
+    def _run(self, generation: int) -> None:
+        try:
+            while True:
+                if self._read_loop(generation):
+                    return
+                with self._lock:  # lost or parked the role: wait to be given it again
+                    if self._idle_waiting or self.is_closed():
+                        return
+                    self._idle_waiting = True
+                self._idle.acquire()
+                if self.is_closed():
+                    return
+                generation = self._generation
+        except BaseException as exc:
+            self._failed(exc)
+        finally:
+            with self._lock:
+                self._threads -= 1
+
+    def _read_loop(self, generation: int) -> bool:
+        """Read while this thread holds the role; True once reading is over for good."""
+        while self._read_once():
+            if self._deferred and not self._run_deferred(generation):
+                return False
+            if self._lead_wanted and not self.calls_in_flight() and not self._buffered():
+                with self._lock:
+                    self._lead_wanted = False
+                    if generation == self._generation:
+                        self._leave(PARKED)
+                return False
+        return True
+
+    def _read_once(self) -> bool:
+        """Receive once and handle what was decoded; False when reading is over."""
+        decoder, tls = self.decoder, self.tls
+        if self.receive_into is not None:
+            n = self.receive_into(self.sock, decoder.get_buffer(), decoder)
+        elif tls is None:
+            n = self.sock.recv_into(decoder.get_buffer())
+        else:
+            n = tls.read_into(self.sock, decoder.get_buffer())
+            if tls.outgoing.pending:
+                self.writer.add_ciphertext(tls.pending_output())
+        if n == 0:
+            self.io_failed("read", EOFError("connection closed by peer"))
+            return False
+        self.last_recv = time.monotonic()
+        self.bytes_received += n
+        on_event = self.on_event
+        pending = begin_batch()
+        try:
+            for event in decoder.buffer_updated(n):
+                on_event(event)
+        finally:
+            end_batch(pending)
+        return not self.is_closed()
+
+    def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, WireError):
+            log.warning("closing connection to %s: malformed frame: %s", self.peer, exc)
+            err = ProtocolError(f"malformed frame from {self.peer}: {exc}")
+            err.__cause__ = exc
+            self.fail(err)
+        elif isinstance(exc, (OSError, ssl.SSLError)):
+            self.io_failed("read", exc)
+        elif isinstance(exc, MachineLost):  # a write a handler made (a PONG, a CREDIT) failed
+            self.fail(exc)
+        else:
+            # A reader must never die leaving a connection that looks open.
+            log.exception("closing connection to %s: its reader failed", self.peer)
+            self.io_failed("reader", exc)
+
+
+def _pass_on(work: Any) -> None:
+    """Give deferred work to its fallbacks."""
+    for fallback, fn, args in work:
+        fallback(complete, fn, *args)
+
+
+def complete(fn: Callable, *args: Any) -> None:
+    """Run deferred work somewhere else than on its reader, with what it left to do."""
+    after = fn(*args)
+    if after is not None:
+        after()

@@ -1,0 +1,98 @@
+"""Out-of-band buffers as shared memory on a Unix-socket link (see ``_shm``).
+
+The sender turns each large buffer into a descriptor: the received,
+unwritten segment that already holds it (passed on as it is, no copy), or a
+new sealed copy. The descriptors of one message travel in one ``sendmsg``
+with its MSG frame's first byte (``_writer``); the receiver gets them with
+``recvmsg_into`` (``receive_into``), the decoder gives each message its own
+and maps them here (``map_received``).
+
+A receiver that cannot take a segment (out of descriptors, so the kernel
+dropped them; out of address space to map it) fails that message with
+``ResourceError`` and keeps the connection; a segment its peer should not
+have sent (unsealed, mis-sized) ends the connection as any malformed frame.
+"""
+from __future__ import annotations
+
+import array
+import os
+import socket
+from typing import Any, Optional
+
+from . import _shm, _wire
+from .errors import ProtocolError, ResourceError
+
+# Out-of-band buffers at least this large travel as shared memory.
+THRESHOLD = 1 << 20
+AVAILABLE = _shm.AVAILABLE
+_ANCILLARY = socket.CMSG_SPACE(_wire.MAX_FDS * array.array("i").itemsize)
+
+
+def outgoing(segments: list) -> tuple[Optional[list], list]:
+    """(shm, fds) for a message's segments: shm as message_frames takes it (None
+    when every segment travels as bytes), fds the descriptors to send with it,
+    owned by the caller."""
+    shm: Optional[list] = None
+    fds: list = []
+    for i in range(1, len(segments)):
+        view = segments[i]
+        if memoryview(view).nbytes < THRESHOLD or len(fds) == _wire.MAX_FDS:
+            continue
+        try:
+            found = _shm.find(memoryview(view))
+            if found is not None:
+                fd, size, offset = found
+                fds.append(os.dup(fd))
+            else:
+                fds.append(_shm.create(memoryview(view)))
+                size, offset = memoryview(view).nbytes, 0
+        except OSError:
+            continue  # out of descriptors or memory here: this one goes as bytes
+        if shm is None:
+            shm = [None] * len(segments)
+        shm[i] = (size, offset)
+    return shm, fds
+
+
+def map_received(fd: int, size: int, offset: int, length: int, readonly: bool) -> Any:
+    """The decoder's map_shm: the buffer of one received segment."""
+    if fd < 0:
+        return Unreceived(ResourceError(
+            f"cannot receive a shared-memory segment of {length} bytes: "
+            "this process is out of descriptors"))
+    try:
+        _shm.check(fd, size)
+    except ProtocolError as exc:
+        os.close(fd)
+        raise _wire.WireError(exc.reason) from exc
+    try:
+        view = _shm.map_segment(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        return Unreceived(ResourceError(
+            f"cannot map a shared-memory segment of {size} bytes: {exc}"))
+    view = view[offset:offset + length]
+    return view.toreadonly() if readonly else view
+
+
+class Unreceived:
+    """Stands for a segment this process could not take; loads raises its error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ResourceError):
+        self.error = error
+
+
+def receive_into(sock: socket.socket, buf: memoryview, decoder: Any) -> int:
+    """recv_into that hands the descriptors that came along to the decoder."""
+    n, ancdata, flags, _ = sock.recvmsg_into([buf], _ANCILLARY)
+    if ancdata:
+        fds: list = []
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
+        decoder.add_fds(fds, bool(flags & socket.MSG_CTRUNC))
+    elif flags & socket.MSG_CTRUNC:
+        decoder.add_fds([], True)  # every descriptor was dropped
+    return n

@@ -1,0 +1,30 @@
+"""Socket options of a connection: kernel buffers, latency, and TCP liveness."""
+from __future__ import annotations
+
+import socket
+
+# Kernel socket buffers on local links. Left to autotuning they grow to tens
+# of MiB on loopback, and a ping queued behind them waits for all of it;
+# 1 MiB keeps bulk speed (bench/bulk.py) and bounds that wait. Links with a
+# larger bandwidth-delay product (SSH hosts) pass 0: the kernel's autotuning.
+SOCKET_BUFFER = 1 << 20
+
+
+def configure_socket(sock: socket.socket, user_timeout: float, buffer: int = SOCKET_BUFFER) -> None:
+    """Low latency, and a bound on how long a silent peer can hold a call.
+
+    buffer: kernel send and receive buffer bytes; 0 leaves them to autotuning.
+    """
+    if buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+    if sock.family == socket.AF_UNIX:
+        return  # the rest is TCP's
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(user_timeout / 3)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)

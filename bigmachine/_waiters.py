@@ -1,0 +1,194 @@
+"""Cross-thread wake-ups: a call's reply waiter, the in-flight gate, batched loop wake-ups.
+
+A connection's reader runs on a thread of its own; callers wait on threads
+or on event loops. Everything here wakes one side from the other as cheaply
+as it can: a plain lock release for a thread, and for a loop one
+``call_soon_threadsafe`` per read rather than one per message.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Optional
+
+_batch = threading.local()      # .pending: {loop: [(callback, args)]} while a reader dispatches
+_thread_loop = threading.local()  # .loop: the IO loop running on this thread, if any
+
+
+def mark_loop_thread(loop: asyncio.AbstractEventLoop) -> None:
+    """Record that loop runs on the calling thread (so nothing there blocks on it)."""
+    _thread_loop.loop = loop
+
+
+def on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    """True if the calling thread runs loop."""
+    return getattr(_thread_loop, "loop", None) is loop
+
+
+def begin_batch() -> dict:
+    """Start collecting loop wake-ups on this thread; pass the result to end_batch."""
+    _batch.pending = pending = {}
+    return pending
+
+
+def end_batch(pending: dict) -> None:
+    """Wake each loop once with every callback collected for it since begin_batch."""
+    _batch.pending = None
+    for loop, items in pending.items():
+        call_soon_threadsafe(loop, _run_batch, items)
+
+
+def call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable, *args: Any) -> None:
+    """loop.call_soon_threadsafe, batched per loop between begin_batch and end_batch.
+
+    One wake-up of a loop then carries every reply and request of a read for
+    it, instead of one wake-up (a write to its self-pipe) each.
+    """
+    pending = getattr(_batch, "pending", None)
+    if pending is None:
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the loop is closed: whoever waited on it is gone
+    else:
+        pending.setdefault(loop, []).append((callback, args))
+
+
+def _run_batch(items: list) -> None:
+    for callback, args in items:
+        callback(*args)
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def wake_threadsafe(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> bool:
+    """Wake fut on its loop, unless it is done or its loop is gone; True if woken."""
+    if fut.done():
+        return False
+    try:
+        loop.call_soon_threadsafe(_wake, fut)
+    except RuntimeError:
+        return False  # the loop is closed: its caller gave up
+    return True
+
+
+class Waiter:
+    """Delivers a call's replies from the connection's reader to its caller.
+
+    The reader calls ``put``; a thread caller blocks in ``get`` on a plain
+    lock (the cheapest cross-thread wake-up), made only if it must wait (a
+    caller that read its own reply never does); an asyncio caller awaits
+    ``aget`` on its own loop.
+    """
+
+    __slots__ = ("items", "lock", "loop", "future")
+
+    def __init__(self) -> None:
+        self.items: deque = deque()
+        self.lock: Optional[threading.Lock] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.future: Optional[asyncio.Future] = None
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        fut = self.future
+        if fut is not None:
+            self.future = None
+            call_soon_threadsafe(self.loop, _wake, fut)
+            return
+        lock = self.lock
+        if lock is not None and lock.locked():
+            try:
+                lock.release()
+            except RuntimeError:
+                pass
+
+    def get(self, timeout: Optional[float]) -> Any:
+        if self.items:
+            return self.items.popleft()
+        lock = threading.Lock()
+        lock.acquire()
+        self.lock = lock  # put() releases it from now on; check again for one that came before
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.items:
+            wait = -1 if deadline is None else max(deadline - time.monotonic(), 0)
+            if not lock.acquire(timeout=wait) and not self.items:
+                raise TimeoutError
+        return self.items.popleft()
+
+    async def aget(self) -> Any:
+        while not self.items:
+            self.loop = asyncio.get_running_loop()
+            fut = self.loop.create_future()
+            self.future = fut
+            if self.items:  # put() ran before the future was visible
+                self.future = None
+                break
+            await fut
+        return self.items.popleft()
+
+
+class Gate:
+    """Counts calls in flight; callers beyond the limit wait their turn."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.waiting = 0                 # threads waiting in acquire
+        self.async_waiters: deque = deque()
+
+    def acquire(self, timeout: Optional[float]) -> None:
+        with self.lock:  # the lock, not the condition: no Python-level __enter__
+            if self.used < self.limit:
+                self.used += 1
+                return
+        with self.cond:
+            if self.used >= self.limit:
+                self.waiting += 1
+                try:
+                    if not self.cond.wait_for(lambda: self.used < self.limit, timeout):
+                        raise TimeoutError("too many calls in flight")
+                finally:
+                    self.waiting -= 1
+            self.used += 1
+
+    async def aacquire(self) -> None:
+        while True:
+            with self.cond:
+                if self.used < self.limit:
+                    self.used += 1
+                    return
+                loop = asyncio.get_running_loop()
+                fut = loop.create_future()
+                self.async_waiters.append((loop, fut))
+            try:
+                await fut
+            except asyncio.CancelledError:
+                with self.cond:
+                    if (loop, fut) in self.async_waiters:
+                        self.async_waiters.remove((loop, fut))
+                    elif self.used < self.limit:
+                        self._wake_next()  # we were handed the turn: pass it on
+                raise
+
+    def release(self) -> None:
+        with self.lock:
+            self.used -= 1
+            if self.waiting:
+                self.cond.notify()
+            if self.async_waiters:
+                self._wake_next()
+
+    def _wake_next(self) -> None:
+        """With cond held: wake the first async waiter whose loop still runs."""
+        while self.async_waiters:
+            loop, fut = self.async_waiters.popleft()
+            if wake_threadsafe(loop, fut):
+                break
