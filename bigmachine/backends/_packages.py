@@ -202,6 +202,8 @@ def installed(item: str) -> bool:
             return importlib.metadata.version(name) == version
         except importlib.metadata.PackageNotFoundError:
             return False
+    # Imported here: only a driver checks requirements, and machines (which import
+    # this package too) may run where packaging is not installed.
     from packaging.requirements import InvalidRequirement, Requirement
 
     try:
