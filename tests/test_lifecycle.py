@@ -141,6 +141,8 @@ def test_a_dialled_machine_that_hangs_fails_its_calls_within_lost_after():
         pid = m.process.popen.pid
         os.kill(pid, signal.SIGSTOP)
         try:
+            # kill() returns before the kernel has stopped every thread of the target
+            poll(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, timeout=5)
             t0 = time.monotonic()
             with pytest.raises(bm.MachineLost, match="no reply to pings"):
                 d.call("Echo.echo", 2)  # no timeout: the watch ends it
