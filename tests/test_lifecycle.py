@@ -243,3 +243,17 @@ def test_inprocess_machines_need_no_keepalives():
         time.sleep(1.5)
         assert m.state == bm.State.RUNNING and conn.last_recv == sent  # nothing came or went
         assert m.call("Echo.echo", 1, timeout=5) == 1
+
+
+@pytest.mark.parametrize("system", [bm.Local, bm.InProcess])
+def test_one_system_serves_one_session_after_another(system):
+    """Each session makes its own socket directory (the last one removed its own)."""
+    shared_system = system()
+    addrs = []
+    for i in range(2):
+        with bm.start(shared_system, **TIMING) as b:
+            m, = b.start(1, services={"Echo": Echo()})
+            assert m.call("Echo.echo", i, timeout=10) == i
+            addrs.append(m.addr)
+    assert os.path.dirname(addrs[0]) != os.path.dirname(addrs[1])
+    assert not os.path.exists(os.path.dirname(addrs[1][5:]))

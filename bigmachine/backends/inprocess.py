@@ -91,3 +91,4 @@ class InProcess(System):
     def shutdown(self) -> None:
         if self.sockets is not None:
             self.sockets.remove()
+            self.sockets = None  # a later session of this system makes its own

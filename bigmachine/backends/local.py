@@ -154,6 +154,7 @@ class Local(System):
                 self._template = None
         if self.sockets is not None:
             self.sockets.remove()
+            self.sockets = None  # a later session of this system makes its own
 
     def launch(self, creds: Credentials, names: list[str], timeout: float,
                env: Optional[dict] = None) -> list[Process]:
