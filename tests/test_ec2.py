@@ -460,3 +460,13 @@ def test_min_machines_keeps_the_instances_that_booted(lab, system):
     finally:
         b.shutdown()
     assert not live(lab, cluster_of(b))
+
+
+def test_one_system_serves_one_session_after_another(lab, system):
+    ec2 = system(max_instances=1)
+    for i in range(2):
+        with bm.start(ec2) as b:
+            m, = b.start(1, {"Remote": Remote()})
+            assert m.call("Remote.echo", i) == i  # max_instances counts per session
+            cluster = cluster_of(b)
+        assert not live(lab, cluster) and ec2.group is None

@@ -147,6 +147,17 @@ class EC2(System):
         self._admitted: set[str] = set()  # the driver's addresses our group admits
         self.configure(tls=True, **options)
 
+    def init(self) -> None:
+        """A new session: its own monitor, instance count and security group (a system
+        object may serve one session after another)."""
+        with self._lock:
+            self.monitor = Monitor(lambda: self.aws.ec2, self._on_state)
+            self._booted = {}
+            self._count = 0
+            self.group = None
+        with self._admit_lock:
+            self._admitted = set()
+
     def check(self) -> None:
         """EC2 links cross networks we do not control: always TLS (the contract's rule)."""
         if not self.tls:
