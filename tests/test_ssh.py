@@ -475,3 +475,11 @@ def test_min_machines_keeps_the_hosts_that_came_up(system, sshd):
         # the next machine goes to the host with room, the dead one: nothing starts
         with pytest.raises(bm.Error, match="cannot reach"):
             b.start(1, services={"Remote": Remote()}, timeout=30)
+
+
+def test_one_system_serves_one_session_after_another(system):
+    ssh = system()
+    for i in range(2):
+        with bm.start(ssh) as b:
+            m, = b.start(1, services={"Remote": Remote()}, timeout=60)
+            assert m.call("Remote.echo", i, timeout=10) == i
