@@ -65,42 +65,25 @@ def check(fd: int, size: int) -> None:
                             "its message says")
 
 
-class _Mapped:
-    __slots__ = ("fd", "start", "size")
-
-    def __init__(self, fd: int, start: int, size: int):
-        self.fd = fd
-        self.start = start
-        self.size = size
-
-
-_mapped: dict[int, _Mapped] = {}   # received segments still mapped, by start address
+# The received segments still mapped, by start address: an entry goes with its mapping.
+_mapped: "weakref.WeakValueDictionary[int, SharedMapping]" = weakref.WeakValueDictionary()
 _lock = threading.Lock()
 
 
 def map_segment(fd: int, size: int) -> memoryview:
     """Map a checked segment privately (copy-on-write) as a writable buffer.
 
-    The segment keeps fd while its mapping lives (so that it can be passed on
-    unwritten, see find) and closes it when the last view of the buffer is
-    gone. On failure (OSError: ENOMEM) fd is still the caller's.
+    The mapping owns fd while it lives (so that it can be passed on unwritten,
+    see find) and closes it when the last view of the buffer is gone. On
+    failure (OSError: ENOMEM) fd is still the caller's.
     """
     if not size:
         os.close(fd)
         return memoryview(bytearray())
     mapping = SharedMapping(fd, size)
-    start = mapping.address
     with _lock:
-        _mapped[start] = _Mapped(fd, start, size)
-    weakref.finalize(mapping, _unmapped, start, fd)
+        _mapped[mapping.address] = mapping
     return memoryview(mapping)
-
-
-def _unmapped(start: int, fd: int) -> None:
-    with _lock:
-        entry = _mapped.get(start)
-        if entry is not None and entry.fd == fd:
-            del _mapped[start]
 
 
 def find(view: memoryview) -> Optional[tuple[int, int, int]]:
@@ -111,9 +94,9 @@ def find(view: memoryview) -> Optional[tuple[int, int, int]]:
         return None
     start = address_of(view)
     with _lock:
-        for entry in _mapped.values():
-            if entry.start <= start and start + view.nbytes <= entry.start + entry.size:
-                fd, base, size = entry.fd, entry.start, entry.size
+        for base, mapping in _mapped.items():
+            if base <= start and start + view.nbytes <= base + mapping.size:
+                fd, size = mapping.fd, mapping.size
                 break
         else:
             return None
