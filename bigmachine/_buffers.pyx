@@ -35,12 +35,31 @@ HUGEPAGE_MIN = 8 << 20
 HUGE_ALIGNMENT = 2 << 20
 
 
-cdef class AlignedBuffer:
-    """A writable, 64-byte aligned, uninitialised block of ``size`` bytes."""
+cdef class _Block:
+    """A block of memory exported through the buffer protocol; subclasses own it."""
 
     cdef char *ptr
     cdef readonly Py_ssize_t size
     cdef readonly Py_ssize_t exports
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, self.ptr, self.size, 0, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *view):
+        self.exports -= 1
+
+    def __len__(self):
+        return self.size
+
+    @property
+    def address(self):
+        """The start address (tests use it to prove that no copy was made)."""
+        return <uintptr_t>self.ptr
+
+
+cdef class AlignedBuffer(_Block):
+    """A writable, 64-byte aligned, uninitialised block of ``size`` bytes."""
 
     def __cinit__(self, Py_ssize_t size):
         cdef void *p = NULL
@@ -61,21 +80,6 @@ cdef class AlignedBuffer:
             free(self.ptr)
             self.ptr = NULL
 
-    def __getbuffer__(self, Py_buffer *view, int flags):
-        PyBuffer_FillInfo(view, self, self.ptr, self.size, 0, flags)
-        self.exports += 1
-
-    def __releasebuffer__(self, Py_buffer *view):
-        self.exports -= 1
-
-    def __len__(self):
-        return self.size
-
-    @property
-    def address(self):
-        """The start address, for tests that prove no copy was made."""
-        return <uintptr_t>self.ptr
-
     def __repr__(self):
         return f"<AlignedBuffer {self.size} bytes>"
 
@@ -85,17 +89,14 @@ def aligned(Py_ssize_t size):
     return memoryview(AlignedBuffer(size))
 
 
-cdef class SharedMapping:
+cdef class SharedMapping(_Block):
     """A private (copy-on-write) mapping of ``size`` bytes of the memfd ``fd``.
 
     It owns fd and closes it when the mapping goes, with the last view of it:
     while it lives the segment can be passed on by its descriptor.
     """
 
-    cdef char *ptr
-    cdef readonly Py_ssize_t size
     cdef readonly int fd
-    cdef readonly Py_ssize_t exports
     cdef object __weakref__
 
     def __cinit__(self, int fd, Py_ssize_t size):
@@ -117,21 +118,6 @@ cdef class SharedMapping:
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1
-
-    def __getbuffer__(self, Py_buffer *view, int flags):
-        PyBuffer_FillInfo(view, self, self.ptr, self.size, 0, flags)
-        self.exports += 1
-
-    def __releasebuffer__(self, Py_buffer *view):
-        self.exports -= 1
-
-    def __len__(self):
-        return self.size
-
-    @property
-    def address(self):
-        """The start address of the mapping."""
-        return <uintptr_t>self.ptr
 
     def __repr__(self):
         return f"<SharedMapping {self.size} bytes of fd {self.fd}>"
