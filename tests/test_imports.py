@@ -28,3 +28,39 @@ def test_public_api():
     for error in (bm.RemoteError, bm.MachineLost, bm.AuthError, bm.ProtocolError):
         assert issubclass(error, bm.Error)
     assert set(bm.__all__) <= set(dir(bm))
+
+
+# What only a driver uses; a machine, and the template machines are forked from, never need it.
+DRIVER_SIDE = {"bigmachine._driver", "bigmachine._statuspage", "bigmachine._observe",
+               "bigmachine.backends.local", "bigmachine.backends.inprocess",
+               "bigmachine.backends.ssh", "bigmachine.backends.ec2",
+               "http.server", "urllib.request", "tarfile", "email", "importlib.metadata"}
+
+
+@pytest.mark.parametrize("code", [
+    "import bigmachine",
+    # what the template imports before it forks machines (backends/_template.py _warm)
+    "from bigmachine.backends._template import main; from bigmachine import _worker",
+])
+def test_machine_side_imports_leave_the_driver_side_out(code):
+    """Every module imported here is paid at each session's first start (the
+    template imports it): the driver's side is imported only where it is used."""
+    check = (f"import sys; before = set(sys.modules); {code}; "
+             f"print(sorted((set(sys.modules) - before) & set({sorted(DRIVER_SIDE)!r})))")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_driver_side_names_import_on_first_use():
+    code = ("import sys, bigmachine as bm; assert 'bigmachine._driver' not in sys.modules; "
+            "from bigmachine import SSH; assert bm.SSH is SSH; "
+            "print(bm.start.__module__, bm.Local.__name__, bm.EC2.__name__, "
+            "bm.InProcess.__name__, 'start' in dir(bm))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.split() == ["bigmachine._driver", "Local", "EC2", "InProcess", "True"], \
+        done.stderr
+    with pytest.raises(AttributeError):
+        bm.no_such_name
