@@ -1,4 +1,5 @@
 """Build the Cython extensions. Everything else lives in pyproject.toml."""
+import compileall
 import os
 
 from setuptools import Extension, setup
@@ -21,6 +22,15 @@ class build_ext(_build_ext):
             force=bool(os.environ.get("BIGMACHINE_CYTHON_ALWAYS")),
         )
         super().finalize_options()
+
+    def run(self):
+        super().run()
+        if self.inplace:
+            # A source checkout: cache the bytecode an installed package has (pip compiles
+            # it at install), even where PYTHONDONTWRITEBYTECODE is set. Every session's
+            # template imports bigmachine's machine side; compiling it there cost a third
+            # of a first start.
+            compileall.compile_dir("bigmachine", quiet=1)
 
 
 setup(

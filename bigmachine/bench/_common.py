@@ -423,7 +423,8 @@ def implementation() -> dict:
             "wire": bigmachine._wire.__file__,
             "python": sys.version.split()[0],
             "cpus": os.cpu_count(),
-            "loadavg": os.getloadavg()}
+            "loadavg": os.getloadavg(),
+            "bytecode_cached": bytecode_cached()}
     try:
         root = os.path.dirname(info["bigmachine"])
         info["git"] = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
@@ -433,12 +434,30 @@ def implementation() -> dict:
     return info
 
 
+def bytecode_cached() -> bool:
+    """Whether every bigmachine module loaded so far has up-to-date cached bytecode, as an
+    installed package has; in a source checkout with PYTHONDONTWRITEBYTECODE set, every new
+    process (machines, the template) compiles bigmachine again unless the build cached it."""
+    for module in list(sys.modules.values()):
+        source = getattr(module, "__file__", None) or ""
+        if not (module.__name__.startswith("bigmachine") and source.endswith(".py")):
+            continue
+        cached = getattr(module, "__cached__", None)
+        if not cached or not os.path.exists(cached) or \
+                os.path.getmtime(cached) < os.path.getmtime(source):
+            return False
+    return True
+
+
 def print_header(title: str) -> dict:
     info = implementation()
     print(f"== {title}")
     print(f"implementation: bigmachine._wire = {info['wire']}")
     print(f"  git {info.get('git', '?')}, python {info['python']}, {info['cpus']} cpus, "
           f"load {' '.join(f'{x:.2f}' for x in info['loadavg'])}")
+    if not info["bytecode_cached"]:
+        print("  bigmachine's bytecode is not cached: every new process compiles it "
+              "(python setup.py build_ext --inplace caches it)")
     return info
 
 
