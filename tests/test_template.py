@@ -46,7 +46,7 @@ class Probe:
             cmdline = f.read()
         return {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgrp(),
                 "forked": TEMPLATE_MARK in cmdline, "numpy": "numpy" in sys.modules,
-                "frozen": gc.get_freeze_count()}
+                "frozen": gc.get_freeze_count(), "collecting": gc.isenabled()}
 
     def env(self, name):
         return os.environ.get(name)
@@ -107,6 +107,7 @@ def test_machines_are_forked_children_in_their_own_group(session):
         assert info["ppid"] == os.getpid() != template  # reparented to the driver
         assert info["pgid"] == info["pid"] == m.process.popen.pid
         assert info["numpy"] and info["frozen"] > 0  # imported and frozen in the template
+        assert info["collecting"]  # the template warms up with the collector off, not its machines
     # the driver was a child subreaper only while it asked for forks
     state = ctypes.c_int(-1)
     ctypes.CDLL(None).prctl(37, ctypes.byref(state), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER

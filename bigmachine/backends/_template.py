@@ -4,8 +4,10 @@ A Local session starts it as it starts (``python -c "...main()" FD`` running
 main() below, in a process session of its own, with the machines'
 environment and thread pools limited to one thread: _blas.LIMITS), so that it
 warms up while the driver does. It imports bigmachine's machine side, numpy
-and cloudpickle, freezes its heap (gc.freeze: the machines' collections then
-never write to, and so copy, the pages they share with it), then serves fork
+and cloudpickle with the cyclic collector off (Python's advice for a fork
+server: nothing to collect yet, and a tenth of the warm-up was collections),
+freezes its heap (gc.freeze: the machines' collections then never write to,
+and so copy, the pages they share with it), turns the collector on, then serves fork
 requests on the socket FD, one at a time, from its only thread. A request
 carries the machines' environment and four descriptors per machine, up to
 BATCH machines (each machine's stdin, stdout, stderr and status pipe: they
@@ -120,7 +122,8 @@ class Template:
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.popen = subprocess.Popen(
-                [sys.executable, "-c", f"from {__name__} import main; main()",
+                [sys.executable, "-c",
+                 f"import gc; gc.disable(); from {__name__} import main; main()",
                  str(theirs.fileno())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=dict(env, **LIMITS),
                 pass_fds=(theirs.fileno(),), start_new_session=True)
@@ -247,15 +250,16 @@ def main() -> None:
 
 
 def _warm() -> None:
-    """Import what machines run and most of them use, then freeze the heap so that
-    the machines' collections never write to (and so copy) the pages they share."""
+    """Import what machines run and most of them use (the collector is off: main's
+    caller turned it off before any import), then freeze the heap so that the
+    machines' collections never write to (and so copy) the pages they share."""
     import cloudpickle  # noqa: F401
     import numpy.random  # noqa: F401  numpy imports it lazily, and reseeding needs it
 
     from .. import _worker  # noqa: F401
 
-    gc.collect()
     gc.freeze()
+    gc.enable()
 
 
 def _fork(sock: socket.socket, env: dict, fds: list[int]) -> list[int]:
