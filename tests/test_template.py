@@ -46,7 +46,8 @@ class Probe:
             cmdline = f.read()
         return {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgrp(),
                 "forked": TEMPLATE_MARK in cmdline, "numpy": "numpy" in sys.modules,
-                "frozen": gc.get_freeze_count(), "collecting": gc.isenabled()}
+                "frozen": gc.get_freeze_count(), "collecting": gc.isenabled(),
+                "numpy.random": "numpy.random" in sys.modules}
 
     def env(self, name):
         return os.environ.get(name)
@@ -108,6 +109,8 @@ def test_machines_are_forked_children_in_their_own_group(session):
         assert info["pgid"] == info["pid"] == m.process.popen.pid
         assert info["numpy"] and info["frozen"] > 0  # imported and frozen in the template
         assert info["collecting"]  # the template warms up with the collector off, not its machines
+    # numpy.random is imported by the template once the first request is answered
+    assert [m.call("Probe.process")["numpy.random"] for m in machines] == [False, True, True]
     # the driver was a child subreaper only while it asked for forks
     state = ctypes.c_int(-1)
     ctypes.CDLL(None).prctl(37, ctypes.byref(state), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER

@@ -5,13 +5,16 @@ main() below, in a process session of its own, with the machines'
 environment and thread pools limited to one thread: _blas.LIMITS), so that it
 warms up while the driver does. It imports bigmachine's machine side, numpy
 and cloudpickle with the cyclic collector off (Python's advice for a fork
-server: nothing to collect yet, and a tenth of the warm-up was collections),
+server: collections during those imports found nothing and cost ~10 ms),
 freezes its heap (gc.freeze: the machines' collections then never write to,
-and so copy, the pages they share with it), turns the collector on, then serves fork
-requests on the socket FD, one at a time, from its only thread. A request
-carries the machines' environment and four descriptors per machine, up to
-BATCH machines (each machine's stdin, stdout, stderr and status pipe: they
-become its 0, 1, 2 and STATUS_FD); the reply lists the machines' pids.
+and so copy, the pages they share with it), turns the collector on, then
+serves fork requests on the socket FD, one at a time, from its only thread.
+Once it has answered the first, it imports what many machines use but none
+needs to start (numpy.random, 5-8 ms) while those machines start, and
+freezes again. A request carries the machines' environment and four
+descriptors per machine, up to BATCH machines (each machine's stdin, stdout,
+stderr and status pipe: they become its 0, 1, 2 and STATUS_FD); the reply
+lists the machines' pids.
 (Forking a first machine before importing numpy was measured slower: its
 services imported numpy themselves while the template did the same.)
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import importlib
 import json
 import os
 import socket
@@ -53,6 +57,12 @@ MAX_REQUEST = 1 << 20  # bytes of one fork request (the machines' environment)
 # as they are imported (BIGMACHINE_COUNTERS, BIGMACHINE_FAULTS).
 _STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "OPENBLAS_", "GOTO_",
                      "MKL_", "BLIS_", "VECLIB_", "NPY_", "NUMPY_", "BIGMACHINE_")
+# What the template imports before its first fork (with the collector off: main's caller
+# turned it off), what every machine runs; and after it, what many machines use (numpy
+# imports numpy.random lazily; a machine forked before has it imported when it needs it,
+# and seeded afresh then).
+_FIRST = ("numpy", "cloudpickle", "bigmachine._worker")
+_LATER = ("numpy.random",)
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 
@@ -226,7 +236,9 @@ def _subreaper() -> Iterator[None]:
 def main() -> None:
     """Serve fork requests until the driver closes the socket (or is gone)."""
     sock = socket.socket(fileno=int(sys.argv[1]))
-    _warm()
+    _warm(_FIRST)
+    gc.enable()
+    later = _LATER
     while True:
         try:
             message, fds, flags, _ = socket.recv_fds(sock, MAX_REQUEST, 4 * BATCH)
@@ -247,19 +259,17 @@ def main() -> None:
             sock.send(json.dumps(reply).encode())
         except OSError:
             return  # the driver gave up on this request (its timeout) or is gone
+        if later:
+            _warm(later)  # while the first machines start
+            later = ()
 
 
-def _warm() -> None:
-    """Import what machines run and most of them use (the collector is off: main's
-    caller turned it off before any import), then freeze the heap so that the
-    machines' collections never write to (and so copy) the pages they share."""
-    import cloudpickle  # noqa: F401
-    import numpy.random  # noqa: F401  numpy imports it lazily, and reseeding needs it
-
-    from .. import _worker  # noqa: F401
-
+def _warm(modules: Sequence[str]) -> None:
+    """Import modules, then freeze the heap so that the machines' collections never
+    write to (and so copy) the pages they share with the template."""
+    for name in modules:
+        importlib.import_module(name)
     gc.freeze()
-    gc.enable()
 
 
 def _fork(sock: socket.socket, env: dict, fds: list[int]) -> list[int]:
