@@ -1,5 +1,5 @@
-"""Shared parts of the benchmarks: the Echo service, the raw-socket baseline
-server (a child process), statistics and reporting.
+"""Shared parts of the benchmarks: the raw-socket baseline server (a child
+process), statistics and reporting (the Echo service is _echo's).
 
 Run as a module (``python -m bigmachine.bench._common serve threads|asyncio [tls]``) it is the
 raw baseline server: it prints its port on stdout and serves until stdin
@@ -37,8 +37,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from typing import Any, Optional
+
+from ._memory import rss_now, rss_peak, rss_reset
 
 # The directory holding the bigmachine package, for the baseline server's PYTHONPATH.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,103 +47,6 @@ _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspat
 HEADER = struct.Struct("<BBHIQ")
 HEADER_SIZE = HEADER.size  # 16
 assert HEADER_SIZE == 16
-
-# ---------------------------------------------------------------------------
-# memory figures (Linux)
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def rss_now() -> int:
-    return _status("VmRSS")
-
-
-def rss_peak() -> int:
-    return _status("VmHWM")
-
-
-def rss_reset() -> int:
-    """Reset the peak-RSS mark (VmHWM) to the current RSS; return the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return rss_now()
-
-
-# ---------------------------------------------------------------------------
-# the bigmachine service used by every benchmark
-
-try:
-    import numpy as np
-    import bigmachine as bm
-except ImportError:  # the raw server does not need them
-    np = None
-    bm = None
-
-if bm is not None:
-    @bm.service
-    class Echo:
-        def __init__(self) -> None:
-            self._arrays: dict = {}
-
-        def echo(self, x: Any) -> Any:
-            return x
-
-        async def aecho(self, x: Any) -> Any:
-            return x
-
-        def sum(self, a: Any) -> float:
-            return float(a.sum())
-
-        def nbytes(self, a: Any) -> tuple:
-            """What a receiver must at least look at: size and the last element."""
-            return a.nbytes, float(a[-1]) if len(a) else 0.0
-
-        def _array(self, n: int) -> Any:
-            a = self._arrays.get(n)
-            if a is None:
-                a = self._arrays[n] = np.arange(n, dtype=np.float64)  # pages touched
-            return a
-
-        def make(self, n: int) -> Any:
-            return self._array(n)
-
-        def drop(self) -> None:
-            self._arrays.clear()
-
-        def rss_reset(self) -> int:
-            return rss_reset()
-
-        def rss_peak(self) -> tuple:
-            return rss_peak(), rss_now()
-
-        def push(self, addr: str, n: int, runs: int) -> list:
-            """Machine to machine: send our own array of n float64 to addr, runs times.
-
-            Returns the seconds of each run, measured here (the sender).
-            """
-            a = self._array(n)
-            peer = bm.current().dial(addr)
-            peer.call("Echo.nbytes", a[:8])  # connect, warm up
-            times = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                got, last = peer.call("Echo.nbytes", a)
-                times.append(time.perf_counter() - t)
-                assert got == a.nbytes and last == a[-1], (got, last)
-            return times
-
-        def pid(self) -> int:
-            return os.getpid()
-
 
 # ---------------------------------------------------------------------------
 # the raw baseline: a child process with plain blocking sockets

@@ -40,9 +40,10 @@ from typing import Optional
 
 import bigmachine as bm
 
-from ._common import (HEADER, Echo, RawServer, json_arg, median,
-                      print_header, recv_exact, rss_peak, rss_reset, send_all, tls_description,
-                      write_json)
+from ._common import (HEADER, RawServer, json_arg, median, print_header, recv_exact, send_all,
+                      tls_description, write_json)
+from ._echo import Echo
+from ._memory import rss_peak, rss_reset
 
 MiB = 1 << 20
 

@@ -40,7 +40,8 @@ from typing import Optional
 import bigmachine as bm
 
 from . import _mp
-from ._common import HEADER, Echo, RawServer, json_arg, median, print_header, write_json
+from ._common import HEADER, RawServer, json_arg, median, print_header, write_json
+from ._echo import Echo
 
 REQ = HEADER.pack(1, 0, 0, 1, 8) + (7).to_bytes(8, "little")
 

@@ -36,7 +36,8 @@ import time
 from typing import Any, Callable, Optional
 
 from . import _mp
-from ._common import Echo, json_arg, median, print_header, write_json
+from ._common import json_arg, median, print_header, write_json
+from ._echo import Echo
 
 
 def timed(call: Callable[[], Any], n: int) -> list:

@@ -44,8 +44,9 @@ from typing import Optional
 import bigmachine as bm
 
 from . import _mp
-from ._common import (HEADER, Echo, RawServer, json_arg, median, pct,
-                      print_header, recv_exact, tls_description, write_json)
+from ._common import (HEADER, RawServer, json_arg, median, pct, print_header, recv_exact,
+                      tls_description, write_json)
+from ._echo import Echo
 
 
 def raw_round(sock, n: int) -> list:

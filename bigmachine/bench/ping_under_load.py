@@ -25,8 +25,9 @@ from typing import Optional
 
 import bigmachine as bm
 
-from ._common import (HEADER, Echo, RawServer, json_arg, median, pct,
-                      print_header, recv_exact, send_all, write_json)
+from ._common import (HEADER, RawServer, json_arg, median, pct, print_header, recv_exact,
+                      send_all, write_json)
+from ._echo import Echo
 
 TARGET_P99_MS = 50.0
 

@@ -37,7 +37,8 @@ from typing import Optional
 
 import bigmachine as bm
 
-from ._common import Echo, json_arg, median, print_header, write_json
+from ._common import json_arg, median, print_header, write_json
+from ._echo import Echo
 
 FRESH = {"PYTHONHASHSEED": "random"}  # read at start-up, so never forked; the default value
 SERVICES = {"Echo": Echo()}

@@ -30,7 +30,8 @@ import numpy as np
 
 import bigmachine as bm
 
-from ._common import Echo, median, print_header
+from ._common import median, print_header
+from ._echo import Echo
 
 MiB = 1 << 20
 
