@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import _progress, _rpc
 from ._auth import Credentials
@@ -21,12 +21,14 @@ from ._observe import Observing
 from ._serialize import dumps
 from ._service import check_services
 from ._session import B
-from ._statuspage import StatusPage
 from ._tls import ClusterCA
 from ._wire import KIND_PING
 from .backends import System
 from .backends.local import Local
 from .errors import AuthError, Error, MachineLost
+
+if TYPE_CHECKING:
+    from ._statuspage import StatusPage
 
 log = logging.getLogger("bigmachine")
 
@@ -65,8 +67,10 @@ class Driver(Observing, B):
         if _progress.on_terminal(self.system.progress):
             self._transfers = _progress.TransferBars(node)
         if self.system.status_addr is not None:
+            # Imported here: only a session that asks for the page needs it (and http.server).
+            from . import _statuspage
             try:
-                self._page = StatusPage(self, self.system.status_addr)
+                self._page = _statuspage.StatusPage(self, self.system.status_addr)
             except BaseException:
                 self.shutdown()
                 raise

@@ -53,6 +53,20 @@ def test_machine_side_imports_leave_the_driver_side_out(code):
     assert done.stdout.strip() == "[]", done.stdout
 
 
+def test_a_local_session_imports_only_the_optional_parts_it_uses():
+    """The status page (http.server) and package checks (importlib.metadata, tarfile)
+    are imported by the sessions that ask for them: the others start sooner."""
+    optional = {"bigmachine._statuspage", "bigmachine.backends._packages", "http.server",
+                "importlib.metadata", "tarfile", "email"}
+    check = ("import sys; before = set(sys.modules); import bigmachine as bm; "
+             "bm.start(bm.Local()).shutdown(); "
+             f"print(sorted((set(sys.modules) - before) & set({sorted(optional)!r})))")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 def test_driver_side_names_import_on_first_use():
     code = ("import sys, bigmachine as bm; assert 'bigmachine._driver' not in sys.modules; "
             "from bigmachine import SSH; assert bm.SSH is SSH; "

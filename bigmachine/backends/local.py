@@ -22,14 +22,16 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any, Optional, Union
+from typing import IO, TYPE_CHECKING, Any, Optional, Union
 
 from .._auth import Credentials
 from . import Process, SocketDir, System
 from ._bootstrap import Output, Spawned, bootstrap
-from ._packages import Packages, PackagesArg
 from ._template import (BATCH, STATUS_FD, Child, Template, TemplateError, startup_vars,
                         supported)
+
+if TYPE_CHECKING:
+    from ._packages import PackagesArg
 
 log = logging.getLogger("bigmachine")
 
@@ -125,7 +127,11 @@ class Local(System):
 
     def __init__(self, parent_pipe: bool = True, packages: PackagesArg = None,
                  requirements: Optional[str] = None, **options: Any):
-        Packages(packages, requirements).check_local()
+        if packages is not None or requirements is not None:
+            # Imported here: only a session that names packages needs it (importlib.metadata,
+            # tarfile for the remote systems' bundles).
+            from ._packages import Packages
+            Packages(packages, requirements).check_local()
         self.parent_pipe = parent_pipe
         self.sockets: Optional[SocketDir] = None
         self._template: Optional[Template] = None
