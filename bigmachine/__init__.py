@@ -10,9 +10,10 @@
         m, = b.start(1, services={"Sampler": Sampler()})
         m.call("Sampler.sample", 10**6)
 
-The driver's entry point (start) and the systems are imported where first
-used (PEP 562): a machine imports this package too (its services do, and so
-does the template machines are forked from), and never needs them.
+The driver's entry point (start), the systems and the status records are
+imported where first used (PEP 562): a machine imports this package too (its
+services do, and so does the template machines are forked from), and never
+needs them.
 """
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ from ._session import B, current
 from ._retry import retry
 from ._profile import MemoryProfile, Profile
 from ._service import service
-from ._status import CallStats, MachineStatus, Status
 from ._version import __version__
 from .backends import Process, System
 from .errors import AuthError, Error, MachineLost, ProtocolError, RemoteError, ResourceError
 
 if TYPE_CHECKING:
     from ._driver import start
+    from ._status import CallStats, MachineStatus, Status
     from .backends.ec2 import EC2
     from .backends.inprocess import InProcess
     from .backends.local import Local
@@ -44,6 +45,9 @@ _DRIVER_SIDE = {
     "InProcess": ".backends.inprocess",
     "SSH": ".backends.ssh",
     "EC2": ".backends.ec2",
+    "Status": "._status",
+    "MachineStatus": "._status",
+    "CallStats": "._status",
 }
 
 __all__ = [

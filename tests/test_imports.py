@@ -32,6 +32,7 @@ def test_public_api():
 
 # What only a driver uses; a machine, and the template machines are forked from, never need it.
 DRIVER_SIDE = {"bigmachine._driver", "bigmachine._statuspage", "bigmachine._observe",
+               "bigmachine._status",
                "bigmachine.backends.local", "bigmachine.backends.inprocess",
                "bigmachine.backends.ssh", "bigmachine.backends.ec2",
                "http.server", "urllib.request", "tarfile", "email", "importlib.metadata"}
@@ -71,10 +72,11 @@ def test_driver_side_names_import_on_first_use():
     code = ("import sys, bigmachine as bm; assert 'bigmachine._driver' not in sys.modules; "
             "from bigmachine import SSH; assert bm.SSH is SSH; "
             "print(bm.start.__module__, bm.Local.__name__, bm.EC2.__name__, "
-            "bm.InProcess.__name__, 'start' in dir(bm))")
+            "bm.InProcess.__name__, bm.Status.__name__, 'start' in dir(bm))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
-    assert done.stdout.split() == ["bigmachine._driver", "Local", "EC2", "InProcess", "True"], \
+    assert done.stdout.split() == ["bigmachine._driver", "Local", "EC2", "InProcess", "Status",
+                                   "True"], \
         done.stderr
     with pytest.raises(AttributeError):
         bm.no_such_name
