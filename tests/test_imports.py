@@ -55,12 +55,15 @@ def test_machine_side_imports_leave_the_driver_side_out(code):
 
 
 def test_a_local_session_imports_only_the_optional_parts_it_uses():
-    """The status page (http.server) and package checks (importlib.metadata, tarfile)
-    are imported by the sessions that ask for them: the others start sooner."""
+    """The status page (http.server), package checks (importlib.metadata, tarfile) and
+    progress bars (tqdm, when stderr is a terminal) are imported by the sessions that
+    use them: the others reach their first call sooner."""
     optional = {"bigmachine._statuspage", "bigmachine.backends._packages", "http.server",
-                "importlib.metadata", "tarfile", "email"}
+                "importlib.metadata", "tarfile", "email", "tqdm"}
     check = ("import sys; before = set(sys.modules); import bigmachine as bm; "
-             "bm.start(bm.Local()).shutdown(); "
+             "from bigmachine.bench._echo import Echo; b = bm.start(bm.Local()); "
+             "m, = b.start(1, services={'Echo': Echo()}); m.call('Echo.echo', 1); "
+             "b.shutdown(); "
              f"print(sorted((set(sys.modules) - before) & set({sorted(optional)!r})))")
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           timeout=60)
