@@ -23,7 +23,7 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import _health, _logforward, _profile, _resources
 from ._version import __version__
@@ -44,8 +44,12 @@ BOOT_TIMEOUT = 60.0  # how long a machine waits for its owner to register
 class Supervisor:
     """Built-in service on every machine."""
 
-    def __init__(self, node: Node, lease: Optional[float], on_stop: Any, owner_token: bytes):
+    def __init__(self, node: Node, lease: Optional[float], on_stop: Any, owner_token: bytes,
+                 before_services: Optional[Callable[[], None]] = None):
         self._node = node
+        # Run once as the owner registers, before any service is installed: the last
+        # moment before services can compute (a forked machine restores its thread pools).
+        self._before_services = before_services
         self._lease = lease
         self._on_stop = on_stop
         self._token = owner_token
@@ -68,6 +72,9 @@ class Supervisor:
                 raise Error("this machine already has an owner")
             if lease is not None:
                 self._lease = lease
+            if self._before_services is not None:
+                self._before_services()
+                self._before_services = None
             for name, inst in services.items():
                 self._node.registry.add(name, inst)
             try:

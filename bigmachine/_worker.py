@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Callable, Optional
 
 from ._sockopts import SOCKET_BUFFER
 from ._limits import no_core_dumps, raise_open_files
@@ -31,7 +32,9 @@ from .backends._bootstrap import STATUS_PREFIX, hold, read_bootstrap
 
 log = logging.getLogger("bigmachine.worker")
 
-def main() -> None:
+def main(before_services: Optional[Callable[[], None]] = None) -> None:
+    """Run the machine whose bootstrap is on stdin until it stops; before_services runs
+    once as its owner registers the services (a forked machine's set-up, see _template)."""
     no_core_dumps()
     raise_open_files()
     stdin = sys.stdin.buffer
@@ -52,7 +55,8 @@ def main() -> None:
                 socket_buffer=config.get("socket_buffer", SOCKET_BUFFER),
                 shared_memory=config.get("shared_memory", False))
     addr = start_machine(node, config["lease"], on_stop, owner_token, listen=config["listen"],
-                         keepalive_period=config["keepalive_period"], lost_after=config["lost_after"])
+                         keepalive_period=config["keepalive_period"], lost_after=config["lost_after"],
+                         before_services=before_services)
     status = f"{STATUS_PREFIX}{addr}\n"
     if config.get("status_fd") is None:
         sys.stdout.write(status)

@@ -126,6 +126,19 @@ def test_rng_streams_differ_across_forked_machines(session):
         assert len(set(values)) == len(values), (kind, values)
 
 
+@bm.service
+class PoolsAtInit:
+    """Records the thread pools its machine has when its services' init runs."""
+
+    def init(self, machine):
+        import numpy  # noqa: F401  loads OpenBLAS in a machine that has not yet
+
+        self.seen = sorted(_blas.pools().values())
+
+    def pools(self):
+        return self.seen
+
+
 def test_template_is_single_threaded_and_machines_get_their_pools_back(session):
     b, template = session
     machines = b.start(1, services={"Probe": Probe()}) + b.start(2, services={"Probe": Probe()})
@@ -135,6 +148,9 @@ def test_template_is_single_threaded_and_machines_get_their_pools_back(session):
     assert expected and expected[0] >= 1
     for m in machines:
         assert m.call("Probe.pools", timeout=20) == expected
+    # restored as the owner registers the services, before any of them computes
+    m, = b.start(1, services={"PoolsAtInit": PoolsAtInit()})
+    assert m.call("PoolsAtInit.pools", timeout=20) == expected
 
 
 def _secret_forms(creds, names) -> list[bytes]:

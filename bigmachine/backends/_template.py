@@ -27,7 +27,9 @@ services imported numpy themselves while the template did the same.)
 - Each machine has its own process group, its environment (the request's),
   RNGs that differ from every other machine's (random reseeds itself at
   fork; numpy's global one is reseeded here), and its thread pools sized as a
-  fresh interpreter's would be (_blas.restore).
+  fresh interpreter's would be (_blas.restore), as its owner registers its
+  services: no service computes before, and a new pool's threads spin for a
+  while, which slowed the start itself when they were made at the fork.
 - A variable an interpreter reads at start-up (startup_vars) cannot change
   in a fork: a machine whose environment differs there is spawned fresh.
 """
@@ -316,9 +318,11 @@ def _machine(sock: socket.socket, env: dict, own: list[int], batch: list[int]) -
         os.environ.update(env)
         _reseed()
         from .._blas import restore
-        restore(env)
         from .._worker import main as run_machine
-        run_machine()
+        # Pools are restored when the owner registers the services, not here: a new
+        # OpenBLAS thread spins for a while, and on 2 cores it slowed the machine's start
+        # and handshake by ~14 ms (median, measured); until then no service computes.
+        run_machine(before_services=lambda: restore(env))
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
