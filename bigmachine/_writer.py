@@ -225,10 +225,12 @@ class Writer:
         if not self._streams:
             try:
                 if len(units) == 1 and len(units[0]) <= IOV_MAX and self.tls is None:  # one frame
-                    sent = self.sock.sendmsg(units[0], _ancillary(fds), socket.MSG_DONTWAIT)
+                    sent = self.sock.sendmsg(units[0], _ancillary(fds) if fds else (),
+                                             socket.MSG_DONTWAIT)
                     self.bytes_sent += sent
                     if sent == nbytes:  # the usual small message: nothing to keep
-                        _close(fds)
+                        if fds:
+                            _close(fds)
                         return None
                     out = _Outgoing(units, nbytes, fds)
                     if sent:
