@@ -235,6 +235,9 @@ class Writer:
                     out = _Outgoing(units, nbytes, fds)
                     if sent:
                         out.wrote(sent)
+                elif len(units) == 1 and self.tls is not None and not self._ciphertext:
+                    self._send_tls(units[0], nbytes)  # one frame: no _Outgoing
+                    return None
                 else:
                     out = _Outgoing(units, nbytes, fds)
                 if self._write(out, DIRECT_FRAMES):
@@ -351,6 +354,19 @@ class Writer:
             out.index += 1
             encrypted += 1
         return False
+
+    def _send_tls(self, unit: list, nbytes: int) -> None:
+        """With the lock held and nothing queued: encrypt one frame and write what
+        the socket takes; the rest waits in _ciphertext for the IO loop."""
+        data = self.tls.encrypt(unit)
+        self.bytes_sent += nbytes
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            self._ciphertext = memoryview(data)[sent:]
+            self._arm()
 
     def _flush_ciphertext(self) -> bool:
         """Write pending ciphertext; True once none is left."""
