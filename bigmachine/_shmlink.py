@@ -2,7 +2,8 @@
 
 The sender turns each large buffer into a descriptor: the received,
 unwritten segment that already holds it (passed on as it is, no copy), or a
-new sealed copy. The descriptors of one message travel in one ``sendmsg``
+copy in a segment of its pool (``_arena``), or, when the pool cannot take
+it, a new sealed copy. The descriptors of one message travel in one ``sendmsg``
 with its MSG frame's first byte (``_writer``); the receiver gets them with
 ``recvmsg_into`` (``receive_into``), the decoder gives each message its own
 and maps them here (``map_received``).
@@ -19,7 +20,7 @@ import os
 import socket
 from typing import Any, Optional
 
-from . import _shm, _wire
+from . import _arena, _shm, _wire
 from .errors import ProtocolError, ResourceError
 
 # Out-of-band buffers at least this large travel as shared memory.
@@ -44,8 +45,10 @@ def outgoing(segments: list) -> tuple[Optional[list], list]:
                 fd, size, offset = found
                 fds.append(os.dup(fd))
             else:
-                fds.append(_shm.create(memoryview(view)))
-                size, offset = memoryview(view).nbytes, 0
+                offset, lent = 0, _arena.ARENA.lend(_shm.as_bytes(memoryview(view)))
+                fd, size = lent if lent is not None else (_shm.create(memoryview(view)),
+                                                          memoryview(view).nbytes)
+                fds.append(fd)
         except OSError:
             continue  # out of descriptors or memory here: this one goes as bytes
         if shm is None:
@@ -66,7 +69,7 @@ def map_received(fd: int, size: int, offset: int, length: int, readonly: bool) -
         os.close(fd)
         raise _wire.WireError(exc.reason) from exc
     try:
-        view = _shm.map_segment(fd, size)
+        view = _shm.map_segment(fd, size, offset, length)
     except OSError as exc:
         os.close(fd)
         return Unreceived(ResourceError(
