@@ -16,15 +16,6 @@ from libc.stdint cimport uintptr_t
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
-cdef extern from *:
-    """
-    #include <sys/mman.h>
-    #ifndef MADV_POPULATE_READ
-    #define MADV_POPULATE_READ 22
-    #endif
-    """
-    int MADV_POPULATE_READ
-
 cdef extern from "sys/mman.h" nogil:
     int madvise(void *addr, size_t length, int advice)
     int MADV_HUGEPAGE
@@ -42,7 +33,6 @@ ALIGNMENT = 64
 # fewer page faults while the socket fills a fresh buffer.
 HUGEPAGE_MIN = 8 << 20
 HUGE_ALIGNMENT = 2 << 20
-cdef Py_ssize_t PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 cdef class _Block:
@@ -128,15 +118,6 @@ cdef class SharedMapping(_Block):
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1
-
-    def populate(self, Py_ssize_t offset, Py_ssize_t length):
-        """Map the pages of [offset, offset + length) now, for reading: one call
-        instead of a fault per page, and no page copied (they stay the segment's)."""
-        cdef Py_ssize_t start = offset - offset % PAGE_SIZE
-        if offset < 0 or length <= 0 or offset + length > self.size:
-            return
-        with nogil:
-            madvise(self.ptr + start, offset + length - start, MADV_POPULATE_READ)  # advisory
 
     def __repr__(self):
         return f"<SharedMapping {self.size} bytes of fd {self.fd}>"

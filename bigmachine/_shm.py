@@ -78,9 +78,12 @@ _mapped: "weakref.WeakValueDictionary[int, SharedMapping]" = weakref.WeakValueDi
 _lock = threading.Lock()
 
 
-def map_segment(fd: int, size: int, offset: int = 0, length: Optional[int] = None) -> memoryview:
-    """Map a checked segment privately (copy-on-write) as a writable buffer, the
-    pages of [offset, offset + length) (default: all) mapped at once.
+def map_segment(fd: int, size: int) -> memoryview:
+    """Map a checked segment privately (copy-on-write) as a writable buffer.
+
+    Its pages are mapped as they are first touched: already in memory (the
+    sender's), they cost a minor fault each, and nothing at all when the
+    buffer is only passed on.
 
     The mapping owns fd while it lives (so that it can be passed on unwritten,
     see find) and closes it when the last view of the buffer is gone. On
@@ -90,7 +93,6 @@ def map_segment(fd: int, size: int, offset: int = 0, length: Optional[int] = Non
         os.close(fd)
         return memoryview(bytearray())
     mapping = SharedMapping(fd, size)
-    mapping.populate(offset, size - offset if length is None else length)
     with _lock:
         _mapped[mapping.address] = mapping
     return memoryview(mapping)

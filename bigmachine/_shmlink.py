@@ -69,7 +69,7 @@ def map_received(fd: int, size: int, offset: int, length: int, readonly: bool) -
         os.close(fd)
         raise _wire.WireError(exc.reason) from exc
     try:
-        view = _shm.map_segment(fd, size, offset, length)
+        view = _shm.map_segment(fd, size)
     except OSError as exc:
         os.close(fd)
         return Unreceived(ResourceError(
