@@ -17,7 +17,8 @@ segment only when no such lock is left, so a receiver's array never
 changes under it (its copy-on-write mapping would otherwise show the
 owner's rewrite on the pages it has not written).
 
-The pool is bounded (``BUDGET`` bytes): to make room it drops the segments
+The pool is bounded (``BUDGET`` bytes, and no segment above half of it:
+larger buffers go as fresh segments): to make room it drops the segments
 used longest ago, held or not; a dropped segment held elsewhere lives on
 until its last holder lets go. Segments idle for ``IDLE`` seconds are
 dropped too, so a process that stopped sending gives its memory back.
@@ -34,6 +35,8 @@ from typing import Optional
 
 import numpy as np
 
+from ._buffers import prefault
+
 PAGE = mmap.PAGESIZE
 AVAILABLE = hasattr(os, "memfd_create") and hasattr(fcntl, "F_OFD_SETLK")
 SEALS = (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL) if AVAILABLE else 0
@@ -41,7 +44,6 @@ BUDGET = min(1 << 30, os.sysconf("SC_PHYS_PAGES") * PAGE // 8)
 IDLE = 10.0
 # A segment serves a buffer at most this much smaller than itself (the rest is zeroed).
 SLACK = 4
-_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
 
 
@@ -61,10 +63,8 @@ class _Segment:
         except BaseException:
             self.close()
             raise
-        try:
-            self.mapping.madvise(_POPULATE_WRITE)  # page tables now, not a fault per page
-        except OSError:
-            pass  # an older kernel: the first copy faults them in
+        prefault(self.mapping)  # page tables now, not a fault per page (if it fails, the
+        # first copy faults them in: the pages themselves are already allocated)
         self.size = size
         self.array = np.frombuffer(self.mapping, dtype=np.uint8)
         self.used_at = time.monotonic()
@@ -116,7 +116,7 @@ class Arena:
     def lend(self, data: memoryview) -> Optional[tuple[int, int]]:
         """(fd, size): a locked description of a segment of size bytes whose first
         data.nbytes bytes are data's (the rest zero). None when data does not fit
-        the budget or the pool cannot get the memory or descriptors (the caller
+        half the budget or the pool cannot get the memory or descriptors (the caller
         sends it another way). Raises nothing else than what copying raises."""
         n = data.nbytes
         try:
@@ -145,7 +145,8 @@ class Arena:
         """A segment of at least n bytes that nobody holds, marked busy: a free one
         that fits, else a new one (after dropping what the budget needs)."""
         size = -(-n // PAGE) * PAGE
-        if not AVAILABLE or not n or size > self.budget:
+        # Room for two of any size served: one a receiver still holds, one to fill.
+        if not AVAILABLE or not n or size > self.budget // 2:
             return None
         with self._lock:
             fits = [s for s in self.segments
