@@ -162,8 +162,12 @@ class Connection:
         message may wait until this thread uncorks the writer (a reply in a
         batch the reader runs; never a request whose reply the thread awaits).
         """
-        units, nbytes, fds = self._frames(sid, mtype, mflags, segments, readonly)
-        if nbytes > SMALL_MESSAGE and not self.in_loop():
+        if not self.shm:  # no descriptors to make: the short way
+            units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
+            fds = None
+        else:
+            units, nbytes, fds = self._frames(sid, mtype, mflags, segments, readonly)
+        if nbytes > SMALL_MESSAGE and not on_loop_thread(self.loop):
             try:
                 self.writer.wait_for_room(deadline, self.peer)
             except BaseException:
@@ -189,9 +193,9 @@ class Connection:
         self.writer.enqueue(sid, units, nbytes, True, fds)
 
     def _frames(self, sid: int, mtype: int, mflags: int, segments: list,
-                readonly: list) -> tuple[list, int, list]:
+                readonly: list) -> tuple[list, int, Optional[list]]:
         """A message's frames, and the descriptors that go with them (shared memory)."""
-        shm, fds = _shmlink.outgoing(segments) if self.shm and len(segments) > 1 else (None, [])
+        shm, fds = _shmlink.outgoing(segments) if self.shm and len(segments) > 1 else (None, None)
         try:
             units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly, shm=shm)
         except BaseException:
@@ -280,6 +284,6 @@ class Connection:
         return MachineLost.because(self.peer, self.error)
 
 
-def _close_all(fds: list) -> None:
-    for fd in fds:
+def _close_all(fds: Optional[list]) -> None:
+    for fd in fds or ():
         os.close(fd)

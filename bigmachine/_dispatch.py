@@ -22,7 +22,13 @@ from ._writer import SMALL_MESSAGE
 from ._wire import MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY
 from .errors import Error, MachineLost
 
-_local = threading.local()
+
+
+class _Local(threading.local):
+    served: Optional["Served"] = None  # the call the thread serves (a class default: no getattr miss)
+
+
+_local = _Local()
 
 
 def cancelled() -> bool:
@@ -31,7 +37,7 @@ def cancelled() -> bool:
     Long-running sync methods may poll this and return early; async methods
     are cancelled outright (they see CancelledError).
     """
-    served = getattr(_local, "served", None)
+    served = _local.served
     return served is not None and served.cancelled
 
 

@@ -232,7 +232,10 @@ class Machine:
         return counted(self.counters(method), self._call, method, args, kwargs, timeout)
 
     def _call(self, method: str, args: tuple, kwargs: dict, timeout: Optional[float]) -> Any:
-        return _rpc.call(self._checked(self.connection(timeout)), method, args, kwargs, timeout)
+        conn = self._conn
+        if conn is None or conn.closed or self._state is not State.RUNNING:  # not the usual case
+            conn = self._checked(self.connection(timeout))
+        return _rpc.call(conn, method, args, kwargs, timeout)
 
     async def acall(self, method: str, *args: Any, timeout: Optional[float] = None,
                     **kwargs: Any) -> Any:

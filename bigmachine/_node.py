@@ -32,7 +32,13 @@ from .errors import AuthError, Error, MachineLost, ProtocolError
 
 log = logging.getLogger("bigmachine.node")
 
-_local = threading.local()
+
+
+class _Local(threading.local):
+    node: Optional["Node"] = None  # the calling thread's node (a class default: no getattr miss)
+
+
+_local = _Local()
 _default: Optional["Node"] = None
 CONNECT_TIMEOUT = 10.0
 ACCEPT_PAUSE = 0.5     # seconds to stop accepting after accept() fails
@@ -42,12 +48,12 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 def current_node() -> Optional["Node"]:
     """The node of the calling thread, else the process's default (the driver's)."""
-    return getattr(_local, "node", None) or _default
+    return _local.node or _default
 
 
 def swap_current(node: Optional["Node"]) -> Optional["Node"]:
     """Make node the calling thread's node; return the one it replaces."""
-    previous = getattr(_local, "node", None)
+    previous = _local.node
     _local.node = node
     return previous
 

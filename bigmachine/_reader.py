@@ -167,15 +167,17 @@ class Reader:
     def _run_deferred(self, generation: int) -> bool:
         """Run this read's deferred work; False if another thread took the role meanwhile."""
         work, self._deferred = self._deferred, []
-        if self._buffered():
+        if self.tls is not None and self._buffered():
             _pass_on(work)
             return True
         if len(work) > 1:
             return self._run_batch(generation, work)
         fallback, fn, args = work.pop()
         del fallback
-        with self._lock:
-            self._leave(BUSY)
+        fd = self.fd
+        with self._lock:  # _leave(BUSY), inline: this is every small call's path
+            self._state = BUSY
+            STANDBY.arm(fd, self)
         after = None
         try:
             after = fn(*args)
@@ -184,8 +186,9 @@ class Reader:
         fn = args = None  # hold nothing of a finished call
         with self._lock:
             taken = generation == self._generation
-            if taken:
-                self._take()
+            if taken:  # _take(), inline
+                self._state = READING
+                STANDBY.disarm(fd, self)
         if after is not None:
             after()
         return taken
@@ -255,7 +258,8 @@ class Reader:
             if self._state != PARKED:
                 self._lead_wanted = True
                 return False
-            self._take()
+            self._state = READING  # _take(), inline: every blocking call's path
+            STANDBY.disarm(self.fd, self)
             return True
 
     def read_until(self, waiter: Waiter) -> None:
@@ -276,8 +280,9 @@ class Reader:
         with self._lock:
             if self.calls_in_flight() or self._buffered() or self.is_closed():
                 self._to_thread()
-            else:
-                self._leave(PARKED)
+            else:  # _leave(PARKED), inline: every blocking call's path
+                self._state = PARKED
+                STANDBY.arm(self.fd, self)
 
     # ---- reader threads ---------------------------------------------------------
 

@@ -51,7 +51,13 @@ class Standby:
 
     def arm(self, fd: int, reader: Any) -> None:
         """Watch fd for reader until disarm (a single report)."""
-        if not self._set(fd, reader, _ARMED):
+        epoll = self._epoll
+        if epoll is not None and self._readers.get(fd) is reader:  # the usual case: inline
+            try:
+                epoll.modify(fd, _ARMED)
+            except (OSError, ValueError):
+                pass  # the socket (or, with the last one, the epoll set) closed meanwhile
+        else:
             with self._lock:  # the first time: register (the thread cannot end meanwhile)
                 epoll = self._start()
                 self._readers[fd] = reader
@@ -63,18 +69,12 @@ class Standby:
                     pass  # the socket closed meanwhile: its reader learns of it by reading
 
     def disarm(self, fd: int, reader: Any) -> None:
-        self._set(fd, reader, _DISARMED)
-
-    def _set(self, fd: int, reader: Any, events: int) -> bool:
-        """Change what fd reports, if reader registered it; False if it did not."""
         epoll = self._epoll
-        if epoll is None or self._readers.get(fd) is not reader:
-            return False
-        try:
-            epoll.modify(fd, events)
-        except (OSError, ValueError):
-            pass  # the socket (or, with the last one, the epoll set) closed meanwhile
-        return True
+        if epoll is not None and self._readers.get(fd) is reader:
+            try:
+                epoll.modify(fd, _DISARMED)
+            except (OSError, ValueError):
+                pass
 
     def wake_at(self, reader: Any, deadline: float) -> None:
         """Call reader.timed_out(now) at deadline (time.monotonic()), or soon after."""

@@ -26,6 +26,8 @@ land in (so bulk data goes from the socket straight to its final memory), and
 returns events. It does no I/O. Every length is checked against a limit before
 anything is allocated; anything malformed raises WireError.
 """
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memcpy, memmove
 from posix.unistd cimport close as _close_fd
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -179,6 +181,9 @@ def message_frames(uint32_t stream_id, int mtype, int mflags, list segments,
     cdef bytearray head
     cdef uint8_t *p
     cdef uint32_t n32 = <uint32_t>nsegs
+    if nsegs == 1 and shm is None and type(segments[0]) is bytes and len(segments[0]) <= inline_max:
+        return _small_message(stream_id, mtype, mflags, <bytes>segments[0],
+                              readonly is not None and bool(readonly[0]))
     if nsegs == 0 or nsegs > MAX_SEGMENTS:
         raise WireError(f"a message has 1 to {MAX_SEGMENTS} segments, not {nsegs}")
     if shm is not None:
@@ -257,6 +262,32 @@ def message_frames(uint32_t stream_id, int mtype, int mflags, list segments,
     return units, 16 + flen + total + 16 * (len(units) - 1)
 
 
+cdef tuple _small_message(uint32_t stream_id, int mtype, int mflags, bytes payload, bint readonly):
+    """message_frames of a message of one small bytes segment: one buffer, made in one step."""
+    cdef Py_ssize_t n = len(payload)
+    cdef uint64_t flen = 8 + 8 + <uint64_t>n
+    cdef uint64_t ln = <uint64_t>n
+    cdef uint32_t one = 1
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, 16 + <Py_ssize_t>flen)
+    cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(frame)
+    if readonly:
+        ln |= _READONLY_BIT
+    p[0] = _KIND_MSG
+    p[1] = _FLAG_INLINE
+    p[2] = 0
+    p[3] = 0
+    memcpy(p + 4, &stream_id, 4)
+    memcpy(p + 8, &flen, 8)
+    p[16] = <uint8_t>mtype
+    p[17] = <uint8_t>mflags
+    p[18] = 0
+    p[19] = 0
+    memcpy(p + 20, &one, 4)
+    memcpy(p + 24, &ln, 8)
+    memcpy(p + 32, PyBytes_AS_STRING(payload), n)
+    return [[frame]], 16 + <Py_ssize_t>flen
+
+
 cdef class _Assembly:
     """A message whose segments are still arriving in DATA frames."""
     cdef uint32_t stream_id
@@ -278,7 +309,9 @@ cdef class Decoder:
     - ``(_KIND_CANCEL, stream_id, 0)``, ``(_KIND_CREDIT, stream_id, n)``
     - ``(_KIND_PING, 0, token)``, ``(_KIND_PONG, 0, token)``, ``(_KIND_GOAWAY, 0, 0)``
 
-    ``alloc(n)`` returns a writable buffer of n bytes for incoming segments.
+    ``alloc(n)`` returns a writable buffer of n bytes for incoming segments
+    (except the pickle stream of an inline message: a bytearray, copied
+    straight out of the frame).
 
     ``map_shm(fd, size, offset, length, readonly)`` returns the buffer of a
     shared-memory segment; it owns fd (-1 when this process could not receive
@@ -289,6 +322,7 @@ cdef class Decoder:
     """
 
     cdef bytearray scratch
+    cdef object scratch_view        # memoryview(scratch), made once: get_buffer slices it
     cdef Py_ssize_t start, end
     cdef object alloc
     cdef object map_shm
@@ -307,6 +341,7 @@ cdef class Decoder:
                  Py_ssize_t max_pending=MAX_PENDING,
                  Py_ssize_t scratch_size=SCRATCH_SIZE, map_shm=None):
         self.scratch = bytearray(max(scratch_size, 64))
+        self.scratch_view = memoryview(self.scratch)
         self.start = self.end = 0
         self.alloc = alloc
         self.map_shm = map_shm
@@ -356,8 +391,8 @@ cdef class Decoder:
             # final buffer instead of being copied out of scratch.
             n = self._frame_end() - self.end
             if n > 0:
-                return memoryview(self.scratch)[self.end:self.end + n]
-        return memoryview(self.scratch)[self.end:]
+                return self.scratch_view[self.end:self.end + n]
+        return self.scratch_view[self.end:]
 
     cdef Py_ssize_t _frame_end(self):
         """Scratch offset where the frame starting at self.start ends (or its header, if unknown)."""
@@ -481,7 +516,7 @@ cdef class Decoder:
             n = len(target) - a.offset
             if n > take:
                 n = take
-            target[a.offset:a.offset + n] = memoryview(self.scratch)[self.start:self.start + n]
+            target[a.offset:a.offset + n] = self.scratch_view[self.start:self.start + n]
             self.start += n
             take -= n
             self._advance(n, events)
@@ -531,8 +566,10 @@ cdef class Decoder:
     cdef _grow(self, Py_ssize_t need):
         cdef bytearray bigger = bytearray(need + 4096)
         cdef Py_ssize_t live = self.end - self.start
-        bigger[:live] = memoryview(self.scratch)[self.start:self.end]
+        bigger[:live] = self.scratch_view[self.start:self.end]
+        self.scratch_view.release()
         self.scratch = bigger
+        self.scratch_view = memoryview(bigger)
         self.start = 0
         self.end = live
 
@@ -646,9 +683,17 @@ cdef class Decoder:
                 if ln_i < 0:
                     segments.append(mapped[i])
                     continue
+                if i == 0:
+                    # The pickle stream: only unpickling reads it, so it needs
+                    # no alignment and no call out to alloc (a small call's cost).
+                    seg = PyByteArray_FromStringAndSize(
+                        <char *>self.scratch + self.start + _HEADER + pos, ln_i)
+                    pos += ln_i
+                    segments.append(memoryview(seg).toreadonly() if ro else seg)
+                    continue
                 seg = self._alloc(ln_i)
                 if ln_i:
-                    memoryview(seg)[:] = memoryview(self.scratch)[
+                    memoryview(seg)[:] = self.scratch_view[
                         self.start + _HEADER + pos:self.start + _HEADER + pos + ln_i]
                 pos += ln_i
                 segments.append(memoryview(seg).toreadonly() if ro else seg)

@@ -53,11 +53,9 @@ class _Outgoing:
         self.sent = 0    # bytes of the message written (or, with TLS, encrypted)
         self.fds = fds   # descriptors not yet sent (ours to close)
 
-    def ancillary(self) -> list:
+    def ancillary(self) -> Any:
         """What the next sendmsg carries besides bytes."""
-        if not self.fds:
-            return []
-        return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.fds))]
+        return _ancillary(self.fds)
 
     def wrote(self, n: int) -> None:
         """n bytes (n > 0) of the message left: its descriptors went with the first."""
@@ -69,8 +67,19 @@ class _Outgoing:
     def release(self) -> None:
         """Close the descriptors (sent, or never to be)."""
         fds, self.fds = self.fds, None
-        for fd in fds or ():
-            os.close(fd)
+        _close(fds)
+
+
+def _ancillary(fds: Optional[list]) -> Any:
+    """The ancillary data of a sendmsg that passes fds."""
+    if not fds:
+        return ()
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+
+
+def _close(fds: Optional[list]) -> None:
+    for fd in fds or ():
+        os.close(fd)
 
 
 class Writer:
@@ -148,26 +157,27 @@ class Writer:
         writer (never one with descriptors). fds: descriptors to send with the
         message; the writer owns them from now on.
         """
-        out = _Outgoing(units, nbytes, fds)
         if _faults.FAULTS is not None and self._inject(units):
-            out.release()
+            _close(fds)
             return
         with self._lock:
             if self.closed:
-                out.release()
+                _close(fds)
                 raise self.lost()
-            if self._cork_owner is not None and self._cork_owner == threading.get_ident():
+            owner = self._cork_owner
+            if owner is not None and owner == threading.get_ident():
                 if cork and not fds and len(units) == 1 and nbytes <= SMALL_MESSAGE:
                     self._corked.extend(units[0])
                     self._corked_bytes += nbytes
                     return
                 error = self._unplug()  # what this thread corked goes first
                 if error is None:
-                    error = self._send(sid, out)
+                    error = self._send(sid, units, nbytes, fds)
+                else:
+                    _close(fds)
             else:
-                error = self._send(sid, out)
+                error = self._send(sid, units, nbytes, fds)
         if error is not None:
-            out.release()
             raise self.io_failed("write", error)
 
     def cork(self) -> bool:
@@ -204,26 +214,39 @@ class Writer:
         if self.closed:
             return None
         units = [buffers[i:i + IOV_MAX] for i in range(0, len(buffers), IOV_MAX)]
-        return self._send(_CORKED, _Outgoing(units, nbytes))
+        return self._send(_CORKED, units, nbytes)
 
-    def _send(self, sid: int, out: _Outgoing) -> Optional[OSError]:
-        """With the lock held: write now if nothing is queued, else queue; the error if one."""
-        units = out.units
+    def _send(self, sid: int, units: list, nbytes: int, fds: Optional[list] = None) -> Optional[OSError]:
+        """With the lock held: write now if nothing is queued, else queue; the error if one.
+
+        fds are the writer's from now on: sent, queued, or closed.
+        """
+        out = None
         if not self._streams:
             try:
                 if len(units) == 1 and len(units[0]) <= IOV_MAX and self.tls is None:  # one frame
-                    sent = self.sock.sendmsg(units[0], out.ancillary(), socket.MSG_DONTWAIT)
+                    sent = self.sock.sendmsg(units[0], _ancillary(fds), socket.MSG_DONTWAIT)
                     self.bytes_sent += sent
+                    if sent == nbytes:  # the usual small message: nothing to keep
+                        _close(fds)
+                        return None
+                    out = _Outgoing(units, nbytes, fds)
                     if sent:
                         out.wrote(sent)
-                    if sent == out.nbytes:
-                        return None
+                else:
+                    out = _Outgoing(units, nbytes, fds)
                 if self._write(out, DIRECT_FRAMES):
                     return None
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as exc:
+                if out is None:
+                    _close(fds)
+                else:
+                    out.release()
                 return exc
+        if out is None:
+            out = _Outgoing(units, nbytes, fds)
         queue = self._streams.get(sid)
         if queue is None:
             self._streams[sid] = queue = deque()

@@ -804,12 +804,15 @@ def test_control_frame_length_rejected_at_its_header(kind, sid, length):
 
 
 def test_allocation_failure_is_a_wire_error():
-    """A message the receiver cannot allocate closes the connection, like any bad frame."""
+    """A message the receiver cannot allocate closes the connection, like any bad frame.
+
+    (An inline message's pickle stream, segment 0, is not allocated by alloc:
+    it is a bytearray of at most one frame, so the inline case has a buffer.)"""
     def alloc(n):
         raise MemoryError(f"cannot allocate {n} bytes")
 
     for data in (_pending_msg(1, 1 << 30), raw_msg(1, [5, 1 << 21, 3]),
-                 raw_msg(1, [3], flags=FLAG_INLINE, body=b"abc")):
+                 raw_msg(1, [3, 2], flags=FLAG_INLINE, body=b"abcde")):
         with pytest.raises(WireError):
             Decoder(alloc=alloc).feed(data)
 
