@@ -38,11 +38,12 @@ import numpy as np
 from ._buffers import prefault
 
 PAGE = mmap.PAGESIZE
-AVAILABLE = hasattr(os, "memfd_create") and hasattr(fcntl, "F_OFD_SETLK")
+AVAILABLE = (hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
+             and hasattr(fcntl, "F_OFD_SETLK"))
 SEALS = (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL) if AVAILABLE else 0
 BUDGET = min(1 << 30, os.sysconf("SC_PHYS_PAGES") * PAGE // 8)
 IDLE = 10.0
-# A segment serves a buffer at most this much smaller than itself (the rest is zeroed).
+# A segment serves buffers down to SLACK / (SLACK + 1) of its size (its tail then zeroed).
 SLACK = 4
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
 
@@ -63,8 +64,9 @@ class _Segment:
         except BaseException:
             self.close()
             raise
-        prefault(self.mapping)  # page tables now, not a fault per page (if it fails, the
-        # first copy faults them in: the pages themselves are already allocated)
+        # Page tables now, not a fault per page; if the kernel will not, the first
+        # copy faults them in (the pages themselves are allocated already).
+        prefault(self.mapping)
         self.size = size
         self.array = np.frombuffer(self.mapping, dtype=np.uint8)
         self.used_at = time.monotonic()
@@ -203,7 +205,10 @@ class Arena:
         self._lock = threading.Lock()
         self._timer = None
         for segment in self.segments:
-            segment.close()
+            try:
+                segment.close()
+            except BufferError:
+                pass  # a parent's thread was filling it: the child keeps that mapping
         self.segments = []
 
 

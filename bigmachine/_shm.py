@@ -60,7 +60,9 @@ def as_bytes(data: memoryview) -> memoryview:
 
 def check(fd: int, size: int) -> None:
     """Refuse a descriptor that is not a sealed memfd of exactly size bytes: a peer
-    must not be able to shrink a segment under our mapping."""
+    must not be able to shrink a segment under our mapping. (One not sealed
+    against writing is accepted: a pool's segment. A peer that wrote it while
+    we map it would change only what it sent us; it cannot make us fault.)"""
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import gc
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -146,6 +147,28 @@ def test_idle_segments_are_given_back():
     os.close(fd)
     assert arena.held_bytes() == MiB
     poll(lambda: arena.held_bytes() == 0, timeout=5)
+
+
+def test_a_forked_child_does_not_fill_its_parents_segments():
+    fd, _ = _arena.ARENA.lend(memoryview(np.ones(MiB, np.uint8)))
+    os.close(fd)
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its pool starts empty
+            os.write(w, str(len(_arena.ARENA.segments)).encode())
+            os._exit(0)
+        os.close(w)
+        w = -1
+        assert select.select([r], [], [], 10)[0], "the child did not answer"
+        assert os.read(r, 16) == b"0"
+        assert poll(lambda: os.waitpid(pid, os.WNOHANG) == (pid, 0), timeout=10)
+        assert _arena.ARENA.held_bytes() >= MiB  # the parent's are still there
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+        _arena.ARENA.trim(0)
 
 
 _HOLDER = """
