@@ -139,7 +139,7 @@ class Arena:
         return (fd, segment.size) if fd >= 0 else None
 
     def held_bytes(self) -> int:
-        """Bytes of the pool's segments (tests and the status page)."""
+        """Bytes the pool keeps in its segments (for a look from outside: tests)."""
         with self._lock:
             return sum(s.size for s in self.segments)
 
