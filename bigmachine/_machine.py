@@ -240,7 +240,12 @@ class Machine:
     async def acall(self, method: str, *args: Any, timeout: Optional[float] = None,
                     **kwargs: Any) -> Any:
         """The asyncio form of call."""
-        return await acounted(self.counters(method), self._acall(method, args, kwargs, timeout))
+        conn = self._conn
+        if conn is not None and not conn.closed and self._state is State.RUNNING:  # the usual case
+            call = _rpc.acall(conn, method, args, kwargs, timeout)
+        else:
+            call = self._acall(method, args, kwargs, timeout)
+        return await acounted(self.counters(method), call)
 
     async def _acall(self, method: str, args: tuple, kwargs: dict, timeout: Optional[float]) -> Any:
         conn = self._checked(await self.aconnection(timeout))

@@ -84,6 +84,7 @@ class Node:
         self.dispatcher = Dispatcher(self.registry, self.executor, self.loop, self._enter)
         self.connections: dict[str, Connection] = {}  # the ones we dialed, by address
         self.accepted: set[Connection] = set()        # the ones peers dialed
+        self._owner: Optional[Connection] = None      # the one the owner calls on, if a machine
         self._connecting: dict[str, asyncio.Future] = {}
         self.listener: Optional[socket.socket] = None
         self.admission: Optional[Admission] = None  # accepted connections not yet authenticated
@@ -99,6 +100,10 @@ class Node:
     def set_identity(self, identity: Identity) -> None:
         """Use identity (a renewed certificate) for connections made from now on."""
         self.tls_contexts = identity.contexts()
+
+    def set_owner(self, conn: Optional[Connection]) -> None:
+        """conn is the owner's: close() fails it last (see there)."""
+        self._owner = conn
 
     def _enter(self) -> None:
         _local.node = self
@@ -339,7 +344,11 @@ class Node:
                 self.listener.close()
                 if self.addr is not None and self.addr.startswith("unix:"):
                     _unlink(self.addr[5:])
-            for conn in list(self.connections.values()) + list(self.accepted):
+            # The owner's connection fails last: once the owner sees this
+            # machine stop, no other peer's call to it can still be served.
+            conns = list(self.connections.values()) + list(self.accepted)
+            conns.sort(key=lambda conn: conn is self._owner)
+            for conn in conns:
                 conn.fail(MachineLost(conn.peer, "shut down"))
             for task in asyncio.all_tasks(self.loop):
                 task.cancel()

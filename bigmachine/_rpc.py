@@ -92,7 +92,8 @@ async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
     decode=False: a reply is not unpickled (None is returned); errors still are.
     """
     message = encode_request(method, args, kwargs)
-    await conn.gate.aacquire()
+    if not conn.gate.try_acquire():
+        await conn.gate.aacquire()
     try:
         sid, waiter = conn.new_call()
         async def exchange() -> tuple:
@@ -100,7 +101,11 @@ async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
             return await waiter.aget()
 
         try:
-            item = await (exchange() if timeout is None else asyncio.wait_for(exchange(), timeout))
+            if timeout is None:  # the usual case, without a coroutine more
+                await conn.asend(sid, MTYPE_REQUEST, 0, *message)
+                item = await waiter.aget()
+            else:
+                item = await asyncio.wait_for(exchange(), timeout)
         except asyncio.TimeoutError:
             conn.cancel(sid)
             raise TimeoutError(f"{method} on {conn.peer} timed out after {timeout} s") from None

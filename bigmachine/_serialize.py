@@ -39,7 +39,7 @@ def dumps(obj: Any) -> tuple[list, list]:
         main = pickle.dumps(obj, protocol=5, buffer_callback=_inband_only)
     except Exception:
         main = None
-    if main is not None and len(main) < BYTES_OUT_OF_BAND and b"__main__" not in main:
+    if main is not None and len(main) < BYTES_OUT_OF_BAND and main.find(b"__main__") < 0:
         return [main], _INBAND_ONLY
     obj = _lift(obj, 0)
     main, buffers = _pickle(obj, INBAND_MAX)

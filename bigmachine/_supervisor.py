@@ -82,6 +82,7 @@ class Supervisor:
                     self._node.loop.call_later, 0.5, self._on_stop, "its services' init failed")
                 raise
             self._owner = served.conn if served is not None else None
+            self._node.set_owner(self._owner)
 
     def claim(self, token: Any = None) -> None:
         """The owner re-dialled: its keepalives come on the calling connection from now on."""
@@ -91,6 +92,7 @@ class Supervisor:
             if self._owner is None:
                 raise Error("this machine has no owner yet: register first")
             self._owner = served.conn if served is not None else self._owner
+            self._node.set_owner(self._owner)
 
     def ping(self) -> str:
         return "pong"

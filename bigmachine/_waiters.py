@@ -170,6 +170,14 @@ class Gate:
                     self.waiting -= 1
             self.used += 1
 
+    def try_acquire(self) -> bool:
+        """Take a place without waiting, if there is one."""
+        with self.lock:
+            if self.used < self.limit:
+                self.used += 1
+                return True
+        return False
+
     async def aacquire(self) -> None:
         while True:
             with self.cond:
