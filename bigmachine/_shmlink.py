@@ -45,10 +45,10 @@ def outgoing(segments: list) -> tuple[Optional[list], list]:
                 fd, size, offset = found
                 fds.append(os.dup(fd))
             else:
-                offset, lent = 0, _arena.ARENA.lend(_shm.as_bytes(memoryview(view)))
-                fd, size = lent if lent is not None else (_shm.create(memoryview(view)),
-                                                          memoryview(view).nbytes)
+                data = _shm.as_bytes(memoryview(view))
+                fd, size = _arena.ARENA.lend(data) or (_shm.create(data), data.nbytes)
                 fds.append(fd)
+                offset = 0
         except OSError:
             continue  # out of descriptors or memory here: this one goes as bytes
         if shm is None:
