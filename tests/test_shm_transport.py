@@ -297,7 +297,7 @@ def test_descriptors_on_a_link_without_shared_memory_are_malformed():
     fd = _shm.create(memoryview(a))
     decoder = _wire.Decoder()
     decoder.add_fds([fd])
-    fds = open_fds()
+    fds = settled()[0]
     with pytest.raises(_wire.WireError):
         decoder.feed(frames(a))
     decoder.close()
