@@ -2,7 +2,8 @@
 
 The sender turns each large buffer into a descriptor: the received,
 unwritten segment that already holds it (passed on as it is, no copy), or a
-new sealed copy. The descriptors of one message travel in one ``sendmsg``
+copy in a segment of its pool (``_arena``), or, when the pool cannot take
+it, a new sealed copy. The descriptors of one message travel in one ``sendmsg``
 with its MSG frame's first byte (``_writer``); the receiver gets them with
 ``recvmsg_into`` (``receive_into``), the decoder gives each message its own
 and maps them here (``map_received``).
@@ -19,7 +20,7 @@ import os
 import socket
 from typing import Any, Optional
 
-from . import _shm, _wire
+from . import _arena, _shm, _wire
 from .errors import ProtocolError, ResourceError
 
 # Out-of-band buffers at least this large travel as shared memory.
@@ -44,8 +45,10 @@ def outgoing(segments: list) -> tuple[Optional[list], list]:
                 fd, size, offset = found
                 fds.append(os.dup(fd))
             else:
-                fds.append(_shm.create(memoryview(view)))
-                size, offset = memoryview(view).nbytes, 0
+                data = _shm.as_bytes(memoryview(view))
+                fd, size = _arena.ARENA.lend(data) or (_shm.create(data), data.nbytes)
+                fds.append(fd)
+                offset = 0
         except OSError:
             continue  # out of descriptors or memory here: this one goes as bytes
         if shm is None:
