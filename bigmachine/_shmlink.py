@@ -27,6 +27,11 @@ from .errors import ProtocolError, ResourceError
 THRESHOLD = 1 << 20
 AVAILABLE = _shm.AVAILABLE
 _ANCILLARY = socket.CMSG_SPACE(_wire.MAX_FDS * array.array("i").itemsize)
+# Plain ints: recvmsg's flags are an int, and IntFlag arithmetic costs three
+# Python calls on every receive.
+_CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
 
 def outgoing(segments: list) -> tuple[Optional[list], list]:
@@ -93,9 +98,9 @@ def receive_into(sock: socket.socket, buf: memoryview, decoder: Any) -> int:
     if ancdata:
         fds: list = []
         for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
-        decoder.add_fds(fds, bool(flags & socket.MSG_CTRUNC))
-    elif flags & socket.MSG_CTRUNC:
+        decoder.add_fds(fds, bool(flags & _CTRUNC))
+    elif flags & _CTRUNC:
         decoder.add_fds([], True)  # every descriptor was dropped
     return n
