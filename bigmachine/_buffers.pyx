@@ -16,6 +16,15 @@ from libc.stdint cimport uintptr_t
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
+cdef extern from *:
+    """
+    #include <sys/mman.h>
+    #ifndef MADV_POPULATE_WRITE
+    #define MADV_POPULATE_WRITE 23
+    #endif
+    """
+    int MADV_POPULATE_WRITE
+
 cdef extern from "sys/mman.h" nogil:
     int madvise(void *addr, size_t length, int advice)
     int MADV_HUGEPAGE
@@ -121,6 +130,22 @@ cdef class SharedMapping(_Block):
 
     def __repr__(self):
         return f"<SharedMapping {self.size} bytes of fd {self.fd}>"
+
+
+def prefault(buf) -> bool:
+    """Fault in every page of a writable mapping now, without the GIL, so that
+    writing it later takes no page fault (MADV_POPULATE_WRITE, Linux 5.14).
+    False if the kernel would not: too old, or out of memory (what then
+    happens on writing depends on the mapping)."""
+    cdef Py_buffer view
+    cdef int rc
+    PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+    try:
+        with nogil:
+            rc = madvise(view.buf, view.len, MADV_POPULATE_WRITE)
+        return rc == 0
+    finally:
+        PyBuffer_Release(&view)
 
 
 def address_of(buf) -> int:

@@ -162,7 +162,7 @@ class Connection:
         message may wait until this thread uncorks the writer (a reply in a
         batch the reader runs; never a request whose reply the thread awaits).
         """
-        if not self.shm:  # no descriptors to make: the short way
+        if not self.shm or len(segments) == 1:  # no descriptors to make: the short way
             units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
             fds = None
         else:

@@ -16,7 +16,7 @@ from ._connection import Connection
 from ._metrics import Counters, MethodCounter
 from ._serialize import dump_exception, dumps, loads
 from ._service import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, Registry
-from ._streams import Stream
+from ._streams import CANCELLED, Stream
 from ._waiters import call_soon_threadsafe
 from ._writer import SMALL_MESSAGE
 from ._wire import MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY
@@ -61,7 +61,7 @@ class Served:
 
     @property
     def cancelled(self) -> bool:
-        return self.stream.cancelled
+        return self.stream.state is CANCELLED
 
     def cancel(self) -> None:
         """From any thread: the caller gave up (or the connection closed)."""
@@ -110,7 +110,7 @@ class Served:
         """The call is over (replied, failed or cancelled): forget it and count it."""
         self.conn.incoming.pop(self.sid, None)
         if self.counter is not None:
-            self.counter.end(self.started, self.failed or self.cancelled)
+            self.counter.end(self.started, self.failed or self.stream.state is CANCELLED)
 
 
 class Dispatcher:
@@ -194,15 +194,16 @@ def _run_sync(served: Served, fn: Any, args: tuple, kwargs: dict) -> Optional[Ca
     may wait for room, is sent here.
     """
     _local.served = served
+    stream = served.stream
     try:
-        if served.cancelled:
+        if stream.state is CANCELLED:
             return None
         try:
             mtype, message = _reply(fn(*args, **kwargs))
         except BaseException as exc:
             mtype, message = MTYPE_ERROR, dump_exception(exc)
         served.failed = mtype == MTYPE_ERROR
-        if served.cancelled:
+        if stream.state is CANCELLED:
             return None
         segments = message[0]
         if len(segments) == 1 and len(segments[0]) <= SMALL_MESSAGE:

@@ -19,10 +19,10 @@ from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REP
 from .errors import Error, MachineLost, ProtocolError, ResourceError
 
 
-def _not_on_loop(conn: Connection, method: str) -> None:
-    if on_loop_thread(conn.loop):
-        raise Error(f"cannot make the blocking call {method} on the IO loop; "
-                    "use acall/astream from async code")
+def _on_loop(method: str) -> Error:
+    """What a blocking call made on the IO loop raises."""
+    return Error(f"cannot make the blocking call {method} on the IO loop; "
+                 "use acall/astream from async code")
 
 
 def encode_request(method: str, args: tuple, kwargs: dict) -> tuple[list, list]:
@@ -39,7 +39,8 @@ def _result(conn: Connection, item: tuple) -> Any:
     if mtype == MTYPE_REPLY or mtype == MTYPE_ITEM or mtype == MTYPE_ERROR:
         # Unpickle as a member of the connection's cluster: a Machine in the
         # reply becomes a handle of that cluster, whatever thread asks.
-        previous = swap_current(conn.node)
+        node = conn.node
+        previous = swap_current(node)
         try:
             if mtype != MTYPE_ERROR:
                 return loads(payload)
@@ -49,7 +50,8 @@ def _result(conn: Connection, item: tuple) -> Any:
         except Exception as exc:
             raise Error(f"cannot unpickle a reply from {conn.peer}: {exc}") from exc
         finally:
-            swap_current(previous)
+            if previous is not node:
+                swap_current(previous)
         raise error
     if mtype is None:  # the connection failed; payload is why
         raise MachineLost.because(getattr(payload, "addr", conn.peer), payload)
@@ -59,7 +61,8 @@ def _result(conn: Connection, item: tuple) -> Any:
 def call(conn: Connection, method: str, args: tuple, kwargs: dict,
          timeout: Optional[float]) -> Any:
     """Blocking call; raises TimeoutError after timeout seconds (and cancels remotely)."""
-    _not_on_loop(conn, method)
+    if on_loop_thread(conn.loop):
+        raise _on_loop(method)
     message = encode_request(method, args, kwargs)
     deadline = None if timeout is None else time.monotonic() + timeout
     conn.gate.acquire(timeout)
@@ -133,7 +136,8 @@ def _close(conn: Connection, state: Stream) -> None:
 def stream(conn: Connection, method: str, args: tuple, kwargs: dict,
            timeout: Optional[float]) -> Iterator[Any]:
     """Blocking iterator over a stream; timeout bounds the wait for each item."""
-    _not_on_loop(conn, method)
+    if on_loop_thread(conn.loop):
+        raise _on_loop(method)
     message = encode_request(method, args, kwargs)
     conn.gate.acquire(timeout)
     try:

@@ -1,13 +1,15 @@
 """Sealed shared-memory segments: how large arrays cross a Unix socket without a copy.
 
-A sender copies a buffer once into a new memfd and seals it (no shrink, no
-grow, no write): from then on nobody, the sender included, can change or
-truncate it, so a receiver that maps it can never fault on a vanished page
-nor see bytes change under it. The descriptor travels with SCM_RIGHTS. The
-receiver maps it privately (copy-on-write): it gets an ordinary writable
-array, and its own writes stay its own. While its mapping has no written
-(dirty) page, the receiver can pass the same sealed descriptor on, with no
-copy, and the next receiver sees exactly the bytes the sender saw.
+A segment is a memfd sealed at least against shrinking and growing, so a
+receiver that maps it can never fault on a vanished page. It is either a
+fresh copy sealed against writing too (``create``), or a segment of the
+sender's pool (``_arena``) that the sender rewrites only once nobody holds
+it. Either way its bytes never change while a receiver maps it. The
+descriptor travels with SCM_RIGHTS. The receiver maps it privately
+(copy-on-write): it gets an ordinary writable array, and its own writes
+stay its own. While its mapping has no written (dirty) page, the receiver
+can pass the same descriptor on, with no copy, and the next receiver sees
+exactly the bytes the sender saw.
 
 Sans-IO: this module makes, checks, maps and inspects segments; the
 connection moves their descriptors.
@@ -29,7 +31,8 @@ from .errors import ProtocolError
 AVAILABLE = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
 SEALS = ((fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
          if AVAILABLE else 0)
-REQUIRED_SEALS = (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE) if AVAILABLE else 0
+# What a receiver needs for its own safety: a pool segment is not sealed against writing.
+REQUIRED_SEALS = (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) if AVAILABLE else 0
 PAGE = mmap.PAGESIZE
 
 
@@ -37,7 +40,7 @@ def create(data: memoryview) -> int:
     """A new sealed memfd holding a copy of data; the caller owns (and closes) it."""
     fd = os.memfd_create("bigmachine-array", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        view = as_bytes(data)
         size = view.nbytes
         os.ftruncate(fd, size)
         written = 0
@@ -50,15 +53,22 @@ def create(data: memoryview) -> int:
     return fd
 
 
+def as_bytes(data: memoryview) -> memoryview:
+    """data (C-contiguous) as a flat view of unsigned bytes."""
+    return data.cast("B") if data.format != "B" or data.ndim != 1 else data
+
+
 def check(fd: int, size: int) -> None:
     """Refuse a descriptor that is not a sealed memfd of exactly size bytes: a peer
-    must not be able to shrink a segment under our mapping."""
+    must not be able to shrink a segment under our mapping. (One not sealed
+    against writing is accepted: a pool's segment. A peer that wrote it while
+    we map it would change only what it sent us; it cannot make us fault.)"""
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError as exc:
         raise ProtocolError(f"a shared-memory segment is not a sealable memfd: {exc}") from exc
     if seals & REQUIRED_SEALS != REQUIRED_SEALS:
-        raise ProtocolError("a shared-memory segment arrived unsealed (it could shrink or change)")
+        raise ProtocolError("a shared-memory segment arrived unsealed (it could shrink or grow)")
     actual = os.fstat(fd).st_size
     if actual != size:
         raise ProtocolError(f"a shared-memory segment holds {actual} bytes, not the {size} "
@@ -72,6 +82,10 @@ _lock = threading.Lock()
 
 def map_segment(fd: int, size: int) -> memoryview:
     """Map a checked segment privately (copy-on-write) as a writable buffer.
+
+    Its pages are mapped as they are first touched: already in memory (the
+    sender's), they cost a minor fault each, and nothing at all when the
+    buffer is only passed on.
 
     The mapping owns fd while it lives (so that it can be passed on unwritten,
     see find) and closes it when the last view of the buffer is gone. On

@@ -2,7 +2,8 @@
 
 The sender turns each large buffer into a descriptor: the received,
 unwritten segment that already holds it (passed on as it is, no copy), or a
-new sealed copy. The descriptors of one message travel in one ``sendmsg``
+copy in a segment of its pool (``_arena``), or, when the pool cannot take
+it, a new sealed copy. The descriptors of one message travel in one ``sendmsg``
 with its MSG frame's first byte (``_writer``); the receiver gets them with
 ``recvmsg_into`` (``receive_into``), the decoder gives each message its own
 and maps them here (``map_received``).
@@ -19,13 +20,18 @@ import os
 import socket
 from typing import Any, Optional
 
-from . import _shm, _wire
+from . import _arena, _shm, _wire
 from .errors import ProtocolError, ResourceError
 
 # Out-of-band buffers at least this large travel as shared memory.
 THRESHOLD = 1 << 20
 AVAILABLE = _shm.AVAILABLE
 _ANCILLARY = socket.CMSG_SPACE(_wire.MAX_FDS * array.array("i").itemsize)
+# Plain ints: recvmsg's flags are an int, and IntFlag arithmetic costs three
+# Python calls on every receive.
+_CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
 
 def outgoing(segments: list) -> tuple[Optional[list], list]:
@@ -44,8 +50,10 @@ def outgoing(segments: list) -> tuple[Optional[list], list]:
                 fd, size, offset = found
                 fds.append(os.dup(fd))
             else:
-                fds.append(_shm.create(memoryview(view)))
-                size, offset = memoryview(view).nbytes, 0
+                data = _shm.as_bytes(memoryview(view))
+                fd, size = _arena.ARENA.lend(data) or (_shm.create(data), data.nbytes)
+                fds.append(fd)
+                offset = 0
         except OSError:
             continue  # out of descriptors or memory here: this one goes as bytes
         if shm is None:
@@ -90,9 +98,9 @@ def receive_into(sock: socket.socket, buf: memoryview, decoder: Any) -> int:
     if ancdata:
         fds: list = []
         for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
-        decoder.add_fds(fds, bool(flags & socket.MSG_CTRUNC))
-    elif flags & socket.MSG_CTRUNC:
+        decoder.add_fds(fds, bool(flags & _CTRUNC))
+    elif flags & _CTRUNC:
         decoder.add_fds([], True)  # every descriptor was dropped
     return n

@@ -32,11 +32,11 @@ class Stream:
 
     @property
     def cancelled(self) -> bool:
-        return self.state == CANCELLED
+        return self.state is CANCELLED
 
     @property
     def open(self) -> bool:
-        return self.state == OPEN
+        return self.state is OPEN
 
     # ---- the caller's end ---------------------------------------------------
 

@@ -267,12 +267,16 @@ class TLSChannel:
         """Decrypt into view; 0 at the end of the stream. Blocks on the socket."""
         while True:
             with self.lock:
-                try:
-                    return self.obj.read(len(view), view)
-                except ssl.SSLWantReadError:
-                    pass
-                except ssl.SSLZeroReturnError:
-                    return 0
+                # Try OpenSSL only with bytes to work on: a read that cannot
+                # succeed raises (and formats) SSLWantReadError, most of a
+                # small message's cost here.
+                if self.incoming.pending or self.obj.pending():
+                    try:
+                        return self.obj.read(len(view), view)
+                    except ssl.SSLWantReadError:
+                        pass
+                    except ssl.SSLZeroReturnError:
+                        return 0
             raw = self.raw
             if raw is None:
                 raw = self.raw = bytearray(RECV_SIZE)

@@ -225,14 +225,19 @@ class Writer:
         if not self._streams:
             try:
                 if len(units) == 1 and len(units[0]) <= IOV_MAX and self.tls is None:  # one frame
-                    sent = self.sock.sendmsg(units[0], _ancillary(fds), socket.MSG_DONTWAIT)
+                    sent = self.sock.sendmsg(units[0], _ancillary(fds) if fds else (),
+                                             socket.MSG_DONTWAIT)
                     self.bytes_sent += sent
                     if sent == nbytes:  # the usual small message: nothing to keep
-                        _close(fds)
+                        if fds:
+                            _close(fds)
                         return None
                     out = _Outgoing(units, nbytes, fds)
                     if sent:
                         out.wrote(sent)
+                elif len(units) == 1 and self.tls is not None and not self._ciphertext:
+                    self._send_tls(units[0], nbytes)  # one frame: no _Outgoing
+                    return None
                 else:
                     out = _Outgoing(units, nbytes, fds)
                 if self._write(out, DIRECT_FRAMES):
@@ -349,6 +354,19 @@ class Writer:
             out.index += 1
             encrypted += 1
         return False
+
+    def _send_tls(self, unit: list, nbytes: int) -> None:
+        """With the lock held and nothing queued: encrypt one frame and write what
+        the socket takes; the rest waits in _ciphertext for the IO loop."""
+        data = self.tls.encrypt(unit)
+        self.bytes_sent += nbytes
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            self._ciphertext = memoryview(data)[sent:]
+            self._arm()
 
     def _flush_ciphertext(self) -> bool:
         """Write pending ciphertext; True once none is left."""

@@ -316,7 +316,9 @@ def test_status_addr_is_checked():
 PROGRESS_SCRIPT = """
 import sys, numpy, bigmachine as bm
 from tests.obs_services import Work
-with bm.start(progress=sys.argv[1] == "on", keepalive_period=0.25) as b:
+# shared_memory=False: a transfer's bytes cross the socket, where progress is shown
+# (as shared memory, 384 MiB travel as one descriptor, with nothing to show).
+with bm.start(progress=sys.argv[1] == "on", keepalive_period=0.25, shared_memory=False) as b:
     m0, m1, m2 = b.start(3, services={"Work": Work()})
     assert m0.call("Work.sink", numpy.ones(48 << 20)) == 384 << 20
 print("done", flush=True)

@@ -414,6 +414,32 @@ def test_small_calls_are_prompt_while_512mib_are_in_flight(local, direction):
     assert max(latencies) < 0.25, f"a small call took {max(latencies) * 1e3:.0f} ms"
 
 
+def test_a_tls_link_keeps_every_message_intact_when_its_socket_fills():
+    """Small replies and large arrays share a TLS link from many threads at
+    once, so that the socket fills and ciphertext waits for the IO loop: each
+    call gets its own reply, and every byte of every array arrives."""
+    with bm.start(bm.InProcess(tls=True), **TIMING) as b:
+        m, = b.start(1, services={"T": T(), "Echo": Echo("tls")})
+        rng = np.random.default_rng(7)
+        arrays = [rng.integers(0, 255, (8 << 20) + k * 4099, dtype=np.uint8) for k in range(4)]
+
+        def small(k):
+            return [m.call("T.square", k * 1000 + i, timeout=30) for i in range(200)]
+
+        def large(arr):
+            return m.call("Echo.echo", arr, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            smalls = [pool.submit(small, k) for k in range(8)]
+            larges = [pool.submit(large, arr) for arr in arrays]
+            for k, fut in enumerate(smalls):
+                assert fut.result(timeout=90) == [(k * 1000 + i, (k * 1000 + i) ** 2 + 1)
+                                                   for i in range(200)]
+            for arr, fut in zip(arrays, larges):
+                back = fut.result(timeout=90)
+                assert back.dtype == arr.dtype and np.array_equal(back, arr)
+
+
 # ---- flow control ------------------------------------------------------------------
 
 

@@ -127,7 +127,9 @@ class Z:
 
 @pytest.fixture(scope="module")
 def inproc():
-    b = shared(bm.start(bm.InProcess(), **TIMING))
+    """Machines whose arrays cross the socket, whose path these tests follow byte by
+    byte (shared memory, the default on one host, has its own: tests/test_shm*)."""
+    b = shared(bm.start(bm.InProcess(shared_memory=False), **TIMING))
     try:
         m, = b.start(1, services={"Z": Z()})
         yield b, m

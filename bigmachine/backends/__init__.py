@@ -89,9 +89,11 @@ class System(ABC):
     insecure: allow plain TCP links (tls=False): anyone on the path between
         hosts can then read and rewrite calls. Logs a warning.
     shared_memory: on Unix-socket links (one host), out-of-band buffers of 1 MiB
-        or more travel as sealed shared memory: forwarding a received array costs
-        no copy, but a fresh array's first send is slower than the socket today
-        (fresh shared pages; see README "Performance"). Off by default.
+        or more travel as shared memory: the sender copies each into a reused,
+        pre-faulted segment of its pool, and a received array passed on costs
+        no copy (see README "Performance"). On by default for Local and
+        InProcess, whose links are Unix sockets; False keeps every byte on the
+        socket. Links over TCP (TLS) never use it.
     cert_lifetime: seconds a member's certificate is valid; the session
         renews every member's certificate before half of it has passed.
     socket_buffer: kernel socket buffer bytes of the cluster's connections

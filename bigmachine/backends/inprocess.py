@@ -45,9 +45,11 @@ class InProcess(System):
     driver sends them no keepalives: it sees one end (``kill``, a stop) at
     once, without I/O. Hundreds of idle ones then cost the driver next to
     nothing. Calls, streams and failures of their links are as on any system.
+    Large arrays travel as shared memory (``shared_memory=False`` turns it off).
     """
 
     name = "inprocess"
+    shared_memory = True
     keepalives = False
 
     def __init__(self, **options: Any):

@@ -121,9 +121,12 @@ class Local(System):
         driver's environment (which they share): a missing one is an Error here.
     tls: off by default here, since the traffic never leaves the host; True
     links the machines by TLS over loopback TCP instead (as remote ones are).
+    shared_memory: on by default here (large arrays as shared memory between
+    the driver and the machines); False sends every byte through the sockets.
     """
 
     name = "local"
+    shared_memory = True
 
     def __init__(self, parent_pipe: bool = True, packages: PackagesArg = None,
                  requirements: Optional[str] = None, **options: Any):

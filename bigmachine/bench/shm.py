@@ -2,8 +2,9 @@
 
     python -m bigmachine bench shm [--sizes 64,512] [--runs 5]
 
-Per size, median GB/s over runs, in one run, for the socket path (``sock_``,
-the default) and with the session's shared_memory option (``shm_``):
+Per size, median GB/s over runs, in one run, with shared memory (``shm_``,
+the default on one host) and with the socket path (``sock_``,
+``shared_memory=False``):
 
 - d2m: ``m.call("Echo.nbytes", a)`` (a fresh array of the driver's);
 - m2d: ``m.call("Echo.make", n)`` (the machine returns an array it made);
@@ -119,7 +120,7 @@ def main(argv: Optional[list] = None) -> None:
     print_header("shm: float64 arrays between processes on one host")
     sizes = [int(x) for x in args.sizes.split(",")]
     figures: dict = {mib: {} for mib in sizes}
-    for shared in (False, True):  # the socket path (the default), then shared memory
+    for shared in (False, True):  # the socket path, then shared memory (the default)
         prefix = "shm_" if shared else "sock_"
         with bm.start(bm.Local(), shared_memory=shared) as b:
             ma, mb = b.start(2, services={"Echo": Echo()})
