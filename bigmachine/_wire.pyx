@@ -123,16 +123,28 @@ cdef inline uint16_t _u16(const uint8_t *p) noexcept:
     return v
 
 
-def encode_header(int kind, int flags, uint32_t stream_id, uint64_t length):
-    """Return the 16 header bytes of one frame."""
-    cdef bytearray out = bytearray(16)
-    cdef uint8_t *p = out
+cdef inline void _put_header(uint8_t *p, int kind, int flags, uint32_t stream_id,
+                             uint64_t length) noexcept:
     p[0] = <uint8_t>kind
     p[1] = <uint8_t>flags
     p[2] = 0
     p[3] = 0
     memcpy(p + 4, &stream_id, 4)
     memcpy(p + 8, &length, 8)
+
+
+cdef inline void _put_descriptor(uint8_t *p, int mtype, int mflags, uint32_t nsegs) noexcept:
+    p[0] = <uint8_t>mtype
+    p[1] = <uint8_t>mflags
+    p[2] = 0
+    p[3] = 0
+    memcpy(p + 4, &nsegs, 4)
+
+
+def encode_header(int kind, int flags, uint32_t stream_id, uint64_t length):
+    """Return the 16 header bytes of one frame."""
+    cdef bytearray out = bytearray(16)
+    _put_header(out, kind, flags, stream_id, length)
     return bytes(out)
 
 
@@ -154,10 +166,7 @@ def control_frame(int kind, uint32_t stream_id, uint64_t value=0):
         return encode_header(kind, 0, stream_id, 0)
     out = bytearray(24)
     p = out
-    p[0] = <uint8_t>kind
-    memcpy(p + 4, &stream_id, 4)
-    cdef uint64_t eight = 8
-    memcpy(p + 8, &eight, 8)
+    _put_header(p, kind, 0, stream_id, 8)
     memcpy(p + 16, &value, 8)
     return bytes(out)
 
@@ -197,11 +206,7 @@ def message_frames(uint32_t stream_id, int mtype, int mflags, list segments,
     table = 16 + 8 + 8 * nsegs
     head = bytearray(table + 16 * nshm)
     p = head
-    p[16] = <uint8_t>mtype
-    p[17] = <uint8_t>mflags
-    p[18] = 0
-    p[19] = 0
-    memcpy(p + 20, &n32, 4)
+    _put_descriptor(p + 16, mtype, mflags, n32)
     for i in range(nsegs):
         v = memoryview(segments[i])
         if v.ndim != 1 or v.itemsize != 1 or not v.c_contiguous:
@@ -227,12 +232,7 @@ def message_frames(uint32_t stream_id, int mtype, int mflags, list segments,
         flen = 8 + 8 * nsegs + 16 * nshm + total
     else:
         flen = 8 + 8 * nsegs + 16 * nshm
-    p[0] = _KIND_MSG
-    p[1] = <uint8_t>flags
-    p[2] = 0
-    p[3] = 0
-    memcpy(p + 4, &stream_id, 4)
-    memcpy(p + 8, &flen, 8)
+    _put_header(p, _KIND_MSG, flags, stream_id, flen)
     if flags:
         unit = [bytes(head)]
         for v in views:
@@ -267,22 +267,12 @@ cdef tuple _small_message(uint32_t stream_id, int mtype, int mflags, bytes paylo
     cdef Py_ssize_t n = len(payload)
     cdef uint64_t flen = 8 + 8 + <uint64_t>n
     cdef uint64_t ln = <uint64_t>n
-    cdef uint32_t one = 1
     cdef bytes frame = PyBytes_FromStringAndSize(NULL, 16 + <Py_ssize_t>flen)
     cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(frame)
     if readonly:
         ln |= _READONLY_BIT
-    p[0] = _KIND_MSG
-    p[1] = _FLAG_INLINE
-    p[2] = 0
-    p[3] = 0
-    memcpy(p + 4, &stream_id, 4)
-    memcpy(p + 8, &flen, 8)
-    p[16] = <uint8_t>mtype
-    p[17] = <uint8_t>mflags
-    p[18] = 0
-    p[19] = 0
-    memcpy(p + 20, &one, 4)
+    _put_header(p, _KIND_MSG, _FLAG_INLINE, stream_id, flen)
+    _put_descriptor(p + 16, mtype, mflags, 1)
     memcpy(p + 24, &ln, 8)
     memcpy(p + 32, PyBytes_AS_STRING(payload), n)
     return [[frame]], 16 + <Py_ssize_t>flen

@@ -21,6 +21,7 @@ import pytest
 import bigmachine as bm
 from bigmachine import _arena, _shm
 from tests.conftest import TIMING, poll, shared, unshare
+from tests.test_shm import open_fds as open_memfds
 from tests.test_shm_transport import memfd_maps, segment_inode, settled
 
 pytestmark = [pytest.mark.timeout(120),
@@ -306,16 +307,6 @@ def test_many_sends_of_64_mib_leave_memory_and_descriptors_flat(machines):
     rss_theirs, resources = ma.call("Holder.memory", timeout=30)
     assert resources == theirs[1] and rss_theirs - theirs[0] < 32 * MiB
     _arena.ARENA.trim(0)
-
-
-def open_memfds() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:bigmachine-array")
-        except OSError:
-            pass
-    return count
 
 
 def test_receiving_512_mib_grows_the_receivers_rss_by_at_most_the_payload(machines):
