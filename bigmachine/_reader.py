@@ -250,7 +250,7 @@ class Reader:
     # ---- leading ----------------------------------------------------------------
 
     def try_lead(self) -> bool:
-        """For a blocking caller, before it sends: take the role if it is parked.
+        """For a blocking caller, once its request is out: take the role if it is parked.
 
         If it returns True the caller reads with read_until and must call leave().
         """

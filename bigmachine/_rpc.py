@@ -66,12 +66,15 @@ def call(conn: Connection, method: str, args: tuple, kwargs: dict,
     message = encode_request(method, args, kwargs)
     deadline = None if timeout is None else time.monotonic() + timeout
     conn.gate.acquire(timeout)
-    # Read the reply ourselves if nobody else reads (no deadline: a leader's read has none).
-    leading = deadline is None and conn.reader.try_lead()
+    leading = False
     try:
-        sid, waiter = conn.new_call(leading)
+        sid, waiter = conn.new_call(lead=deadline is None)
         try:
             conn.send(sid, MTYPE_REQUEST, 0, *message, deadline=deadline)
+            # Read the reply ourselves if nobody else reads (no deadline: a
+            # leader's read has none), once the request is out: a caller still
+            # sending a large one would hold up every reply on the connection.
+            leading = deadline is None and conn.reader.try_lead()
             if leading:
                 conn.reader.read_until(waiter)
             item = waiter.get(None if deadline is None else deadline - time.monotonic())

@@ -773,17 +773,21 @@ def test_tls_below_1_3_is_refused(tlsb, tmp_path, capfd):
     assert watch.wait(r"m0: refused connection from .*UNSUPPORTED_PROTOCOL", 1, timeout=5) >= 1
 
 
-def test_tls_client_with_foreign_or_expired_certificate_is_refused(tlsb, capfd):
+def test_tls_client_with_foreign_or_expired_certificate_is_refused(tlsb, caplog):
     m = tlsb.machines[0]
     creds = tlsb.b.node.creds
-    watch = LogWatch(capfd)
     foreign = ClusterCA().issue("foreign")
     # Trusts the real CA (so it accepts the machine), presents another cluster's certificate.
     as_member = Identity(tlsb.ca.ca_pem, foreign.cert_pem, foreign.key_pem)
     for identity in (as_member, expired_identity(tlsb.ca)):
         with nodes(make_node(creds, "intruder", identity=identity)) as (intruder,):
             _expect_refused(intruder, m.addr)
-    assert watch.wait(r"m0: refused connection from .*TLS", 2, timeout=5) >= 2
+    # Both refusals reach the driver as the machine's log records. (Counted
+    # there, not in our stderr: under load the second line was seen in the
+    # records but not yet on stderr within the wait, 1 run in ~20.)
+    refused = re.compile(r"m0: refused connection from .*TLS")
+    poll(lambda: sum(bool(refused.search(r.getMessage())) for r in caplog.records) >= 2,
+         timeout=10)
 
 
 def test_machine_impersonation_with_foreign_certificate_is_refused(tlsb, caplog):
