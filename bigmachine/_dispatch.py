@@ -23,7 +23,6 @@ from ._wire import MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY
 from .errors import Error, MachineLost
 
 
-
 class _Local(threading.local):
     served: Optional["Served"] = None  # the call the thread serves (a class default: no getattr miss)
 

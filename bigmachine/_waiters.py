@@ -156,10 +156,8 @@ class Gate:
         self.async_waiters: deque = deque()
 
     def acquire(self, timeout: Optional[float]) -> None:
-        with self.lock:  # the lock, not the condition: no Python-level __enter__
-            if self.used < self.limit:
-                self.used += 1
-                return
+        if self.try_acquire():
+            return
         with self.cond:
             if self.used >= self.limit:
                 self.waiting += 1
@@ -172,7 +170,7 @@ class Gate:
 
     def try_acquire(self) -> bool:
         """Take a place without waiting, if there is one."""
-        with self.lock:
+        with self.lock:  # the lock, not the condition: no Python-level __enter__
             if self.used < self.limit:
                 self.used += 1
                 return True
