@@ -33,7 +33,6 @@ from .errors import AuthError, Error, MachineLost, ProtocolError
 log = logging.getLogger("bigmachine.node")
 
 
-
 class _Local(threading.local):
     node: Optional["Node"] = None  # the calling thread's node (a class default: no getattr miss)
 
