@@ -38,6 +38,16 @@ DRIVER_SIDE = {"bigmachine._driver", "bigmachine._statuspage", "bigmachine._obse
                "http.server", "urllib.request", "tarfile", "email", "importlib.metadata"}
 
 
+def newly_imported(code: str, names: set) -> str:
+    """Which of names running code imports in a fresh interpreter (a printed sorted list)."""
+    check = (f"import sys; before = set(sys.modules); {code}; "
+             f"print(sorted((set(sys.modules) - before) & set({sorted(names)!r})))")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 @pytest.mark.parametrize("code", [
     "import bigmachine",
     # what the template imports before it forks machines (backends/_template.py _warm)
@@ -46,12 +56,7 @@ DRIVER_SIDE = {"bigmachine._driver", "bigmachine._statuspage", "bigmachine._obse
 def test_machine_side_imports_leave_the_driver_side_out(code):
     """Every module imported here is paid at each session's first start (the
     template imports it): the driver's side is imported only where it is used."""
-    check = (f"import sys; before = set(sys.modules); {code}; "
-             f"print(sorted((set(sys.modules) - before) & set({sorted(DRIVER_SIDE)!r})))")
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]", done.stdout
+    assert newly_imported(code, DRIVER_SIDE) == "[]"
 
 
 def test_a_local_session_imports_only_the_optional_parts_it_uses():
@@ -60,15 +65,11 @@ def test_a_local_session_imports_only_the_optional_parts_it_uses():
     use them: the others reach their first call sooner."""
     optional = {"bigmachine._statuspage", "bigmachine.backends._packages", "http.server",
                 "importlib.metadata", "tarfile", "email", "tqdm"}
-    check = ("import sys; before = set(sys.modules); import bigmachine as bm; "
-             "from bigmachine.bench._echo import Echo; b = bm.start(bm.Local()); "
-             "m, = b.start(1, services={'Echo': Echo()}); m.call('Echo.echo', 1); "
-             "b.shutdown(); "
-             f"print(sorted((set(sys.modules) - before) & set({sorted(optional)!r})))")
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]", done.stdout
+    code = ("import bigmachine as bm; "
+            "from bigmachine.bench._echo import Echo; b = bm.start(bm.Local()); "
+            "m, = b.start(1, services={'Echo': Echo()}); m.call('Echo.echo', 1); "
+            "b.shutdown()")
+    assert newly_imported(code, optional) == "[]"
 
 
 def test_driver_side_names_import_on_first_use():
