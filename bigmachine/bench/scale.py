@@ -6,8 +6,13 @@ Measures, in one run, rounds interleaved:
 
 - baseline:     spawn ``python -c "import numpy; connect to a Unix socket"``
                 until its first byte arrives (what a fresh worker cannot beat);
-- first_call:   ``bm.start()`` + ``b.start(1)`` + the first ``m.call`` (the
-                first machine of a session is forked before the template imports numpy);
+- first_call:   ``bm.start()`` + ``b.start(1)`` + the first ``m.call`` in a
+                fresh driver process that has imported bigmachine and the
+                service's module, as a program's first session (what the
+                baseline, a fresh process too, compares with);
+- later_call:   the same in the bench's own process: a later session of a
+                process that has run sessions before (the driver's modules
+                imported, its code warm);
 - start N:      ``b.start(N)`` right after ``bm.start()``, until all are RUNNING,
                 forked from the template; ``fresh N``: the same with an ``env=``
                 that makes every machine a fresh interpreter (the path every
@@ -37,7 +42,7 @@ from typing import Optional
 
 import bigmachine as bm
 
-from ._common import json_arg, median, print_header, write_json
+from ._common import child_env, json_arg, median, print_header, write_json
 from ._echo import Echo
 
 FRESH = {"PYTHONHASHSEED": "random"}  # read at start-up, so never forked; the default value
@@ -64,8 +69,28 @@ def baseline() -> float:
     return took
 
 
+_FIRST_CALL = """
+import sys, time
+import bigmachine as bm
+from bigmachine.bench._echo import Echo
+t = time.perf_counter()
+with bm.start() as b:
+    m, = b.start(1, services={"Echo": Echo()})
+    m.call("Echo.echo", 1)
+    took = time.perf_counter() - t
+print(took)
+"""
+
+
 def first_call() -> float:
-    """Seconds for bm.start(), b.start(1) and the first call."""
+    """Seconds for bm.start(), b.start(1) and the first call in a fresh driver process."""
+    done = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=child_env(),
+                          stdout=subprocess.PIPE, check=True, timeout=120)
+    return float(done.stdout.split()[-1])
+
+
+def later_call() -> float:
+    """Seconds for bm.start(), b.start(1) and the first call in this process."""
     t = time.perf_counter()
     with bm.start() as b:
         m, = b.start(1, services=SERVICES)
@@ -138,7 +163,7 @@ def main(argv: Optional[list] = None) -> None:
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     info = print_header("scale: starting Local machines, forked from the template and fresh")
-    rows: dict[str, list] = {"baseline": [], "first_call": []}
+    rows: dict[str, list] = {"baseline": [], "first_call": [], "later_call": []}
     for n in sizes:
         rows[f"start {n}"], rows[f"fresh {n}"] = [], []
     rows[f"fan-out {sizes[-1]}"] = []
@@ -147,6 +172,7 @@ def main(argv: Optional[list] = None) -> None:
     for r in range(args.rounds):
         rows["baseline"].append(baseline())
         rows["first_call"].append(first_call())
+        rows["later_call"].append(later_call())
         for n in sizes:
             for kind, env in (("start", None), ("fresh", FRESH)):
                 took, b, machines = start(n, env)
