@@ -5,6 +5,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 import weakref
@@ -157,7 +158,6 @@ class Driver(Observing, B):
             self.stop_machines([c.machine for c in booting])
         else:
             self.stop_machines([c.machine for c in booting if c.machine.name in errors])
-            self._forward_logs([c.machine for c in booting if c.machine.name not in errors])
         return failed
 
     def _boot(self, control: Control, services: dict, timeout: float) -> None:
@@ -165,8 +165,11 @@ class Driver(Observing, B):
         try:
             conn = control.connect(timeout)
             lease = self.system.lease if self.system.keepalives else None
+            # Its log records come to this process's logging, at its level, from now on.
             _rpc.call(conn, "Supervisor.register", (services,),
-                      {"lease": lease, "token": self.node.creds.owner_token(m.name)}, timeout)
+                      {"lease": lease, "token": self.node.creds.owner_token(m.name),
+                       "log_level": logging.getLogger().getEffectiveLevel(),
+                       "driver_pid": os.getpid()}, timeout)
         except BaseException as exc:
             if isinstance(exc, MachineLost) and not proc.alive(0.5):
                 # It died while starting: say how, with its last words if the system kept them.

@@ -1,10 +1,10 @@
 """Machines' log records, shipped to the driver's logging.
 
-After a machine starts, its driver calls ``Supervisor.forward_logs(level)``.
-The machine then adds a handler to its root logger that queues records at the
-driver's level, and a task on its IO loop sends them in batches to the
-driver's built-in ``Logs`` service over the owner's connection, one batch at
-a time (the reply paces the next). On the driver each record goes to the
+A driver registers a machine's services with its log level
+(``Supervisor.register``). The machine then adds a handler to its root logger
+that queues records at the driver's level, and a task on its IO loop sends
+them in batches to the driver's built-in ``Logs`` service over the owner's
+connection, one batch at a time (the reply paces the next). On the driver each record goes to the
 logger ``bigmachine.machine.NAME``, with the machine's name in front of the
 message and as ``record.machine``, for the handlers the driver configured.
 The machine's own stderr handler stays, at its level: its lines still reach

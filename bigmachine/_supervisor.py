@@ -63,8 +63,14 @@ class Supervisor:
         if not check_token(self._token, token):
             raise AuthError(self._node.name, f"only its owner may {what}")
 
-    def register(self, services: dict, lease: Optional[float] = None, token: Any = None) -> None:
-        """Install services and run their init (owner only); this connection keeps the lease."""
+    def register(self, services: dict, lease: Optional[float] = None, token: Any = None,
+                 log_level: Optional[int] = None, driver_pid: Optional[int] = None) -> None:
+        """Install services and run their init (owner only); this connection keeps the lease.
+
+        With log_level, this machine's log records at that level or above go to the
+        caller from now on (see _logforward), unless the caller is this very process
+        (driver_pid): its records are there already.
+        """
         self._check_owner(token, "register services")
         served = getattr(_dispatch_local, "served", None)
         with self._lock:
@@ -72,6 +78,9 @@ class Supervisor:
                 raise Error("this machine already has an owner")
             if lease is not None:
                 self._lease = lease
+            if log_level is not None and os.getpid() != driver_pid and served is not None:
+                self._node.loop.call_soon_threadsafe(_logforward.forward, self._node.name,
+                                                     served.conn, log_level)
             if self._before_services is not None:
                 self._before_services()
                 self._before_services = None
@@ -192,16 +201,6 @@ class Supervisor:
     def profile(self, seconds: float, hz: float = _profile.HZ) -> list:
         """Stack samples of every thread for seconds (see _profile.sample)."""
         return _profile.sample(seconds, hz)
-
-    def forward_logs(self, level: int, driver_pid: int) -> None:
-        """Send this machine's log records at level or above to the caller (see _logforward).
-
-        Nothing when the driver is this very process: its records are there already.
-        """
-        served = getattr(_dispatch_local, "served", None)
-        if os.getpid() != driver_pid and served is not None:
-            self._node.loop.call_soon_threadsafe(_logforward.forward, self._node.name,
-                                                 served.conn, level)
 
     def memory_profile(self, seconds: float, top: int = 20) -> list:
         """The top allocation sites of a window of seconds (see _profile.allocation_sites)."""

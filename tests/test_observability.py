@@ -22,7 +22,7 @@ import pytest
 
 import bigmachine as bm
 from tests.conftest import TIMING, poll
-from tests.obs_services import Work
+from tests.obs_services import Chatty, Work
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,23 @@ def test_a_machines_warning_reaches_the_drivers_logging_with_its_name(duo):
     assert not any("too fine" in r.getMessage() for r in records.records)
 
 
+def test_a_warning_from_a_services_init_reaches_the_drivers_logging():
+    # The driver asks for the machine's records as it registers the services, so
+    # what their init logs is forwarded too.
+    records = Records()
+    logger = logging.getLogger("bigmachine")
+    logger.addHandler(records)
+    try:
+        with bm.start(**TIMING) as b:
+            b.start(1, services={"Chatty": Chatty()})
+            found = poll(lambda: [r for r in records.records if "m0 starting" in r.getMessage()],
+                         timeout=10)
+    finally:
+        logger.removeHandler(records)
+    record, = found
+    assert record.name == "bigmachine.machine.m0" and record.levelno == logging.WARNING
+
+
 # ---- memory health -----------------------------------------------------------
 
 
@@ -315,7 +332,7 @@ def test_status_addr_is_checked():
 
 PROGRESS_SCRIPT = """
 import sys, numpy, bigmachine as bm
-from tests.obs_services import Work
+from tests.obs_services import Chatty, Work
 # shared_memory=False: a transfer's bytes cross the socket, where progress is shown
 # (as shared memory, 384 MiB travel as one descriptor, with nothing to show).
 with bm.start(progress=sys.argv[1] == "on", keepalive_period=0.25, shared_memory=False) as b:
