@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from . import _progress, _rpc
 from ._auth import Credentials
@@ -25,7 +25,6 @@ from ._session import B
 from ._tls import ClusterCA
 from ._wire import KIND_PING
 from .backends import System
-from .backends.local import Local
 from .errors import AuthError, Error, MachineLost
 
 if TYPE_CHECKING:
@@ -41,17 +40,19 @@ REDIAL_PAUSE = 0.1     # seconds between re-dials
 class Driver(Observing, B):
     """The driver's session: the machines it started (it owns them) and dialled."""
 
-    def __init__(self, system: Optional[System] = None, **options: Any):
-        self.system = system if system is not None else Local()
-        if options:
-            self.system.configure(**options)
-        self.system.check()
-        raise_open_files()
-        creds = Credentials.generate(ClusterCA(self.system.cert_lifetime) if self.system.tls else None)
-        identity = creds.ca.issue("driver") if creds.ca is not None else None
-        node = Node(creds, "driver", user_timeout=self.system.lost_after, identity=identity,
-                    socket_buffer=self.system.socket_buffer,
-                    shared_memory=self.system.shared_memory)
+    def __init__(self, system: System):
+        """A session on system, which bm.start() has configured, checked and initialised;
+        if the session cannot start, it shuts the system down."""
+        self.system = system
+        try:
+            raise_open_files()
+            creds = Credentials.generate(ClusterCA(system.cert_lifetime) if system.tls else None)
+            identity = creds.ca.issue("driver") if creds.ca is not None else None
+            node = Node(creds, "driver", user_timeout=system.lost_after, identity=identity,
+                        socket_buffer=system.socket_buffer, shared_memory=system.shared_memory)
+        except BaseException:
+            system.shutdown()
+            raise
         B.__init__(self, node, self.system.keepalive_period, self.system.lost_after)
         Observing.__init__(self)
         self._controls: dict[str, Control] = {}   # by machine name
@@ -75,7 +76,6 @@ class Driver(Observing, B):
             except BaseException:
                 self.shutdown()
                 raise
-        self.system.init()
 
     @property
     def status_url(self) -> Optional[str]:
@@ -357,18 +357,6 @@ class Driver(Observing, B):
             # so that Machines unpickled in its callers' threads stay usable.
             others = [b for b in _live if not b._closed]
             set_default(others[-1].node if others else None)
-
-
-def start(system: Optional[System] = None, **options: Any) -> B:
-    """Start a bigmachine session on system (default: bigmachine.Local()).
-
-    options are the session's: tls, insecure, cert_lifetime, socket_buffer,
-    shared_memory (arrays as shared memory between machines of one host),
-    status_addr (serve a status page there, e.g. "127.0.0.1:0"), progress
-    (progress bars on a terminal) and timing (keepalive_period, lost_after,
-    lease, start_timeout). It returns the driver's session, a B.
-    """
-    return Driver(system, **options)
 
 
 @atexit.register
