@@ -117,6 +117,19 @@ def test_machines_are_forked_children_in_their_own_group(session):
     assert state.value == 0
 
 
+def test_template_imports_numpy_random_after_a_quiet_moment(session):
+    # Not while its first machines start (they would share 2 cores with it), but
+    # without waiting for another request either.
+    b, template = session
+
+    def mapped() -> bool:
+        with open(f"/proc/{template}/maps") as f:
+            return "mtrand" in f.read()  # numpy.random's extension module
+
+    b.start(1, services={"Probe": Probe()})
+    assert poll(mapped, timeout=10)
+
+
 def test_rng_streams_differ_across_forked_machines(session):
     b, _ = session
     machines = b.start(1, services={"Probe": Probe()}) + b.start(3, services={"Probe": Probe()})

@@ -10,11 +10,12 @@ freezes its heap (gc.freeze: the machines' collections then never write to,
 and so copy, the pages they share with it), turns the collector on, then
 serves fork requests on the socket FD, one at a time, from its only thread.
 Once it has answered the first, it imports what many machines use but none
-needs to start (numpy.random, 5-8 ms) while those machines start, and
-freezes again. A request carries the machines' environment and four
-descriptors per machine, up to BATCH machines (each machine's stdin, stdout,
-stderr and status pipe: they become its 0, 1, 2 and STATUS_FD); the reply
-lists the machines' pids.
+needs to start (numpy.random, 5-8 ms) when the driver asks again or after a
+quiet moment (the first machines have started by then), and freezes again.
+A request carries the machines' environment and four descriptors per
+machine, up to BATCH machines (each machine's stdin, stdout, stderr and
+status pipe: they become its 0, 1, 2 and STATUS_FD); the reply lists the
+machines' pids.
 (Forking a first machine before importing numpy was measured slower: its
 services imported numpy themselves while the template did the same.)
 
@@ -41,6 +42,7 @@ import gc
 import importlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -55,6 +57,7 @@ from ..errors import Error
 STATUS_FD = 3          # the status pipe's descriptor in a forked machine
 BATCH = 16             # machines per request, forked by one intermediate (SCM_RIGHTS fits 63)
 MAX_REQUEST = 1 << 20  # bytes of one fork request (the machines' environment)
+LATER_AFTER = 0.05     # seconds the template waits after its first fork before it imports _LATER
 # Read by the interpreter, the C library, the thread pools, or by numpy and bigmachine
 # as they are imported (BIGMACHINE_COUNTERS, BIGMACHINE_FAULTS).
 _STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "OPENBLAS_", "GOTO_",
@@ -262,7 +265,11 @@ def main() -> None:
         except OSError:
             return  # the driver gave up on this request (its timeout) or is gone
         if later:
-            _warm(later)  # while the first machines start
+            # Not while the first machines start: on 2 cores this import slowed a
+            # session's first call by ~4 ms. When the driver asks again, or once it has
+            # been quiet for LATER_AFTER seconds.
+            select.select([sock], [], [], LATER_AFTER)
+            _warm(later)
             later = ()
 
 
