@@ -133,3 +133,16 @@ def test_output_keeps_draining_when_the_drivers_stderr_is_closed(monkeypatch):
             m.call("Echo.say", err="\n".join([line] * 200), timeout=20)
         monkeypatch.undo()
         assert m.call("Echo.echo", 7, timeout=10) == 7
+
+
+def test_a_session_makes_its_private_socket_directory_as_it_starts():
+    # While its template warms up, not on the way to the first machine.
+    system = bm.Local(**TIMING)
+    with bm.start(system):
+        path = system.sockets.path
+        st = os.lstat(path)
+        assert st.st_uid == os.getuid() and (st.st_mode & 0o777) == 0o700
+    assert not os.path.exists(path)
+    tls = bm.Local(tls=True, **TIMING)
+    with bm.start(tls):
+        assert tls.sockets is None  # its machines listen on loopback TCP
