@@ -39,6 +39,18 @@ class Probe:
 
         return {"random": random.random(), "numpy": float(numpy.random.random())}
 
+    def fault_draws(self):
+        """How many draws this process's fault injector has made since it was seeded
+        with seed + this pid (None: its stream is not that one)."""
+        from bigmachine import _faults
+
+        own = random.Random(_faults.FAULTS.seed + os.getpid())
+        for made in range(10_000):
+            if own.getstate() == _faults.FAULTS.rng.getstate():
+                return made
+            own.random()
+        return None
+
     def process(self):
         import gc
 
@@ -124,6 +136,21 @@ def test_rng_streams_differ_across_forked_machines(session):
     for kind in ("random", "numpy"):
         values = [d[kind] for d in draws]
         assert len(set(values)) == len(values), (kind, values)
+
+
+def test_fault_injector_streams_differ_across_forked_machines(monkeypatch):
+    """The test-only fault injector draws from an RNG too. Forked machines that kept
+    their template's stream made the same choices: one early drop then failed
+    every machine's start (the fault soak's rare hang)."""
+    monkeypatch.setenv("BIGMACHINE_FAULTS", "seed=7")  # no faults: only the stream
+    b = bm.start(**TIMING)
+    try:
+        machines = b.start(1, services={"Probe": Probe()}) + b.start(2, services={"Probe": Probe()})
+        assert all(m.call("Probe.process", timeout=20)["forked"] for m in machines)
+        draws = [m.call("Probe.fault_draws", timeout=20) for m in machines]
+    finally:
+        b.shutdown()
+    assert None not in draws, draws
 
 
 @bm.service
