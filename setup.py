@@ -5,7 +5,7 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext as _build_ext
 
-EXTENSIONS = ["bigmachine._wire", "bigmachine._buffers"]
+EXTENSIONS = ["bigmachine._wire", "bigmachine._decoder", "bigmachine._buffers", "bigmachine._waiters", "bigmachine._metrics"]
 
 
 class build_ext(_build_ext):

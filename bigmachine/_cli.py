@@ -84,11 +84,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif args.command == "ec2":
         return _ec2(args)
     elif args.command == "version":
-        from . import _wire
+        from . import _decoder, _wire
 
         print(f"bigmachine {__version__}")
         print(f"python {sys.version.split()[0]} ({sys.executable})")
         print(f"wire module {_wire.__file__}")
+        print(f"decoder module {_decoder.__file__}")
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
-from . import _buffers, _shmlink, _wire
+from . import _buffers, _decoder, _shmlink, _wire
 from ._reader import Reader
 from ._waiters import Gate, Waiter, on_loop_thread
 from ._wire import (KIND_CANCEL, KIND_CREDIT, KIND_GOAWAY, KIND_MSG, KIND_PING,
@@ -72,9 +72,9 @@ class Connection:
                     and tls is None and sock.family == socket.AF_UNIX)
         self.writer = Writer(sock, loop, tls, self.io_failed, self._lost, max_queued)
         # At most four maximal messages may be arriving at once.
-        self.decoder = _wire.Decoder(alloc=_buffers.aligned, max_message=max_message,
-                                     max_pending=4 * max_message,
-                                     map_shm=_shmlink.map_received if self.shm else None)
+        self.decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=max_message,
+                                        max_pending=4 * max_message,
+                                        map_shm=_shmlink.map_received if self.shm else None)
         # Its threads run sync methods too: named as the node's pool threads are.
         thread_name = f"bigmachine-{node.name}-read-{peer}" if node is not None else f"bigmachine-read-{peer}"
         self.reader = Reader(sock, tls, self.decoder, peer, thread_name, self._on_event, self._is_closed,

@@ -15,13 +15,24 @@ TRUNCATE = "truncate"  # written in part, then the connection is cut, as when a 
 
 
 class FaultInjector:
-    """Chooses, per message, whether to drop it, truncate it, or leave it alone."""
+    """Chooses, per message, whether to drop it, truncate it, or leave it alone.
+
+    Its stream is seeded with seed + pid, again in each forked process: machines
+    forked from one template would otherwise all make the same choices, and one
+    early drop would then fail every machine's start.
+    """
 
     def __init__(self, spec: str):
         fields = dict(part.split("=", 1) for part in spec.split(",") if part)
         self.drop = float(fields.get("drop", 0))
         self.truncate = float(fields.get("truncate", 0))
-        self.rng = random.Random(int(fields["seed"]) + os.getpid() if "seed" in fields else None)
+        self.seed = int(fields["seed"]) if "seed" in fields else None
+        self.rng = random.Random()
+        self.reseed()
+
+    def reseed(self) -> None:
+        """Seed from this process's pid (from the OS without a seed)."""
+        self.rng.seed(None if self.seed is None else self.seed + os.getpid())
 
     def choose(self) -> str:
         """DROP, TRUNCATE, or "" for a message written as usual."""
@@ -39,3 +50,5 @@ def _from_environment() -> Optional[FaultInjector]:
 
 
 FAULTS = _from_environment()
+if FAULTS is not None:
+    os.register_at_fork(after_in_child=FAULTS.reseed)

@@ -20,11 +20,13 @@ from typing import Any, Iterable, Optional
 from .errors import Error
 
 HZ = 100.0
-# Leaf frames (file, function) where a thread waits rather than works.
+# Leaf frames (file, function) where a thread waits rather than works. A
+# blocking call waits for its reply in the compiled Waiter.get, which has no
+# frame: the leaf is then the call itself.
 IDLE = frozenset({
     ("threading.py", "wait"), ("threading.py", "_wait_for_tstate_lock"),
     ("selectors.py", "select"), ("queue.py", "get"), ("socket.py", "accept"),
-    ("thread.py", "_worker"), ("_waiters.py", "get"),
+    ("thread.py", "_worker"), ("_rpc.py", "call"), ("_rpc.py", "stream"),
     ("_pool.py", "_work"), ("_reader.py", "_read_once"), ("_reader.py", "_run"),
     ("_standby.py", "_run"), ("_worker.py", "_watch_parent"),
     ("local.py", "_pump"), ("local.py", "_reap_group"), ("_profile.py", "sample"),

@@ -42,7 +42,8 @@ from typing import Any, Callable, Optional
 
 from ._standby import STANDBY
 from ._waiters import Waiter, begin_batch, end_batch
-from ._wire import Decoder, WireError
+from ._decoder import Decoder
+from ._wire import WireError
 from ._writer import Writer
 from .errors import MachineLost, ProtocolError
 

@@ -21,6 +21,7 @@ class Remote:
             "prefix": sys.prefix,
             "bigmachine": bigmachine.__file__,
             "wire": bigmachine._wire.__file__,
+            "decoder": bigmachine._decoder.__file__,
             "cwd": os.getcwd(),
             "tmpdir": os.environ.get("TMPDIR"),
             "path": list(sys.path),

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import bigmachine as bm
-from bigmachine import _arena, _buffers, _shm, _shmlink, _wire
+from bigmachine import _arena, _buffers, _decoder, _shm, _shmlink, _wire
 from bigmachine._serialize import dumps, loads
 from tests.conftest import TIMING, shared, unshare
 from tests.test_transport import closed_within, raw_connect
@@ -276,7 +276,7 @@ def frames(obj, spec_for_large=True) -> tuple[bytes, np.ndarray]:
 
 def test_the_decoder_maps_each_message_its_own_descriptors():
     a = np.arange(MiB // 4, dtype=np.float32)
-    decoder = _wire.Decoder(map_shm=_shmlink.map_received)
+    decoder = _decoder.Decoder(map_shm=_shmlink.map_received)
     decoder.add_fds([_shm.create(memoryview(a))])
     (event,) = decoder.feed(frames(a))
     back = loads(event[4])
@@ -285,7 +285,7 @@ def test_the_decoder_maps_each_message_its_own_descriptors():
 
 def test_a_lost_batch_fails_that_message_with_resource_error():
     a = np.arange(MiB // 4, dtype=np.float32)
-    decoder = _wire.Decoder(map_shm=_shmlink.map_received)
+    decoder = _decoder.Decoder(map_shm=_shmlink.map_received)
     decoder.add_fds([], truncated=True)
     (event,) = decoder.feed(frames(a))
     with pytest.raises(bm.ResourceError):
@@ -295,7 +295,7 @@ def test_a_lost_batch_fails_that_message_with_resource_error():
 def test_descriptors_on_a_link_without_shared_memory_are_malformed():
     a = np.arange(MiB // 4, dtype=np.float32)
     fd = _shm.create(memoryview(a))
-    decoder = _wire.Decoder()
+    decoder = _decoder.Decoder()
     decoder.add_fds([fd])
     fds = settled()[0]
     with pytest.raises(_wire.WireError):

@@ -67,7 +67,8 @@ def test_calls_streams_and_arrays_on_a_venv_that_has_only_numpy_and_cloudpickle(
         assert where["prefix"] == str(Path(venv).parent.parent)
         bundles = str(cache / "bundles") + "/"
         assert where["bigmachine"].startswith(bundles)
-        assert where["wire"].startswith(bundles) and where["wire"].endswith(".so")
+        for ext in ("wire", "decoder"):
+            assert where[ext].startswith(bundles) and where[ext].endswith(".so")
         assert where["cwd"].startswith(str(cache / "run") + "/")
         assert where["tmpdir"] == where["cwd"] + "/tmp"
         assert where["pid"] != os.getpid()
@@ -263,6 +264,7 @@ def test_extensions_built_on_the_host_when_told_to(system, sshd, tmp_path):
         m, = b.start(1, services={"Remote": Remote()}, timeout=80)
         where = m.call("Remote.where", timeout=10)
         assert where["wire"].startswith(str(tmp_path / "c" / "bundles"))
+        assert where["decoder"].startswith(str(tmp_path / "c" / "bundles"))
         assert m.call("Remote.echo", b"x" * 1000, timeout=10) == b"x" * 1000
 
 

@@ -39,6 +39,18 @@ class Probe:
 
         return {"random": random.random(), "numpy": float(numpy.random.random())}
 
+    def fault_draws(self):
+        """How many draws this process's fault injector has made since it was seeded
+        with seed + this pid (None: its stream is not that one)."""
+        from bigmachine import _faults
+
+        own = random.Random(_faults.FAULTS.seed + os.getpid())
+        for made in range(10_000):
+            if own.getstate() == _faults.FAULTS.rng.getstate():
+                return made
+            own.random()
+        return None
+
     def process(self):
         import gc
 
@@ -139,6 +151,21 @@ def test_rng_streams_differ_across_forked_machines(session):
         assert len(set(values)) == len(values), (kind, values)
 
 
+def test_fault_injector_streams_differ_across_forked_machines(monkeypatch):
+    """The test-only fault injector draws from an RNG too. Forked machines that kept
+    their template's stream made the same choices: one early drop then failed
+    every machine's start (the fault soak's rare hang)."""
+    monkeypatch.setenv("BIGMACHINE_FAULTS", "seed=7")  # no faults: only the stream
+    b = bm.start(**TIMING)
+    try:
+        machines = b.start(1, services={"Probe": Probe()}) + b.start(2, services={"Probe": Probe()})
+        assert all(m.call("Probe.process", timeout=20)["forked"] for m in machines)
+        draws = [m.call("Probe.fault_draws", timeout=20) for m in machines]
+    finally:
+        b.shutdown()
+    assert None not in draws, draws
+
+
 @bm.service
 class PoolsAtInit:
     """Records the thread pools its machine has when its services' init runs."""
@@ -206,7 +233,10 @@ def test_a_killed_template_leaves_machines_running_and_the_next_start_makes_anot
     b, template = session
     machines = b.start(2, services={"Probe": Probe()})
     os.kill(template, signal.SIGKILL)
-    poll(lambda: template not in templates(), timeout=10)
+    # Dead, not only dying: a dying process's command line already reads empty, but
+    # the driver cannot reap it yet, so a start then still asks it, falls back to
+    # fresh interpreters (as it should) and makes the new template a start later.
+    poll(lambda: gone(template), timeout=10)
     for m in machines:
         assert m.call("Probe.env", "PATH", timeout=10) == os.environ.get("PATH")
         assert m.state == bm.State.RUNNING

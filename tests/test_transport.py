@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 import bigmachine as bm
-from bigmachine import _auth, _rpc, _wire
+from bigmachine import _auth, _decoder, _rpc, _wire
 from bigmachine._auth import Credentials
 from bigmachine._node import Node
 from bigmachine._serialize import dumps, load_exception, loads
@@ -151,7 +151,7 @@ def message_bytes(sid: int, mtype: int, obj, mflags: int = 0) -> bytes:
 
 def raw_reply(sock: socket.socket, sid: int, timeout: float = 5.0):
     """Decode frames by hand until the reply on stream sid; raise it if it is an error."""
-    decoder = _wire.Decoder()
+    decoder = _decoder.Decoder()
     deadline = time.monotonic() + timeout
     while True:
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -695,7 +695,7 @@ def test_late_reply_to_a_cancelled_call_is_dropped():
     state: dict = {}
 
     def serve(sock: socket.socket, stop: threading.Event) -> None:
-        decoder = _wire.Decoder()
+        decoder = _decoder.Decoder()
         sock.settimeout(0.1)
         while not stop.is_set():
             try:

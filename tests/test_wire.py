@@ -1,4 +1,4 @@
-"""Sans-IO tests of the frame codec and decoder in ``bigmachine._wire``.
+"""Sans-IO tests of the frame codec (``bigmachine._wire``) and decoder (``bigmachine._decoder``).
 
 No sockets: frames are built with the module's own encoders (or by hand, for
 malformed input) and fed to a ``Decoder`` whole, byte by byte, in random
@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from bigmachine import _buffers, _wire
+from bigmachine import _buffers, _decoder, _metrics, _waiters, _wire
 from bigmachine._buffers import aligned
+from bigmachine._decoder import Decoder
 from bigmachine._wire import (
     ALIGN,
     CHUNK,
@@ -44,7 +45,6 @@ from bigmachine._wire import (
     MTYPE_REQUEST,
     READONLY_BIT,
     SMALL_SEGMENT,
-    Decoder,
     WireError,
     control_frame,
     decode_header,
@@ -203,7 +203,10 @@ SMALL_FEEDERS = [f for _, f in FEEDERS]
 
 def test_compiled_extensions_are_in_use():
     assert _wire.__file__.endswith(".so"), _wire.__file__
+    assert _decoder.__file__.endswith(".so"), _decoder.__file__
     assert _buffers.__file__.endswith(".so"), _buffers.__file__
+    assert _waiters.__file__.endswith(".so"), _waiters.__file__
+    assert _metrics.__file__.endswith(".so"), _metrics.__file__
     assert type(Decoder.feed).__name__ in ("method_descriptor", "cython_function_or_method")
 
 
@@ -459,6 +462,22 @@ def test_large_message(mode):
     _check_large(events)
     assert dec.pending_bytes == 0 and dec.open_streams == []
     assert total > INLINE_MAX
+
+
+@pytest.mark.parametrize("ro", [False, True])
+def test_chunked_message_whose_small_segments_are_all_empty(ro):
+    """No small segment has a byte, so the shared small region is empty (it was
+    None, and slicing it raised TypeError instead of decoding)."""
+    segs = [b"", b"x" * (CHUNK + 5), b""]
+    data = msg(4, MTYPE_REQUEST, 0, segs, [ro, False, ro])
+    assert decode_header(data[:HEADER_SIZE])[0] == KIND_MSG
+    for feed in (feed_whole, feed_bytewise):
+        dec = Decoder(alloc=aligned)
+        events = feed(dec, data)
+        assert len(events) == 1
+        got = events[0][4]
+        assert [bytes(s) for s in got] == segs
+        assert [memoryview(s).readonly for s in got] == [ro, False, ro]
 
 
 def test_large_message_pending_accounting():
