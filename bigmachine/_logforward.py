@@ -59,10 +59,11 @@ class _Shipper(logging.Handler):
             self.queue.put_nowait(item)
 
 
-def forward(name: str, conn: Any, level: int) -> None:
-    """On a machine's IO loop: ship this process's records at level or above to conn's peer."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+def forward(name: str, conn: Any, level: int, loop: asyncio.AbstractEventLoop) -> None:
+    """Ship this process's records at level or above to conn's peer, from every record
+    logged after this returns: it installs the handler in the calling thread (before
+    the services' init runs), and the sender on the machine's IO loop."""
+    queue: asyncio.Queue = asyncio.Queue()  # bound to the loop when the sender first uses it
     shipper = _Shipper(loop, queue)
     shipper.setLevel(level)
     root = logging.getLogger()
@@ -91,7 +92,7 @@ def forward(name: str, conn: Any, level: int) -> None:
         finally:
             root.removeHandler(shipper)
 
-    loop.create_task(send())
+    loop.call_soon_threadsafe(loop.create_task, send())
 
 
 def emit(machine: str, item: tuple) -> None:

@@ -79,8 +79,7 @@ class Supervisor:
             if lease is not None:
                 self._lease = lease
             if log_level is not None and os.getpid() != driver_pid and served is not None:
-                self._node.loop.call_soon_threadsafe(_logforward.forward, self._node.name,
-                                                     served.conn, log_level)
+                _logforward.forward(self._node.name, served.conn, log_level, self._node.loop)
             if self._before_services is not None:
                 self._before_services()
                 self._before_services = None

@@ -184,20 +184,28 @@ def test_a_machines_warning_reaches_the_drivers_logging_with_its_name(duo):
 
 
 def test_a_warning_from_a_services_init_reaches_the_drivers_logging():
-    # The driver asks for the machine's records as it registers the services, so
-    # what their init logs is forwarded too.
+    # The driver asks for the machine's records as it registers the services, and
+    # the machine installs the forwarding before their init runs, so what init logs
+    # is forwarded too: for every machine (one started alone, then five at once;
+    # when the handler was installed later, on the IO loop, a third were missed).
     records = Records()
     logger = logging.getLogger("bigmachine")
     logger.addHandler(records)
+    names = [f"m{i}" for i in range(6)]
+
+    def started() -> dict:
+        return {n: r for r in list(records.records) for n in names
+                if f"{n} starting" in r.getMessage()}
+
     try:
         with bm.start(**TIMING) as b:
             b.start(1, services={"Chatty": Chatty()})
-            found = poll(lambda: [r for r in records.records if "m0 starting" in r.getMessage()],
-                         timeout=10)
+            b.start(5, services={"Chatty": Chatty()})
+            poll(lambda: len(started()) == len(names), timeout=10)
     finally:
         logger.removeHandler(records)
-    record, = found
-    assert record.name == "bigmachine.machine.m0" and record.levelno == logging.WARNING
+    for name, record in started().items():
+        assert record.name == f"bigmachine.machine.{name}" and record.levelno == logging.WARNING
 
 
 # ---- memory health -----------------------------------------------------------
@@ -332,7 +340,7 @@ def test_status_addr_is_checked():
 
 PROGRESS_SCRIPT = """
 import sys, numpy, bigmachine as bm
-from tests.obs_services import Chatty, Work
+from tests.obs_services import Work
 # shared_memory=False: a transfer's bytes cross the socket, where progress is shown
 # (as shared memory, 384 MiB travel as one descriptor, with nothing to show).
 with bm.start(progress=sys.argv[1] == "on", keepalive_period=0.25, shared_memory=False) as b:
