@@ -268,7 +268,9 @@ def main() -> None:
             # Not while the first machines start: on 2 cores this import slowed a
             # session's first call by ~4 ms. When the driver asks again, or once it has
             # been quiet for LATER_AFTER seconds.
-            select.select([sock], [], [], LATER_AFTER)
+            quiet = select.poll()  # not select(): its descriptor may be above 1023
+            quiet.register(sock, select.POLLIN)
+            quiet.poll(LATER_AFTER * 1000)
             _warm(later)
             later = ()
 
