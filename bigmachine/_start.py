@@ -27,8 +27,8 @@ def start(system: Optional[System] = None, **options: Any) -> B:
     if options:
         system.configure(**options)
     system.check()
-    system.init()
     try:
+        system.init()
         from ._driver import Driver
     except BaseException:
         system.shutdown()
