@@ -29,14 +29,14 @@ ROWS = {"stream": "Echo.count", "stream_async": "Echo.acount",
         "astream": "Echo.count", "astream_async": "Echo.acount"}
 
 
-def stream_secs(m, method: str, n: int) -> float:
+def stream_secs(m: bm.Machine, method: str, n: int) -> float:
     t = time.perf_counter()
     got = sum(1 for _ in m.stream(method, n))
     assert got == n, got
     return time.perf_counter() - t
 
 
-def astream_secs(m, method: str, n: int) -> float:
+def astream_secs(m: bm.Machine, method: str, n: int) -> float:
     async def run() -> float:
         t = time.perf_counter()
         got = 0
