@@ -5,7 +5,6 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 import weakref
@@ -15,7 +14,7 @@ from . import _progress, _rpc
 from ._auth import Credentials
 from ._connection import Connection
 from ._limits import raise_open_files
-from ._logforward import SERVICE as LOGS, Logs
+from ._logforward import SERVICE as LOGS, Logs, this_process
 from ._machine import Control, Machine, State
 from ._node import Node, current_node, set_default
 from ._observe import Observing
@@ -176,7 +175,7 @@ class Driver(Observing, B):
             _rpc.call(conn, "Supervisor.register", (services,),
                       {"lease": lease, "token": self.node.creds.owner_token(m.name),
                        "log_level": logging.getLogger().getEffectiveLevel(),
-                       "driver_pid": os.getpid()}, timeout)
+                       "driver_process": this_process()}, timeout)
         except BaseException as exc:
             if isinstance(exc, MachineLost) and not proc.alive(0.5):
                 # It died while starting: say how, with its last words if the system kept them.

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 from typing import Any
 
 from . import _rpc
 from ._service import service
 from .errors import Error
+
+_process = (0, "")  # (pid, name) of this process, see this_process
 
 MAX_QUEUED = 10_000  # records a machine holds for a slow driver; more are dropped
 MAX_BATCH = 256
@@ -57,6 +61,17 @@ class _Shipper(logging.Handler):
             self.dropped += 1
         else:
             self.queue.put_nowait(item)
+
+
+def this_process() -> str:
+    """A random name for this process: unlike its pid, it differs between hosts and
+    containers (a driver and a remote machine may both run as pid 7), and a forked
+    child gets its own."""
+    global _process
+    pid = os.getpid()
+    if _process[0] != pid:
+        _process = (pid, secrets.token_hex(8))
+    return _process[1]
 
 
 def forward(name: str, conn: Any, level: int, loop: asyncio.AbstractEventLoop) -> None:

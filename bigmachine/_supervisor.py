@@ -64,12 +64,12 @@ class Supervisor:
             raise AuthError(self._node.name, f"only its owner may {what}")
 
     def register(self, services: dict, lease: Optional[float] = None, token: Any = None,
-                 log_level: Optional[int] = None, driver_pid: Optional[int] = None) -> None:
+                 log_level: Optional[int] = None, driver_process: str = "") -> None:
         """Install services and run their init (owner only); this connection keeps the lease.
 
         With log_level, this machine's log records at that level or above go to the
         caller from now on (see _logforward), unless the caller is this very process
-        (driver_pid): its records are there already.
+        (driver_process, see _logforward.this_process): its records are there already.
         """
         self._check_owner(token, "register services")
         served = getattr(_dispatch_local, "served", None)
@@ -78,7 +78,8 @@ class Supervisor:
                 raise Error("this machine already has an owner")
             if lease is not None:
                 self._lease = lease
-            if log_level is not None and os.getpid() != driver_pid and served is not None:
+            if (log_level is not None and driver_process != _logforward.this_process()
+                    and served is not None):
                 _logforward.forward(self._node.name, served.conn, log_level, self._node.loop)
             if self._before_services is not None:
                 self._before_services()

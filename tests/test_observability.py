@@ -208,6 +208,23 @@ def test_a_warning_from_a_services_init_reaches_the_drivers_logging():
         assert record.name == f"bigmachine.machine.{name}" and record.levelno == logging.WARNING
 
 
+def test_machines_in_the_drivers_process_do_not_forward_their_records():
+    """An InProcess machine logs into the driver's own logging already: forwarding its
+    records too would show each twice."""
+    records = Records()
+    logger = logging.getLogger()
+    logger.addHandler(records)
+    try:
+        with bm.start(bm.InProcess(), **TIMING) as b:
+            m, = b.start(1, services={"Chatty": Chatty()})
+            m.call("Supervisor.ping", timeout=10)  # a round trip after init
+            time.sleep(0.3)  # what a forwarder would have sent by now
+    finally:
+        logger.removeHandler(records)
+    names = [r.name for r in records.records if "m0 starting" in r.getMessage()]
+    assert names == ["tests.obs"], names
+
+
 # ---- memory health -----------------------------------------------------------
 
 
