@@ -54,6 +54,7 @@ class Supervisor:
         self._on_stop = on_stop
         self._token = owner_token
         self._owner: Optional[Connection] = None
+        self._forwarder: Optional[_logforward.Forwarder] = None  # ships records to the owner
         self._started = time.time()
         self._lock = threading.Lock()
         self.health = _health.watch(node)
@@ -80,7 +81,8 @@ class Supervisor:
                 self._lease = lease
             if (log_level is not None and driver_process != _logforward.this_process()
                     and served is not None):
-                _logforward.forward(self._node.name, served.conn, log_level, self._node.loop)
+                self._forwarder = _logforward.Forwarder(self._node.name, served.conn, log_level,
+                                                        self._node.loop)
             if self._before_services is not None:
                 self._before_services()
                 self._before_services = None
@@ -101,7 +103,8 @@ class Supervisor:
             self._node.set_owner(self._owner)
 
     def claim(self, token: Any = None) -> None:
-        """The owner re-dialled: its keepalives come on the calling connection from now on."""
+        """The owner re-dialled: its keepalives come on the calling connection from now on,
+        and this machine's log records go there (they ended with the old one)."""
         self._check_owner(token, "claim it")
         served = getattr(_dispatch_local, "served", None)
         with self._lock:
@@ -109,6 +112,11 @@ class Supervisor:
                 raise Error("this machine has no owner yet: register first")
             self._owner = served.conn if served is not None else self._owner
             self._node.set_owner(self._owner)
+            old = self._forwarder
+            if old is not None and old.conn is not self._owner:  # its records come here now
+                old.stop()
+                self._forwarder = _logforward.Forwarder(old.name, self._owner, old.level,
+                                                        self._node.loop)
 
     def ping(self) -> str:
         return "pong"

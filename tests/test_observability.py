@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 import bigmachine as bm
-from tests.conftest import TIMING, poll
+from tests.conftest import TIMING, Records, poll
 from tests.obs_services import Chatty, Work
 
 
@@ -154,15 +154,6 @@ def test_memory_profile_names_the_allocation_site(duo):
 
 
 # ---- logs --------------------------------------------------------------------
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 def test_a_machines_warning_reaches_the_drivers_logging_with_its_name(duo):
