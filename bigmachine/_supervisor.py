@@ -29,7 +29,7 @@ from . import _health, _logforward, _profile, _resources
 from ._version import __version__
 from ._auth import check_token
 from ._connection import Connection
-from ._dispatch import _local as _dispatch_local
+from ._dispatch import calling_connection
 from ._node import Node
 from ._service import service
 from ._tls import Identity
@@ -73,15 +73,15 @@ class Supervisor:
         (driver_process, see _logforward.this_process): its records are there already.
         """
         self._check_owner(token, "register services")
-        served = getattr(_dispatch_local, "served", None)
+        caller = calling_connection()
         with self._lock:
             if self._owner is not None:
                 raise Error("this machine already has an owner")
             if lease is not None:
                 self._lease = lease
             if (log_level is not None and driver_process != _logforward.this_process()
-                    and served is not None):
-                self._forwarder = _logforward.Forwarder(self._node.name, served.conn, log_level,
+                    and caller is not None):
+                self._forwarder = _logforward.Forwarder(self._node.name, caller, log_level,
                                                         self._node.loop)
             if self._before_services is not None:
                 self._before_services()
@@ -99,18 +99,18 @@ class Supervisor:
                 self._node.loop.call_soon_threadsafe(
                     self._node.loop.call_later, 0.5, self._on_stop, "its services' init failed")
                 raise
-            self._owner = served.conn if served is not None else None
+            self._owner = caller
             self._node.set_owner(self._owner)
 
     def claim(self, token: Any = None) -> None:
         """The owner re-dialled: its keepalives come on the calling connection from now on,
         and this machine's log records go there (they ended with the old one)."""
         self._check_owner(token, "claim it")
-        served = getattr(_dispatch_local, "served", None)
+        caller = calling_connection()
         with self._lock:
             if self._owner is None:
                 raise Error("this machine has no owner yet: register first")
-            self._owner = served.conn if served is not None else self._owner
+            self._owner = caller if caller is not None else self._owner
             self._node.set_owner(self._owner)
             old = self._forwarder
             if old is not None and old.conn is not self._owner:  # its records come here now
