@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bigmachine")
 
+# Seconds stop() waits for a machine to end after SIGKILL: one in uninterruptible
+# sleep (a hung disk or network filesystem), or freeing a very large memory, takes
+# longer; it is then left to be reaped when it ends.
+KILL_WAIT = 5.0
+
 # The directory holding the bigmachine package, for the machine's PYTHONPATH.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -92,7 +97,11 @@ class _LocalProcess(Spawned):
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            self.popen.wait(5)
+            try:
+                self.popen.wait(KILL_WAIT)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) has not ended %.3g s after SIGKILL; stopping goes on",
+                            self.name, self.popen.pid, KILL_WAIT)
         self._close_stdin()
         self.output.join(2)
 
