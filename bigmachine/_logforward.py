@@ -30,8 +30,6 @@ from . import _rpc
 from ._service import service
 from .errors import Error
 
-_process = (0, "")  # (pid, name) of this process, see this_process
-
 MAX_QUEUED = 10_000  # records a machine holds for a slow driver; more are dropped
 MAX_BATCH = 256
 SEND_TIMEOUT = 30.0
@@ -65,15 +63,21 @@ class _Shipper(logging.Handler):
             self.queue.put_nowait(item)
 
 
+_process = secrets.token_hex(8)  # see this_process
+
+
+def _rename() -> None:
+    global _process
+    _process = secrets.token_hex(8)
+
+
+os.register_at_fork(after_in_child=_rename)  # a forked child is another process
+
+
 def this_process() -> str:
     """A random name for this process: unlike its pid, it differs between hosts and
-    containers (a driver and a remote machine may both run as pid 7), and a forked
-    child gets its own."""
-    global _process
-    pid = os.getpid()
-    if _process[0] != pid:
-        _process = (pid, secrets.token_hex(8))
-    return _process[1]
+    containers (a driver and a remote machine may both run as pid 7)."""
+    return _process
 
 
 class Forwarder:

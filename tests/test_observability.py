@@ -207,13 +207,17 @@ def test_machines_in_the_drivers_process_do_not_forward_their_records():
     logger.addHandler(records)
     try:
         with bm.start(bm.InProcess(), **TIMING) as b:
-            m, = b.start(1, services={"Chatty": Chatty()})
-            m.call("Supervisor.ping", timeout=10)  # a round trip after init
+            # One alone, then five registered from the driver's threads at once.
+            machines = b.start(1, services={"Chatty": Chatty()}) + \
+                b.start(5, services={"Chatty": Chatty()})
+            for m in machines:
+                m.call("Supervisor.ping", timeout=10)  # a round trip after init
             time.sleep(0.3)  # what a forwarder would have sent by now
     finally:
         logger.removeHandler(records)
-    names = [r.name for r in records.records if "m0 starting" in r.getMessage()]
-    assert names == ["tests.obs"], names
+    for i in range(6):
+        names = [r.name for r in records.records if f"m{i} starting" in r.getMessage()]
+        assert names == ["tests.obs"], (i, names)
 
 
 # ---- memory health -----------------------------------------------------------
