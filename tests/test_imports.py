@@ -38,14 +38,19 @@ DRIVER_SIDE = {"bigmachine._start", "bigmachine._driver", "bigmachine._statuspag
                "http.server", "urllib.request", "tarfile", "email", "importlib.metadata"}
 
 
+def fresh_output(code: str) -> list:
+    """The words code prints in a fresh interpreter (which must succeed)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
 def newly_imported(code: str, names: set) -> str:
     """Which of names running code imports in a fresh interpreter (a printed sorted list)."""
     check = (f"import sys; before = set(sys.modules); {code}; "
              f"print(sorted((set(sys.modules) - before) & set({sorted(names)!r})))")
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
+    return " ".join(fresh_output(check))
 
 
 @pytest.mark.parametrize("code", [
@@ -78,11 +83,8 @@ def test_driver_side_names_import_on_first_use():
             "from bigmachine import SSH; assert bm.SSH is SSH; "
             "print(bm.start.__module__, bm.Local.__name__, bm.EC2.__name__, "
             "bm.InProcess.__name__, bm.Status.__name__, 'start' in dir(bm))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
-    assert done.stdout.split() == ["bigmachine._start", "Local", "EC2", "InProcess", "Status",
-                                   "True"], \
-        done.stderr
+    assert fresh_output(code) == ["bigmachine._start", "Local", "EC2", "InProcess", "Status",
+                                  "True"]
     with pytest.raises(AttributeError):
         bm.no_such_name
 
@@ -99,6 +101,4 @@ def test_a_local_sessions_template_starts_before_the_driver_is_imported():
             "_template.Template.__init__ = init\n"
             "bm.start().shutdown()\n"
             "print(seen)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
-    assert done.stdout.split() == ["[False]"], done.stderr
+    assert fresh_output(code) == ["[False]"]
