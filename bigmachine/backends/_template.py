@@ -57,7 +57,7 @@ from ..errors import Error
 STATUS_FD = 3          # the status pipe's descriptor in a forked machine
 BATCH = 16             # machines per request, forked by one intermediate (SCM_RIGHTS fits 63)
 MAX_REQUEST = 1 << 20  # bytes of one fork request (the machines' environment)
-LATER_AFTER = 0.05     # seconds the template waits after its first fork before it imports _LATER
+LATER_AFTER = 0.05     # seconds the template waits after its first fork before it imports LATER_IMPORTS
 # Read by the interpreter, the C library, the thread pools, or by numpy and bigmachine
 # as they are imported (BIGMACHINE_COUNTERS, BIGMACHINE_FAULTS).
 _STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "OPENBLAS_", "GOTO_",
@@ -66,8 +66,8 @@ _STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "OPEN
 # turned it off), what every machine runs; and after it, what many machines use (numpy
 # imports numpy.random lazily; a machine forked before has it imported when it needs it,
 # and seeded afresh then).
-_FIRST = ("numpy", "cloudpickle", "bigmachine._worker")
-_LATER = ("numpy.random",)
+FIRST_IMPORTS = ("numpy", "cloudpickle", "bigmachine._worker")
+LATER_IMPORTS = ("numpy.random",)
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 
@@ -241,9 +241,9 @@ def _subreaper() -> Iterator[None]:
 def main() -> None:
     """Serve fork requests until the driver closes the socket (or is gone)."""
     sock = socket.socket(fileno=int(sys.argv[1]))
-    _warm(_FIRST)
+    _warm(FIRST_IMPORTS)
     gc.enable()
-    later = _LATER
+    later = LATER_IMPORTS
     while True:
         try:
             message, fds, flags, _ = socket.recv_fds(sock, MAX_REQUEST, 4 * BATCH)

@@ -6,6 +6,10 @@ Measures, in one run, rounds interleaved:
 
 - baseline:     spawn ``python -c "import numpy; connect to a Unix socket"``
                 until its first byte arrives (what a fresh worker cannot beat);
+- template:     the same with what the template imports before it can fork
+                (numpy, cloudpickle, bigmachine's machine side): the floor
+                of first_call, which adds the fork, the machine's start and
+                the call;
 - first_call:   ``bm.start()`` + ``b.start(1)`` + the first ``m.call`` in a
                 fresh driver process that has imported bigmachine and the
                 service's module, as a program's first session (what the
@@ -44,22 +48,27 @@ import bigmachine as bm
 
 from ._common import child_env, json_arg, median, print_header, write_json
 from ._echo import Echo
+from .._blas import LIMITS
+from ..backends._template import FIRST_IMPORTS
 
 FRESH = {"PYTHONHASHSEED": "random"}  # read at start-up, so never forked; the default value
 SERVICES = {"Echo": Echo()}
+# What the template runs before it can fork a machine (see backends._template.main).
+TEMPLATE_WARMUP = f"import gc; gc.disable(); import {', '.join(FIRST_IMPORTS)}"
 
 
-def baseline() -> float:
-    """Seconds to spawn a Python that imports numpy and connects to a Unix socket."""
+def baseline(imports: str = "import numpy", env: Optional[dict] = None) -> float:
+    """Seconds to spawn a Python that runs imports (with env added to its
+    environment) and connects to a Unix socket."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "s")
         with socket.socket(socket.AF_UNIX) as server:
             server.bind(path)
             server.listen(1)
-            code = ("import socket, sys, numpy; s = socket.socket(socket.AF_UNIX); "
+            code = (f"{imports}; import socket, sys; s = socket.socket(socket.AF_UNIX); "
                     "s.connect(sys.argv[1]); s.sendall(b'x'); s.recv(1)")
             t = time.perf_counter()
-            child = subprocess.Popen([sys.executable, "-c", code, path])
+            child = subprocess.Popen([sys.executable, "-c", code, path], env={**child_env(), **(env or {})})
             conn, _ = server.accept()
             with conn:
                 conn.recv(1)
@@ -163,7 +172,7 @@ def main(argv: Optional[list] = None) -> None:
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     info = print_header("scale: starting Local machines, forked from the template and fresh")
-    rows: dict[str, list] = {"baseline": [], "first_call": [], "later_call": []}
+    rows: dict[str, list] = {"baseline": [], "template": [], "first_call": [], "later_call": []}
     for n in sizes:
         rows[f"start {n}"], rows[f"fresh {n}"] = [], []
     rows[f"fan-out {sizes[-1]}"] = []
@@ -171,6 +180,7 @@ def main(argv: Optional[list] = None) -> None:
                               "forked pss": [], "fresh rss": [], "fresh pss": []}
     for r in range(args.rounds):
         rows["baseline"].append(baseline())
+        rows["template"].append(baseline(TEMPLATE_WARMUP, LIMITS))
         rows["first_call"].append(first_call())
         rows["later_call"].append(later_call())
         for n in sizes:
@@ -206,8 +216,9 @@ def main(argv: Optional[list] = None) -> None:
         unit = "MiB" if "ss" in name else "% of a core"
         print(f"{name:16} {median(vals):10.1f} {unit}")
     ratios = [f / b for f, b in zip(rows["first_call"], rows["baseline"])]
+    floors = [t / b for t, b in zip(rows["template"], rows["baseline"])]
     print(f"\nfirst_call / baseline: median of the rounds' ratios {median(ratios):.2f} "
-          f"(target <= 1.2)")
+          f"(target <= 1.2); the template's imports alone: {median(floors):.2f}")
     write_json(path, {"benchmark": "scale", "implementation": info, "rounds": args.rounds,
                       "sizes": sizes, "figures": figures, "samples": rows, "extra": extra})
 
