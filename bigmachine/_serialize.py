@@ -191,11 +191,15 @@ def dump_exception(exc: BaseException) -> tuple[list, list]:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     qualname = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
+        message = str(exc)
+    except Exception as failure:  # a broken __str__ must not leave its caller without a reply
+        message = f"<str() of the exception failed: {type(failure).__name__}>"
+    try:
         payload = cloudpickle.dumps(exc, protocol=5)
         pickle.loads(payload)  # the type must survive the trip to be useful
     except Exception:
         payload = None
-    return dumps((payload, qualname, str(exc), text))
+    return dumps((payload, qualname, message, text))
 
 
 def load_exception(segments: list) -> BaseException:

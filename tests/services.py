@@ -22,6 +22,13 @@ class BadInitError(Exception):
         self.a, self.b = a, b
 
 
+class UnprintableError(Exception):
+    """An exception whose str() fails (a buggy __str__, as some extensions' errors have)."""
+
+    def __str__(self):
+        raise RuntimeError("this exception cannot be printed")
+
+
 def _deep_helper_raises(msg):
     raise ValueError(msg)
 
@@ -86,6 +93,16 @@ class Echo:
 
     def fail_bad_init(self):
         raise BadInitError("x", "y")
+
+    def fail_unprintable(self):
+        raise UnprintableError()
+
+    async def afail_unprintable(self):
+        raise UnprintableError()
+
+    def fail_unprintable_midstream(self):
+        yield 1
+        raise UnprintableError()
 
     # -- timing, cancellation --
     def sleep(self, seconds):

@@ -17,7 +17,7 @@ import pytest
 import bigmachine as bm
 from tests.conftest import TIMING, children, poll, shared, unshare
 from tests.services import (BadInitError, CustomError, Echo, FailingInit, GatedInit, Relay,
-                            Rendezvous)
+                            Rendezvous, UnprintableError)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -386,6 +386,18 @@ def test_unpicklable_exception_falls_back_to_remote_error(m):
     # sanity: the type really cannot be rebuilt from its args
     with pytest.raises(TypeError):
         BadInitError(*BadInitError("x", "y").args)
+
+
+@pytest.mark.parametrize("method", ["Echo.fail_unprintable", "Echo.afail_unprintable",
+                                    "Echo.fail_unprintable_midstream"])
+def test_an_exception_whose_str_fails_still_reaches_the_caller(m, method):
+    """Its message is replaced, not its type: the caller gets it at once, not a timeout."""
+    with pytest.raises(UnprintableError):
+        if method.endswith("midstream"):
+            list(m.stream(method, timeout=10))
+        else:
+            m.call(method, timeout=10)
+    assert m.call("Echo.echo", 1, timeout=10) == 1
 
 
 def test_unknown_service_and_method(m):
