@@ -8,7 +8,10 @@
 - ``/TOKEN/status.json``: ``b.status().to_dict()``;
 - ``/TOKEN/profile?seconds=N``: a merged CPU profile as folded stacks.
 
-Anything else, a wrong token included, is 404.
+Anything else, a wrong token included, is 404. The token never reaches the
+log; a connection silent for IDLE_TIMEOUT seconds is closed, and at most
+MAX_CONNECTIONS are served at once (more are closed as they come), so that
+nobody on the host can make the driver hold a thread per idle socket.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ log = logging.getLogger("bigmachine.statuspage")
 
 MAX_PROFILE_SECONDS = 60.0
 REFRESH_MS = 2000
+IDLE_TIMEOUT = 5.0     # seconds a connection may stay silent (as a machine's handshake deadline)
+MAX_CONNECTIONS = 16   # served at once; a page refreshes over one or two
 
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>bigmachine status</title>
@@ -135,6 +140,32 @@ setInterval(refresh, __REFRESH__);
 """
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """A thread per connection, MAX_CONNECTIONS at most."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # closed at once: a client may try again
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def split_host_port(addr: str) -> tuple[str, int]:
     """("host", port) of "host:port" or "[v6]:port"."""
     host, sep, port = addr.rpartition(":")
@@ -153,26 +184,28 @@ class StatusPage:
         page = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = IDLE_TIMEOUT
+
             def do_GET(self) -> None:  # noqa: N802 (the http.server API)
                 page.serve(self)
 
             def log_message(self, fmt: str, *args: Any) -> None:
-                log.debug("%s: " + fmt, self.client_address[0], *args)
+                message = (fmt % args).replace(page.token, "TOKEN")  # request lines hold it
+                log.debug("%s: %s", self.client_address[0], message)
 
-        server_class = http.server.ThreadingHTTPServer
+        server_class = _Server
         if ":" in host:
             server_class = type("ThreadingHTTPServer6", (server_class,), {"address_family": socket.AF_INET6})
         try:
             self.server = server_class((host, port), Handler)
         except OSError as exc:
             raise Error(f"cannot serve the status page on {addr}: {exc}") from exc
-        self.server.daemon_threads = True
         bound = self.server.server_address[1]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{bound}/{self.token}/"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
                                        name="bigmachine-statuspage")
         self.thread.start()
-        log.info("status page at %s", self.url)
+        log.info("status page on port %d (its URL, with the token: b.status_url)", bound)
 
     def serve(self, request: http.server.BaseHTTPRequestHandler) -> None:
         url = urllib.parse.urlsplit(request.path)

@@ -8,6 +8,7 @@ import re
 import fcntl
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -339,6 +340,68 @@ def test_status_page_on_loopback_with_a_token_renders_in_chromium(chromium):
         assert "Work.echo" in dom and "<polyline" in dom
     with pytest.raises(urllib.error.URLError):  # shut down with its session
         urllib.request.urlopen(url + "status.json", timeout=5)
+
+
+def _status_port(b) -> tuple[str, int, str]:
+    """(host, port, token) of b.status_url."""
+    hostport, token = b.status_url.split("://", 1)[1].split("/")[:2]
+    host, port = hostport.rsplit(":", 1)
+    return host, int(port), token
+
+
+def test_status_page_never_logs_its_token():
+    """The token is a capability: neither the start nor the requests' lines log it."""
+    records = Records()
+    logger = logging.getLogger("bigmachine")
+    level = logger.level
+    logger.addHandler(records)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with bm.start(bm.InProcess(), status_addr="127.0.0.1:0", **TIMING) as b:
+            _, port, token = _status_port(b)
+            with urllib.request.urlopen(b.status_url + "status.json", timeout=10) as reply:
+                assert reply.status == 200
+            with pytest.raises(urllib.error.HTTPError):  # a wrong path logs too
+                urllib.request.urlopen(b.status_url + "nope", timeout=10)
+            poll(lambda: sum("nope" in r.getMessage() for r in records.records) == 1, timeout=10)
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    logged = [r.getMessage() for r in records.records if r.name.startswith("bigmachine.statuspage")]
+    assert any(str(port) in line for line in logged)  # the start is logged, without the token
+    assert any("status.json" in line for line in logged)
+    assert not [line for line in logged if token in line]
+
+
+def test_status_page_closes_silent_connections_and_caps_how_many_it_serves():
+    """Anyone on the host may connect: 200 connections that never finish a request
+    line hold no driver thread each for ever, and the page still answers after."""
+    with bm.start(bm.InProcess(), status_addr="127.0.0.1:0", **TIMING) as b:
+        host, port, _ = _status_port(b)
+        before = threading.active_count()
+        socks = [socket.create_connection((host, port), timeout=5) for _ in range(200)]
+        try:
+            for s in socks:
+                s.sendall(b"GET /")
+            time.sleep(0.5)
+            held = threading.active_count() - before
+            deadline = time.monotonic() + 15.0
+            still_open = 0
+            for s in socks:
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    still_open += s.recv(1) != b""
+                except ConnectionResetError:
+                    pass
+                except socket.timeout:
+                    still_open += 1
+        finally:
+            for s in socks:
+                s.close()
+        assert held <= 16 + 2, f"200 silent connections held {held} driver threads"
+        assert still_open == 0, f"{still_open} of 200 silent connections were still open after 15 s"
+        with urllib.request.urlopen(b.status_url + "status.json", timeout=10) as reply:
+            assert reply.status == 200
 
 
 def test_status_addr_is_checked():
