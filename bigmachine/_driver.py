@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 from . import _progress, _rpc
 from ._auth import Credentials
 from ._connection import Connection
-from ._limits import raise_open_files
+from ._limits import no_core_dumps, raise_open_files
 from ._logforward import SERVICE as LOGS, Logs, this_process
 from ._machine import Control, Machine, State
 from ._node import Node, current_node, set_default
@@ -45,6 +45,7 @@ class Driver(Observing, B):
         self.system = system
         try:
             raise_open_files()
+            no_core_dumps(lock=False)  # before the secrets exist
             creds = Credentials.generate(ClusterCA(system.cert_lifetime) if system.tls else None)
             identity = creds.ca.issue("driver") if creds.ca is not None else None
             node = Node(creds, "driver", user_timeout=system.lost_after, identity=identity,

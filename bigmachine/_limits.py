@@ -2,8 +2,9 @@
 
 Descriptors: a member raises its soft RLIMIT_NOFILE to the hard limit, so that
 peers (and strangers holding connections open) cannot exhaust a default of
-1,024. Core dumps: a machine holds the cluster's secret and its TLS key in
-memory, so it never writes a core file.
+1,024. Core dumps: a member holds the cluster's secret and its TLS key in
+memory, so it writes no core file: a machine never, the driver (the user's
+own program) not unless its user raises the soft limit again.
 """
 from __future__ import annotations
 
@@ -23,9 +24,12 @@ def raise_open_files() -> int:
     return soft
 
 
-def no_core_dumps() -> None:
-    """Never write a core file (it would hold the cluster's secrets)."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def no_core_dumps(lock: bool = True) -> None:
+    """Write no core file (it would hold the cluster's secrets). lock: the hard
+    limit too, so that nothing can raise the soft one again (a machine's own
+    process); else the soft limit only (the driver: its user may accept the risk)."""
+    hard = 0 if lock else resource.getrlimit(resource.RLIMIT_CORE)[1]
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
 
 
 def open_files() -> int:

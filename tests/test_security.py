@@ -22,10 +22,12 @@ import random
 import re
 import resource
 import selectors
+import signal
 import socket
 import ssl
 import statistics
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -104,7 +106,6 @@ class Spawner:
         self.children = {}
 
     def spawn(self):
-        import subprocess
         p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         self.children[p.pid] = p
         return p.pid
@@ -1122,6 +1123,39 @@ def test_secrets_never_leak(tlsb, plain, tmp_path, capfd, caplog):
                 if b"PRIVATE KEY" in f.read():
                     left.append(os.path.join(root, name))
     assert not left, left
+
+
+_CRASHING_DRIVER = """
+import os, resource, sys
+resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+import bigmachine as bm
+from tests.services import Echo
+b = bm.start(bm.Local(), keepalive_period=0.25, lost_after=5.0)
+m, = b.start(1, services={"Echo": Echo()}, timeout=30)
+assert m.call("Echo.echo", 1, timeout=10) == 1
+print(b.node.creds.secret.hex(), *resource.getrlimit(resource.RLIMIT_CORE), flush=True)
+os.abort()  # a crash, as a segfault in an extension would be
+"""
+
+
+def test_a_crashing_driver_writes_no_core_file(tmp_path):
+    """The driver holds the cluster's secret (and with TLS the CA's key): once a
+    session starts its soft core limit is 0, whatever its user had set; the hard
+    limit is left for the user to raise it again knowingly."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    done = subprocess.run([sys.executable, "-c", _CRASHING_DRIVER], cwd=tmp_path, env=env,
+                          capture_output=True, timeout=90)
+    assert done.returncode == -signal.SIGABRT, done.stderr[-2000:]
+    secret, soft, hard = done.stdout.split()[-3:]
+    assert (int(soft), int(hard)) == (0, resource.RLIM_INFINITY)
+    holding = []
+    for name in os.listdir(tmp_path):  # where core_pattern is "core" (else piped, and refused too)
+        with open(tmp_path / name, "rb") as f:
+            if bytes.fromhex(secret.decode()) in f.read():
+                holding.append(name)
+    assert not holding, f"the driver's core file holds the cluster secret: {holding}"
 
 
 def test_no_key_file_is_ever_written():
