@@ -8,6 +8,12 @@ every stream onto the socket. Any socket error, from either, becomes the
 connection's ``MachineLost`` in ``io_failed``, and every call on it fails.
 On a Unix socket without TLS, with the session's shared_memory option, large
 out-of-band buffers travel as shared memory (``_shmlink``).
+
+What a peer makes us send is bounded as what we send of our own is: a peer
+may have at most max_in_flight calls served at once (its in-flight gate's
+size; more is a ProtocolError), and while more than max_queued bytes wait
+for it to read, the calls it asks for wait to run (``park``), so their
+replies are not made; its PINGs are answered only when nothing waits.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from . import _buffers, _decoder, _shmlink, _wire
 from ._reader import Reader
-from ._waiters import Gate, Waiter, on_loop_thread
+from ._waiters import Gate, Waiter, call_soon_threadsafe, on_loop_thread
 from ._wire import (KIND_CANCEL, KIND_CREDIT, KIND_GOAWAY, KIND_MSG, KIND_PING,
                     KIND_PONG, MTYPE_END, MTYPE_ERROR, MTYPE_REPLY, MTYPE_REQUEST)
 from ._writer import MAX_QUEUED, SMALL_MESSAGE, Writer
@@ -61,6 +67,11 @@ class Connection:
         self.incoming: dict[int, Any] = {}       # calls we serve, for cancel and credit
         self._cancelled_early: set[int] = set()
         self.gate = Gate(max_in_flight)
+        self.max_in_flight = max_in_flight
+        self._parked: deque = deque()      # the peer's calls waiting for the writer's room
+        self._parking = threading.Lock()
+        self._resuming = False
+        self._resumer: Optional[asyncio.Task] = None
         self.error: Optional[BaseException] = None
         self.closed = False
         self._closing = threading.Lock()
@@ -203,6 +214,40 @@ class Connection:
             raise
         return units, nbytes, fds
 
+    # ---- what the peer makes us send ---------------------------------------
+
+    def over_room(self) -> bool:
+        """True while more than max_queued bytes wait for the peer to read them."""
+        return self.writer.queued > self.writer.max_queued
+
+    def park(self, resume: Callable[[], None]) -> None:
+        """Hold a call the peer asked for until over_room() is over, then resume()
+        it on the IO loop (resume must not block). From any thread."""
+        with self._parking:
+            self._parked.append(resume)
+            if self._resuming:
+                return
+            self._resuming = True
+        call_soon_threadsafe(self.loop, self._start_resuming)
+
+    def _start_resuming(self) -> None:
+        self._resumer = self.loop.create_task(self._resume())  # held: a task is weakly kept
+
+    async def _resume(self) -> None:
+        await self.writer.await_room()  # or closed: the calls then end as cancelled
+        with self._parking:
+            parked, self._parked = self._parked, deque()
+            self._resuming = False
+        for resume in parked:
+            try:
+                resume()
+            except RuntimeError:  # the node's pool has shut down: so has the connection
+                pass
+
+    async def await_room(self) -> None:
+        """From a coroutine: wait while over_room()."""
+        await self.writer.await_room()
+
     # ---- reading ----------------------------------------------------------
 
     def _is_closed(self) -> bool:
@@ -241,7 +286,11 @@ class Connection:
             if served is not None:
                 served.credit(event[2])
         elif kind == KIND_PING:
-            self.send_control(KIND_PONG, 0, event[2])
+            # Not while anything waits to be written: then either bytes are
+            # reaching the peer anyway (it sees us alive) or it is not reading, and
+            # queued PONGs would only pile up.
+            if self.writer.queued == 0:
+                self.send_control(KIND_PONG, 0, event[2])
         elif kind == KIND_PONG:
             self.pong_at = time.monotonic()
             # The value is our PING's: time.monotonic() in microseconds when sent.

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any, Callable, Optional
 
 from ._connection import Connection
+from ._reader import complete
 from ._metrics import Counters, MethodCounter
 from ._serialize import dump_exception, dumps, loads
 from ._service import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, Registry
@@ -20,7 +21,7 @@ from ._streams import CANCELLED, Stream
 from ._waiters import call_soon_threadsafe
 from ._writer import SMALL_MESSAGE
 from ._wire import MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY
-from .errors import Error, MachineLost
+from .errors import Error, MachineLost, ProtocolError
 
 
 class _Local(threading.local):
@@ -134,6 +135,9 @@ class Dispatcher:
 
     def on_request(self, conn: Connection, sid: int, mflags: int, segments: list) -> None:
         """On the connection's reader thread: start serving one request."""
+        if len(conn.incoming) >= conn.max_in_flight:  # more than its own gate lets out
+            conn.fail(ProtocolError(f"{conn.peer} has more than {conn.max_in_flight} calls in flight"))
+            return
         served = Served(conn, sid, self.loop)
         if self.enter is not None:
             self.enter()
@@ -156,12 +160,22 @@ class Dispatcher:
         if kind == SYNC:
             # The reader runs it once the read is handled (see _reader), or
             # the pool does if reading must go on first.
-            conn.reader.defer(self.executor.submit, _run_sync, served, fn, args, kwargs)
+            conn.reader.defer(self.executor.submit, self._serve_sync, served, fn, args, kwargs)
         elif kind == GENERATOR:
             self.executor.submit(_run_generator, served, fn, args, kwargs)
         else:
             run = _run_async if kind == ASYNC else _run_async_generator
             call_soon_threadsafe(self.loop, _start_task, served, run, fn, args, kwargs)
+
+
+    def _serve_sync(self, served: Served, fn: Any, args: tuple, kwargs: dict) -> Optional[Callable[[], None]]:
+        """_run_sync, unless the caller is not reading what we send it: then once it
+        has (the reply is not made meanwhile), on the pool."""
+        if served.conn.over_room():
+            served.conn.park(partial(self.executor.submit, complete, self._serve_sync,
+                                     served, fn, args, kwargs))
+            return None
+        return _run_sync(served, fn, args, kwargs)
 
 
 def _start_task(served: Served, run: Any, fn: Any, args: tuple, kwargs: dict) -> None:
@@ -260,6 +274,8 @@ async def _asend(conn: Connection, sid: int, mtype: int, message: tuple) -> None
 async def _run_async(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
     mtype = MTYPE_ERROR  # until a reply is made
     try:
+        if served.conn.over_room():  # the caller is not reading what we send it
+            await served.conn.await_room()
         mtype, message = _reply(await fn(*args, **kwargs))
     except asyncio.CancelledError:
         return

@@ -104,6 +104,10 @@ class Echo:
         yield 1
         raise UnprintableError()
 
+    def blob(self, n):
+        """n bytes: a reply much larger than its request."""
+        return b"x" * n
+
     # -- timing, cancellation --
     def sleep(self, seconds):
         time.sleep(seconds)

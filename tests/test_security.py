@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import traceback
+import contextlib
 from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
@@ -41,11 +42,14 @@ import psutil
 import pytest
 
 import bigmachine as bm
-from bigmachine import _auth, _wire
+from bigmachine import _auth, _decoder, _wire
+from bigmachine._connection import MAX_IN_FLIGHT
+from bigmachine._writer import MAX_QUEUED
 from bigmachine._auth import Credentials
 from bigmachine._admission import LOG_BURST, LOG_EVERY
 from bigmachine._node import Node
-from tests.rawpeer import connect, recv_exact
+from tests.rawpeer import client_handshake, connect, recv_exact
+from tests.test_transport import message_bytes
 from tests.relay import PathRelay
 from bigmachine._tls import ClusterCA, Identity
 from tests.conftest import TIMING, _shared_sessions, children, poll, shared, wait_no_leaks
@@ -1317,3 +1321,117 @@ def test_tls_cluster_works(tlsb):
         elapsed, data = wait_closed(s, 2)
     assert elapsed is not None and elapsed < 1.0
     assert _auth.MAGIC not in data
+
+
+# ---------------------------------------------------------------------------
+# S6: what a member that does not read can make us hold
+# ---------------------------------------------------------------------------
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def lone():
+    """A fresh bm.Local() session with one machine (its memory is measured)."""
+    with bm.start(bm.Local(), **TIMING) as b:
+        m, = b.start(1, services={"Echo": Echo()}, timeout=30)
+        yield b, m
+
+
+def _raw_member(b, m) -> socket.socket:
+    """A raw socket through the handshake to m, that reads only when told."""
+    sock = connect(m.addr)
+    client_handshake(sock, b.node.creds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
+def _requests(sids, method: str, *args) -> bytes:
+    return b"".join(message_bytes(sid, _wire.MTYPE_REQUEST, (method, args, {})) for sid in sids)
+
+
+def _rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+@pytest.mark.timeout(90)
+def test_pings_of_a_member_that_never_reads_do_not_pile_up(lone):
+    """A PONG is queued only when nothing else waits: 2 M PINGs (46 MiB) from a
+    peer that reads nothing grew the machine by ~600 MiB before."""
+    b, m = lone
+    pid = m.info()["pid"]
+    sock = _raw_member(b, m)
+    try:
+        batch = _wire.control_frame(_wire.KIND_PING, 0, 1) * 40_000
+        rss = _rss(pid)
+        sock.settimeout(30)
+        with contextlib.suppress(OSError):
+            for _ in range(50):
+                sock.sendall(batch)
+        time.sleep(1.0)
+        growth = _rss(pid) - rss
+    finally:
+        sock.close()
+    assert growth <= 32 * MiB, f"the machine grew by {growth / MiB:.0f} MiB"
+    assert m.call("Echo.echo", 1, timeout=10) == 1
+
+
+@pytest.mark.timeout(90)
+def test_replies_to_a_member_that_reads_late_wait_to_be_made_and_none_is_lost(lone):
+    """3,000 requests of ~100 bytes for 60 KB replies (small messages, which never
+    wait for room): once max_queued bytes wait for the peer, its calls wait to
+    run, so the machine holds about max_queued, not 180 MB; when the peer
+    reads again every call is answered."""
+    b, m = lone
+    pid = m.info()["pid"]
+    sock = _raw_member(b, m)
+    try:
+        sids = range(1, 2 * 3000, 2)
+        rss = _rss(pid)
+        sock.settimeout(10)
+        sock.sendall(_requests(sids, "Echo.blob", 60_000))
+        time.sleep(3.0)
+        growth = _rss(pid) - rss
+        assert growth <= MAX_QUEUED + 64 * MiB, f"the machine grew by {growth / MiB:.0f} MiB"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+        decoder = _decoder.Decoder()
+        answered = set()
+        deadline = time.monotonic() + 60
+        while len(answered) < len(sids):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = sock.recv(1 << 20)
+            assert data, f"closed after {len(answered)} replies"
+            answered.update(event[1] for event in decoder.feed(data)
+                            if event[0] == _wire.KIND_MSG and event[2] == _wire.MTYPE_REPLY)
+    finally:
+        sock.close()
+    assert answered == set(sids)
+    assert m.call("Echo.echo", 1, timeout=10) == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_member_with_more_calls_in_flight_than_its_gate_allows_is_cut_off(lone):
+    """A member's own gate lets out at most max_in_flight calls: one more in
+    flight at once is a protocol error, which closes that connection only."""
+    b, m = lone
+    sock = _raw_member(b, m)
+    try:
+        sids = range(1, 2 * (MAX_IN_FLIGHT + 1), 2)
+        sock.settimeout(30)
+        with contextlib.suppress(OSError):  # the machine may close before the last is sent
+            sock.sendall(_requests(sids, "Echo.wait_cancel", "cut", 20.0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+        deadline = time.monotonic() + 30
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                closed = sock.recv(1 << 20) == b""
+            except ConnectionResetError:
+                closed = True
+            except TimeoutError:
+                pass
+    finally:
+        sock.close()
+    assert closed, "the machine kept serving a member past its in-flight limit"
+    assert m.call("Echo.echo", 1, timeout=10) == 1
