@@ -263,6 +263,8 @@ class Connection:
             if mtype == MTYPE_REQUEST:
                 if sid & 1 == self._parity:
                     self.fail(ProtocolError(f"{self.peer} sent a request on our stream id {sid}"))
+                elif sid in self.incoming:  # its call on sid has not ended
+                    self.fail(ProtocolError(f"{self.peer} sent a second request on stream id {sid}"))
                 elif sid in self._cancelled_early:
                     self._cancelled_early.discard(sid)
                 else:

@@ -34,9 +34,14 @@ def encode_request(method: str, args: tuple, kwargs: dict) -> tuple[list, list]:
         raise Error(f"cannot send {method}: {exc}") from exc.__cause__
 
 
-def _result(conn: Connection, item: tuple) -> Any:
+def _result(conn: Connection, item: tuple, stream: bool = False) -> Any:
+    """What one message of the peer's answer means: a value, or an error to raise.
+
+    stream: the answer of a stream, whose items are values; a plain call's is a
+    reply or an error only, anything else a ProtocolError that closes the connection.
+    """
     mtype, payload = item
-    if mtype == MTYPE_REPLY or mtype == MTYPE_ITEM or mtype == MTYPE_ERROR:
+    if mtype == MTYPE_REPLY or mtype == MTYPE_ERROR or (mtype == MTYPE_ITEM and stream):
         # Unpickle as a member of the connection's cluster: a Machine in the
         # reply becomes a handle of that cluster, whatever thread asks.
         node = conn.node
@@ -55,7 +60,10 @@ def _result(conn: Connection, item: tuple) -> Any:
         raise error
     if mtype is None:  # the connection failed; payload is why
         raise MachineLost.because(getattr(payload, "addr", conn.peer), payload)
-    raise ProtocolError(f"{conn.peer} answered with message type {mtype}, which ends no call")
+    error = ProtocolError(f"{conn.peer} answered a {'stream' if stream else 'call'} "
+                          f"with message type {mtype}")
+    conn.fail(error)  # else the call stays registered, awaiting a reply that has come
+    raise error
 
 
 def call(conn: Connection, method: str, args: tuple, kwargs: dict,
@@ -155,7 +163,7 @@ def stream(conn: Connection, method: str, args: tuple, kwargs: dict,
                     raise TimeoutError(f"{method} on {conn.peer}: no item within {timeout} s") from None
                 if not state.received(item[0]):
                     return
-                yield _result(conn, item)
+                yield _result(conn, item, stream=True)
                 _consumed(conn, state)
         finally:
             _close(conn, state)
@@ -180,7 +188,7 @@ async def astream(conn: Connection, method: str, args: tuple, kwargs: dict,
                     raise TimeoutError(f"{method} on {conn.peer}: no item within {timeout} s") from None
                 if not state.received(item[0]):
                     return
-                yield _result(conn, item)
+                yield _result(conn, item, stream=True)
                 _consumed(conn, state)
         finally:
             _close(conn, state)

@@ -660,6 +660,8 @@ MUTATIONS = {
     "PING of 4 bytes": HEADER.pack(PING, 0, 0, 0, 4) + bytes(4),
     "CANCEL on stream 0": HEADER.pack(CANCEL, 0, 0, 0, 0),
     "65537 segments": HEADER.pack(MSG, 0, 0, 1, 8) + struct.pack("<BBHI", 1, 0, 0, 65537),
+    "a second request on a stream being served": 2 * message_bytes(
+        3, _wire.MTYPE_REQUEST, ("Echo.wait_cancel", ("second request", 10.0), {})),
 }
 
 
@@ -735,6 +737,28 @@ def test_late_reply_to_a_cancelled_call_is_dropped():
         time.sleep(0.1)  # the stale reply has arrived by now
         assert _rpc.call(conn, "X.echo", ("fresh",), {}, 5) == "fresh"
         assert not conn.closed and not conn.calls
+
+
+def test_a_call_answered_with_a_stream_item_is_a_protocol_error():
+    """A plain call's answer is a reply or an error: a peer that sends an item
+    instead breaks the protocol (the call would stay registered for ever)."""
+    creds = Credentials.generate()
+
+    def serve(sock: socket.socket, stop: threading.Event) -> None:
+        decoder = _decoder.Decoder()
+        while not stop.is_set():
+            data = sock.recv(65536)
+            if not data:
+                return
+            for event in decoder.feed(data):
+                if event[0] == MSG and event[2] == _wire.MTYPE_REQUEST:
+                    sock.sendall(message_bytes(event[1], _wire.MTYPE_ITEM, "an item"))
+
+    with RawServer(creds, serve) as server, client_node(creds) as node:
+        conn = node.connect(server.addr, timeout=5)
+        with pytest.raises(bm.ProtocolError, match="answered a call with message type"):
+            _rpc.call(conn, "X.echo", ("a",), {}, 5)
+        assert conn.closed and not conn.calls
 
 
 # ---- call-level faults stay call-level ------------------------------------------------------
