@@ -11,15 +11,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Optional
 
 from ._status import Status
 from ._version import __version__
 from .bench import BENCHMARKS
+
+STATUS_URL_VAR = "BIGMACHINE_STATUS_URL"  # where `status` finds the page's URL without an argument
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -46,8 +50,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         "status", help="print a running driver's status table",
         description="Print the status table of a running session, read from its status page: "
         "the URL is b.status_url of a session started with status_addr='127.0.0.1:0' "
-        "(it carries the page's token).")
-    status.add_argument("url", metavar="URL", help="the status page, http://HOST:PORT/TOKEN/")
+        "(it carries the page's token). On a shared host pass it in the environment "
+        f"({STATUS_URL_VAR}) rather than as an argument: other users can read arguments.")
+    status.add_argument("url", metavar="URL", nargs="?", default=None,
+                        help=f"the status page, http://HOST:PORT/TOKEN/ (default: ${STATUS_URL_VAR})")
     status.add_argument("--watch", type=float, metavar="SECONDS", nargs="?", const=2.0,
                         help="print again every SECONDS (default 2) until interrupted")
 
@@ -80,7 +86,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif args.command == "bench":
         importlib.import_module(f"bigmachine.bench.{args.name}").main(args.args)
     elif args.command == "status":
-        return _status(args.url, args.watch)
+        url = args.url or os.environ.get(STATUS_URL_VAR)
+        if not url:
+            parser.error(f"status needs the page's URL: an argument, or ${STATUS_URL_VAR}")
+        return _status(url, args.watch)
     elif args.command == "ec2":
         return _ec2(args)
     elif args.command == "version":
@@ -111,6 +120,13 @@ def _ec2(args: argparse.Namespace) -> int:
         return 1
 
 
+def _without_token(url: str) -> str:
+    """url with its first path segment (the status page's token) hidden."""
+    parts = urllib.parse.urlsplit(url)
+    _, _, rest = parts.path.lstrip("/").partition("/")
+    return urllib.parse.urlunsplit(parts._replace(path=f"/TOKEN/{rest}"))
+
+
 def _status(url: str, watch: Optional[float]) -> int:
     """Print the status table once, or every watch seconds."""
     source = url if url.endswith("status.json") else url.rstrip("/") + "/status.json"
@@ -119,7 +135,7 @@ def _status(url: str, watch: Optional[float]) -> int:
             with urllib.request.urlopen(source, timeout=30) as reply:
                 table = str(Status.from_dict(json.load(reply)))
         except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
-            print(f"cannot read the status at {source}: {exc}", file=sys.stderr)
+            print(f"cannot read the status at {_without_token(source)}: {exc}", file=sys.stderr)
             return 1
         if watch is None:
             print(table)

@@ -65,6 +65,20 @@ def test_status_once_and_watching():
         assert out.count("RUNNING") >= 2
     done = cli("status", b.status_url)  # the session is gone
     assert done.returncode == 1 and "cannot read the status" in done.stderr
+    assert b.status_url.split("/")[3] not in done.stderr  # the page's token
+
+
+def test_status_reads_the_url_from_the_environment():
+    """Arguments are visible to every user of the host (/proc/PID/cmdline); the
+    environment only to the same user."""
+    with bm.start(status_addr="127.0.0.1:0", **TIMING) as b:
+        done = subprocess.run([sys.executable, "-m", "bigmachine", "status"], cwd=ROOT,
+                              env=dict(os.environ, BIGMACHINE_STATUS_URL=b.status_url),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("machine  state"), done.stdout
+    done = cli("status")
+    assert done.returncode == 2 and "BIGMACHINE_STATUS_URL" in done.stderr
 
 
 def test_unknown_command_fails():
