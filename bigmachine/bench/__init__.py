@@ -17,5 +17,6 @@ BENCHMARKS = {
              "against spawning Python with numpy",
     "shm": "arrays between machines on one host (shared memory) against raw TCP, Unix and Ray",
     "peers": "ping and calls/s beside multiprocessing.connection, execnet, Pyro5, dask, ray",
+    "streams": "items/s of a streamed sync generator against an async one",
     "instructions": "instructions per small call (callgrind), against multiprocessing.connection",
 }

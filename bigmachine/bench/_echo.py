@@ -27,6 +27,15 @@ class Echo:
     async def aecho(self, x: Any) -> Any:
         return x
 
+    def count(self, n: int) -> Any:
+        """A stream of n small items (a generator method)."""
+        yield from range(n)
+
+    async def acount(self, n: int) -> Any:
+        """The same from an async generator (served on the machine's loop)."""
+        for i in range(n):
+            yield i
+
     def sum(self, a: Any) -> float:
         return float(a.sum())
 

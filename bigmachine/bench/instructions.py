@@ -13,6 +13,8 @@ covers the caller and the server:
            Unix sockets of ``bm.Local()``, the same transport);
 - acall:   ``await m.acall("Echo.echo", i)``, 100 in flight (batching makes
            this one vary by some 10% between runs);
+- call_async_method, acall_async_100_in_flight: the same calls of
+           ``Echo.aecho``, an ``async def`` served on the machine's loop;
 - mp_unix: ``multiprocessing.connection`` over a Unix socket, a client and a
            server thread, pickled request and reply (the baseline).
 
@@ -36,18 +38,18 @@ _BIGMACHINE = """
 import asyncio, sys
 import bigmachine as bm
 from bigmachine.bench._echo import Echo
-n, how = int(sys.argv[1]), sys.argv[2]
+n, how, method = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 with bm.start(bm.InProcess()) as b:
     m, = b.start(1, services={"Echo": Echo()})
     if how == "call":
         for _ in range(n):
-            m.call("Echo.echo", 1)
+            m.call(method, 1)
     else:
         async def run():
             ids = iter(range(n))
             async def worker():
                 for i in ids:
-                    await m.acall("Echo.echo", i)
+                    await m.acall(method, i)
             await asyncio.gather(*(worker() for _ in range(100)))
         asyncio.run(run())
 """
@@ -101,12 +103,14 @@ def main(argv: Optional[list] = None) -> None:
     if shutil.which("valgrind") is None:
         print("valgrind is not installed: nothing to count")
         return
-    figures = {"call": per_call(_BIGMACHINE, args.calls, "call"),
-               "acall_100_in_flight": per_call(_BIGMACHINE, args.calls, "acall"),
+    figures = {"call": per_call(_BIGMACHINE, args.calls, "call", "Echo.echo"),
+               "call_async_method": per_call(_BIGMACHINE, args.calls, "call", "Echo.aecho"),
+               "acall_100_in_flight": per_call(_BIGMACHINE, args.calls, "acall", "Echo.echo"),
+               "acall_async_100_in_flight": per_call(_BIGMACHINE, args.calls, "acall", "Echo.aecho"),
                "mp_unix": per_call(_MP, args.calls)}
-    print(f"\n{'':24} {'instructions':>13} {'x mp_unix':>10}")
+    print(f"\n{'':26} {'instructions':>13} {'x mp_unix':>10}")
     for name, value in figures.items():
-        print(f"{name:24} {value:13,.0f} {value / figures['mp_unix']:10.2f}")
+        print(f"{name:26} {value:13,.0f} {value / figures['mp_unix']:10.2f}")
     write_json(path, {"benchmark": "instructions", "implementation": info, "figures": figures})
 
 
