@@ -155,6 +155,7 @@ class Dispatcher:
         else:
             run = _run_async if kind == ASYNC else _run_async_generator
             call_soon_threadsafe(self.loop, _start_task, served, run, fn, args, kwargs)
+            conn.reader.follow()  # the loop reads the next request (see _reader)
 
 
 def _start_task(served: Served, run: Any, fn: Any, args: tuple, kwargs: dict) -> None:

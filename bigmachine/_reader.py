@@ -27,12 +27,26 @@ call's cost (each a futex wake-up, often of an idle vCPU, and a GIL hand-over):
   to lead and no call is in flight; the standby gives it back to a reader
   thread as soon as anything arrives that no caller reads.
 
+- The IO loop *follows* async work: a reader thread whose read handed
+  requests to the loop (an ``async def`` or async generator to run) and
+  left nothing to run itself gives the role to the loop, which reads
+  without blocking when the socket is readable (``loop.add_reader``). The
+  next request of an async method is then read and started on the thread
+  that runs it: no hand-off from a reader thread to the loop per call. The
+  loop hands the role back to a reader thread as soon as a read leaves it
+  sync work to run (that thread runs it first) or a message arriving in
+  pieces (bulk data, better read blocking); and the idle reader thread
+  takes it back if the loop is stalled (a coroutine blocking it) while
+  bytes wait, checked every ``LOOP_STALL``. Not with TLS.
+
 A reader thread that lost or parked the role waits, idle, to be given it
 again; at most one waits per connection, the others end.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -41,7 +55,7 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 from ._standby import STANDBY
-from ._waiters import Waiter, begin_batch, end_batch
+from ._waiters import Waiter, begin_batch, call_soon_threadsafe, end_batch
 from ._decoder import Decoder
 from ._wire import WireError
 from ._writer import Writer
@@ -49,11 +63,14 @@ from .errors import MachineLost, ProtocolError
 
 log = logging.getLogger("bigmachine.connection")
 
-READING, BUSY, PARKED = "reading", "busy", "parked"
+READING, BUSY, PARKED, ON_LOOP = "reading", "busy", "parked", "on loop"
 
 # Seconds a batch of deferred work may hold up reading (and the rest of the
 # batch) before the standby hands both on.
 BOUND = 0.001
+# Seconds the IO loop, holding the role, may leave received bytes unread
+# (a coroutine blocking it) before the idle reader thread takes the role back.
+LOOP_STALL = 0.1
 
 
 class Reader:
@@ -64,13 +81,14 @@ class Reader:
     reply; fail(error) and io_failed(what, exc) close the connection.
     """
 
-    def __init__(self, sock: socket.socket, tls: Any, decoder: Decoder, peer: str, name: str,
-                 on_event: Callable[[tuple], None], is_closed: Callable[[], bool],
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, tls: Any,
+                 decoder: Decoder, peer: str, name: str, on_event: Callable[[tuple], None], is_closed: Callable[[], bool],
                  calls_in_flight: Callable[[], bool], fail: Callable[[BaseException], None],
                  io_failed: Callable[[str, BaseException], BaseException], writer: Writer,
                  receive_into: Optional[Callable[[socket.socket, memoryview, Decoder], int]] = None):
         self.sock = sock
         self.fd = sock.fileno()
+        self.loop = loop
         self.tls = tls
         self.decoder = decoder
         self.peer = peer
@@ -95,6 +113,8 @@ class Reader:
         self._idle.acquire()
         self._idle_waiting = False
         self._threads = 0                 # reader threads alive
+        self._follow = False              # the current read gave work to the loop
+        self._watched = False             # the loop watches the socket (add_reader)
 
     def start(self) -> None:
         with self._lock:
@@ -151,6 +171,10 @@ class Reader:
             if self._idle_waiting:
                 self._idle_waiting = False
                 self._idle.release()
+        try:  # before the writer's release of the socket, also queued on the loop
+            self.loop.call_soon_threadsafe(self._unwatch)
+        except RuntimeError:
+            pass  # the loop is closed: it watches nothing
 
     def _buffered(self) -> bool:
         """Received bytes wait above the socket, where the standby cannot see them."""
@@ -248,6 +272,75 @@ class Reader:
         _pass_on(left)
         return 0.0
 
+    # ---- the IO loop following async work ----------------------------------------
+
+    def follow(self) -> None:
+        """From an event handler: this read gave the IO loop work (an async method)."""
+        self._follow = True
+
+    def _to_loop(self, generation: int) -> bool:
+        """With the read's loop wake-ups still collecting: give the role to the loop
+        if this read gave it work and left this thread none; True if given."""
+        if self._deferred or self.tls is not None or self.decoder.pending_bytes:
+            return False
+        with self._lock:  # another idle reader thread would wait without watching the loop
+            if generation != self._generation or self._idle_waiting or self.is_closed():
+                return False
+            self._state = ON_LOOP
+            self._generation += 1  # no reader thread holds it now
+        call_soon_threadsafe(self.loop, self._watch)  # after the work this read gave the loop
+        return True
+
+    def _watch(self) -> None:
+        if not self._watched and self._state == ON_LOOP and not self.is_closed():
+            self._watched = True
+            self.loop.add_reader(self.fd, self._loop_read)
+
+    def _unwatch(self) -> None:
+        if self._watched:
+            self._watched = False
+            self.loop.remove_reader(self.fd)
+
+    def _loop_read(self) -> None:
+        """On the IO loop, the socket readable: read once without blocking, and keep
+        the role unless the read left sync work or a message arriving in pieces."""
+        with self._lock:
+            if self._state != ON_LOOP or self.is_closed():
+                self._unwatch()
+                return
+            self._state = READING  # the loop reads: nobody takes the role meanwhile
+        try:
+            alive = self._read_once(socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            alive = True
+        except Exception as exc:
+            self._unwatch()
+            self._failed(exc)
+            return
+        with self._lock:
+            if not alive or self.is_closed():
+                self._unwatch()
+            elif self._deferred or self.decoder.pending_bytes:
+                self._unwatch()
+                self._to_thread()  # which runs the deferred work first
+            else:
+                self._state = ON_LOOP
+
+    def _take_from_stalled_loop(self, received: int) -> bool:
+        """For the idle reader thread: take the role back if the loop holds it and
+        left bytes unread since received; True if taken."""
+        with self._lock:
+            if not self._idle_waiting:
+                return False  # given the role meanwhile: the idle lock is released
+            if (self._state != ON_LOOP or self.bytes_received != received
+                    or not select.select([self.fd], [], [], 0)[0]):
+                return False
+            self._idle_waiting = False
+            self._state = READING
+            self._generation += 1
+        call_soon_threadsafe(self.loop, self._unwatch)
+        return True
+
     # ---- leading ----------------------------------------------------------------
 
     def try_lead(self) -> bool:
@@ -296,7 +389,7 @@ class Reader:
                     if self._idle_waiting or self.is_closed():
                         return
                     self._idle_waiting = True
-                self._idle.acquire()
+                self._wait_idle()
                 if self.is_closed():
                     return
                 generation = self._generation
@@ -306,9 +399,22 @@ class Reader:
             with self._lock:
                 self._threads -= 1
 
+    def _wait_idle(self) -> None:
+        """Wait to be given the role, or take it from a stalled loop."""
+        while True:
+            received = self.bytes_received
+            if self._idle.acquire(timeout=LOOP_STALL if self._state == ON_LOOP else -1):
+                return
+            if self._take_from_stalled_loop(received):
+                return
+
     def _read_loop(self, generation: int) -> bool:
         """Read while this thread holds the role; True once reading is over for good."""
-        while self._read_once():
+        if self._deferred and not self._run_deferred(generation):  # left by the loop
+            return False
+        while self._read_once(0, generation):
+            if generation != self._generation:  # given to the loop
+                return False
             if self._deferred and not self._run_deferred(generation):
                 return False
             if self._lead_wanted and not self.calls_in_flight() and not self._buffered():
@@ -319,13 +425,17 @@ class Reader:
                 return False
         return True
 
-    def _read_once(self) -> bool:
-        """Receive once and handle what was decoded; False when reading is over."""
+    def _read_once(self, flags: int = 0, generation: int = -1) -> bool:
+        """Receive once and handle what was decoded; False when reading is over.
+
+        flags: recv flags (MSG_DONTWAIT on the loop); generation: a reader
+        thread's, which may give the role to the loop (see _to_loop).
+        """
         decoder, tls = self.decoder, self.tls
         if self.receive_into is not None:
-            n = self.receive_into(self.sock, decoder.get_buffer(), decoder)
+            n = self.receive_into(self.sock, decoder.get_buffer(), decoder, flags)
         elif tls is None:
-            n = self.sock.recv_into(decoder.get_buffer())
+            n = self.sock.recv_into(decoder.get_buffer(), 0, flags)
         else:
             n = tls.read_into(self.sock, decoder.get_buffer())
             if tls.outgoing.pending:
@@ -337,9 +447,12 @@ class Reader:
         self.bytes_received += n
         on_event = self.on_event
         pending = begin_batch()
+        self._follow = False
         try:
             for event in decoder.buffer_updated(n):
                 on_event(event)
+            if self._follow and generation >= 0:
+                self._to_loop(generation)
         finally:
             end_batch(pending)
         return not self.is_closed()
