@@ -31,7 +31,7 @@ from .backends import Process, System
 from .errors import AuthError, Error, MachineLost, ProtocolError, RemoteError, ResourceError
 
 if TYPE_CHECKING:
-    from ._driver import start
+    from ._start import start
     from ._status import CallStats, MachineStatus, Status
     from .backends.ec2 import EC2
     from .backends.inprocess import InProcess
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 # Public name -> the module that defines it, imported on first use.
 _DRIVER_SIDE = {
-    "start": "._driver",
+    "start": "._start",
     "Local": ".backends.local",
     "InProcess": ".backends.inprocess",
     "SSH": ".backends.ssh",

@@ -68,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     commands.add_parser("version", help="print the versions of bigmachine and its parts",
                         description="Print the versions of bigmachine, Python and the "
-                        "compiled wire module in use.")
+                        "compiled wire and decoder modules in use.")
 
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "demo":

@@ -446,7 +446,7 @@ cdef class Decoder:
             if 0 <= ln_i < SMALL_SEGMENT:
                 region += (ln_i + ALIGN - 1) & ~(ALIGN - 1)
         mapped = self._map_shared(shared) if shared else None
-        small = memoryview(self._alloc(region)) if region else None
+        small = memoryview(self._alloc(region) if region else bytearray())  # all may be empty
         cdef _Assembly a = _Assembly()
         a.stream_id = sid
         a.mtype = mtype

@@ -30,6 +30,13 @@ class _Local(threading.local):
 _local = _Local()
 
 
+def calling_connection() -> Optional[Connection]:
+    """The connection whose call the method running in this thread serves (None
+    outside a sync method): the Supervisor learns its owner's link from it."""
+    served = _local.served
+    return served.conn if served is not None else None
+
+
 def cancelled() -> bool:
     """True if the caller of the method running in this thread gave up on it.
 

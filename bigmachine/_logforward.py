@@ -1,12 +1,14 @@
 """Machines' log records, shipped to the driver's logging.
 
-After a machine starts, its driver calls ``Supervisor.forward_logs(level)``.
-The machine then adds a handler to its root logger that queues records at the
-driver's level, and a task on its IO loop sends them in batches to the
-driver's built-in ``Logs`` service over the owner's connection, one batch at
-a time (the reply paces the next). On the driver each record goes to the
-logger ``bigmachine.machine.NAME``, with the machine's name in front of the
-message and as ``record.machine``, for the handlers the driver configured.
+A driver registers a machine's services with its log level
+(``Supervisor.register``). The machine then adds a handler to its root logger
+that queues records at the driver's level, and a task on its IO loop sends
+them in batches to the driver's built-in ``Logs`` service over the owner's
+connection, one batch at a time (the reply paces the next); when the owner
+re-dials (``Supervisor.claim``) they go on over the new connection. On the
+driver each record goes to the logger ``bigmachine.machine.NAME``, with the
+machine's name in front of the message and as ``record.machine``, for the
+handlers the driver configured.
 The machine's own stderr handler stays, at its level: its lines still reach
 the driver's stderr with the machine's prefix (``m0: WARNING name: message``),
 which is all a driver that configured no logging shows. Machines in the
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 from typing import Any
 
 from . import _rpc
@@ -59,39 +63,70 @@ class _Shipper(logging.Handler):
             self.queue.put_nowait(item)
 
 
-def forward(name: str, conn: Any, level: int) -> None:
-    """On a machine's IO loop: ship this process's records at level or above to conn's peer."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    shipper = _Shipper(loop, queue)
-    shipper.setLevel(level)
-    root = logging.getLogger()
-    for handler in root.handlers:  # they keep printing what they printed before
-        if handler.level == logging.NOTSET:
-            handler.setLevel(root.getEffectiveLevel())
-    root.addHandler(shipper)
-    root.setLevel(min(level, root.getEffectiveLevel()))
+_process = secrets.token_hex(8)  # see this_process
 
-    async def send() -> None:
+
+def _rename() -> None:
+    global _process
+    _process = secrets.token_hex(8)
+
+
+os.register_at_fork(after_in_child=_rename)  # a forked child is another process
+
+
+def this_process() -> str:
+    """A random name for this process: unlike its pid, it differs between hosts and
+    containers (a driver and a remote machine may both run as pid 7)."""
+    return _process
+
+
+class Forwarder:
+    """Ships this process's records at level or above to conn's peer, every record
+    logged after it is made: it installs the handler in the calling thread (before
+    the services' init runs) and the sender on the machine's IO loop."""
+
+    def __init__(self, name: str, conn: Any, level: int, loop: asyncio.AbstractEventLoop):
+        self.name, self.conn, self.level, self.loop = name, conn, level, loop
+        self.queue: asyncio.Queue = asyncio.Queue()  # bound to the loop as the sender uses it
+        self.shipper = _Shipper(loop, self.queue)
+        self.shipper.setLevel(level)
+        root = logging.getLogger()
+        for handler in root.handlers:  # they keep printing what they printed before
+            if handler.level == logging.NOTSET:
+                handler.setLevel(root.getEffectiveLevel())
+        root.addHandler(self.shipper)
+        root.setLevel(min(level, root.getEffectiveLevel()))
+        loop.call_soon_threadsafe(loop.create_task, self._send())
+
+    def stop(self) -> None:
+        """Ship no more (from any thread; records still queued are dropped)."""
+        logging.getLogger().removeHandler(self.shipper)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+        except RuntimeError:
+            pass  # the loop is closed: the sender is gone with it
+
+    async def _send(self) -> None:
+        queue, shipper = self.queue, self.shipper
         try:
             while True:
                 batch = [await queue.get()]
                 while not queue.empty() and len(batch) < MAX_BATCH:
                     batch.append(queue.get_nowait())
+                if None in batch:
+                    return  # stopped
                 if shipper.dropped:
                     batch.append(("bigmachine.logs", logging.WARNING,
                                   f"{shipper.dropped} log records were dropped",
                                   batch[-1][3], "", __file__, 0, "forward", "logs"))
                     shipper.dropped = 0
                 # The reply (None) is not unpickled: shipping logs costs a machine no loads.
-                await _rpc.acall(conn, f"{SERVICE}.records", (name, batch), {}, SEND_TIMEOUT,
-                                 decode=False)
+                await _rpc.acall(self.conn, f"{SERVICE}.records", (self.name, batch), {},
+                                 SEND_TIMEOUT, decode=False)
         except (Error, TimeoutError):
             pass  # the driver is gone or stuck: its machine's records end here
         finally:
-            root.removeHandler(shipper)
-
-    loop.create_task(send())
+            logging.getLogger().removeHandler(shipper)
 
 
 def emit(machine: str, item: tuple) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 from typing import Any, Callable, Optional
 
 from . import _profile, _resources
@@ -106,18 +105,6 @@ class Observing:
 
         _each(self._targets(machines), one)
         return MemoryProfile(dict(sorted(sites.items(), key=lambda kv: _by_name_str(kv[0]))), errors)
-
-    def _forward_logs(self, machines: list[Machine]) -> None:
-        """Have machines send their log records at this process's level (see _logforward)."""
-        level = logging.getLogger().getEffectiveLevel()
-
-        def one(m: Machine) -> None:
-            try:
-                m.call("Supervisor.forward_logs", level, os.getpid(), timeout=SLACK)
-            except (Error, TimeoutError) as exc:
-                log.warning("%s will not forward its log records: %s", m.name, exc)
-
-        _each(machines, one)
 
     def _targets(self, machines: Optional[list[Machine]]) -> list[Machine]:
         chosen = self.machines() if machines is None else list(machines)

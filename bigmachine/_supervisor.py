@@ -29,7 +29,7 @@ from . import _health, _logforward, _profile, _resources
 from ._version import __version__
 from ._auth import check_token
 from ._connection import Connection
-from ._dispatch import _local as _dispatch_local
+from ._dispatch import calling_connection
 from ._node import Node
 from ._service import service
 from ._tls import Identity
@@ -54,6 +54,7 @@ class Supervisor:
         self._on_stop = on_stop
         self._token = owner_token
         self._owner: Optional[Connection] = None
+        self._forwarder: Optional[_logforward.Forwarder] = None  # ships records to the owner
         self._started = time.time()
         self._lock = threading.Lock()
         self.health = _health.watch(node)
@@ -63,15 +64,25 @@ class Supervisor:
         if not check_token(self._token, token):
             raise AuthError(self._node.name, f"only its owner may {what}")
 
-    def register(self, services: dict, lease: Optional[float] = None, token: Any = None) -> None:
-        """Install services and run their init (owner only); this connection keeps the lease."""
+    def register(self, services: dict, lease: Optional[float] = None, token: Any = None,
+                 log_level: Optional[int] = None, driver_process: str = "") -> None:
+        """Install services and run their init (owner only); this connection keeps the lease.
+
+        With log_level, this machine's log records at that level or above go to the
+        caller from now on (see _logforward), unless the caller is this very process
+        (driver_process, see _logforward.this_process): its records are there already.
+        """
         self._check_owner(token, "register services")
-        served = getattr(_dispatch_local, "served", None)
+        caller = calling_connection()
         with self._lock:
             if self._owner is not None:
                 raise Error("this machine already has an owner")
             if lease is not None:
                 self._lease = lease
+            if (log_level is not None and driver_process != _logforward.this_process()
+                    and caller is not None):
+                self._forwarder = _logforward.Forwarder(self._node.name, caller, log_level,
+                                                        self._node.loop)
             if self._before_services is not None:
                 self._before_services()
                 self._before_services = None
@@ -88,18 +99,24 @@ class Supervisor:
                 self._node.loop.call_soon_threadsafe(
                     self._node.loop.call_later, 0.5, self._on_stop, "its services' init failed")
                 raise
-            self._owner = served.conn if served is not None else None
+            self._owner = caller
             self._node.set_owner(self._owner)
 
     def claim(self, token: Any = None) -> None:
-        """The owner re-dialled: its keepalives come on the calling connection from now on."""
+        """The owner re-dialled: its keepalives come on the calling connection from now on,
+        and this machine's log records go there (they ended with the old one)."""
         self._check_owner(token, "claim it")
-        served = getattr(_dispatch_local, "served", None)
+        caller = calling_connection()
         with self._lock:
             if self._owner is None:
                 raise Error("this machine has no owner yet: register first")
-            self._owner = served.conn if served is not None else self._owner
+            self._owner = caller if caller is not None else self._owner
             self._node.set_owner(self._owner)
+            old = self._forwarder
+            if old is not None and old.conn is not self._owner:  # its records come here now
+                old.stop()
+                self._forwarder = _logforward.Forwarder(old.name, self._owner, old.level,
+                                                        self._node.loop)
 
     def ping(self) -> str:
         return "pong"
@@ -192,16 +209,6 @@ class Supervisor:
     def profile(self, seconds: float, hz: float = _profile.HZ) -> list:
         """Stack samples of every thread for seconds (see _profile.sample)."""
         return _profile.sample(seconds, hz)
-
-    def forward_logs(self, level: int, driver_pid: int) -> None:
-        """Send this machine's log records at level or above to the caller (see _logforward).
-
-        Nothing when the driver is this very process: its records are there already.
-        """
-        served = getattr(_dispatch_local, "served", None)
-        if os.getpid() != driver_pid and served is not None:
-            self._node.loop.call_soon_threadsafe(_logforward.forward, self._node.name,
-                                                 served.conn, level)
 
     def memory_profile(self, seconds: float, top: int = 20) -> list:
         """The top allocation sites of a window of seconds (see _profile.allocation_sites)."""

@@ -11,6 +11,7 @@ session down and checks that its own processes and threads are gone.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -143,3 +144,14 @@ def poll(fn, timeout: float = 5.0, interval: float = 0.02):
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout} s (last value {value!r})")
         time.sleep(interval)
+
+
+class Records(logging.Handler):
+    """Keeps every log record it is given, for a test to look through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)

@@ -49,3 +49,11 @@ class Work:
 
     def sink(self, array) -> int:
         return array.nbytes
+
+
+@bm.service
+class Chatty:
+    """Logs a warning as its machine starts, from its init."""
+
+    def init(self, machine) -> None:
+        logging.getLogger("tests.obs").warning("%s starting", machine.name)

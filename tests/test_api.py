@@ -198,6 +198,20 @@ def test_exception_in_init_fails_start(cluster):
     assert m0.call("Echo.echo", 3, timeout=10) == 3
 
 
+def test_exception_in_init_fails_the_start_of_a_single_machine(cluster):
+    # One machine boots in the caller's thread, not in a pool's: the same outcome.
+    before = children()
+    with pytest.raises(CustomError, match="init refused") as info:
+        cluster.start(1, services={"F": FailingInit()}, timeout=30)
+    assert ", in init" in "".join(traceback.format_exception(info.value))
+    assert cluster.machines() == []
+    poll(lambda: children() <= before, timeout=5)
+    m, = cluster.start(1, services={"F": FailingInit()}, timeout=30, wait=False)
+    assert m.wait(bm.State.STOPPED, timeout=30) == bm.State.STOPPED
+    assert isinstance(m.err, CustomError)
+    poll(lambda: children() <= before, timeout=5)
+
+
 # ---- services: shipping ------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ and their children) are tracked by pid and killed, by pid, if a test fails.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import select
@@ -26,8 +27,9 @@ import pytest
 
 import bigmachine as bm
 from bigmachine import _retry
-from tests.conftest import children, poll
+from tests.conftest import Records, children, poll
 from tests.faultproxy import TO_CLIENT, FaultProxy
+from tests.obs_services import Work
 from tests.services import CustomError, Echo, FailingInit, Relay
 
 pytestmark = pytest.mark.timeout(60)
@@ -484,6 +486,32 @@ def test_cut_owner_link_is_redialled_and_the_machine_keeps_its_state(proxied):
     assert m.state == bm.State.RUNNING and m.process.alive()
     assert m.call("Echo.echo", 1, timeout=5) == 1
     print(f"\ncut owner link -> re-dialled in {redialled:.2f} s, state kept")
+
+
+def test_a_redialled_machine_forwards_its_log_records_again(proxied):
+    """The machine's log records follow its owner to the new link (the forwarder's
+    sender ended with the old one, and a re-dial did not start another)."""
+    b = proxied(keepalive_period=0.25, lost_after=2)
+    m, = b.start(1, services={"Work": Work()})
+    proxy = b.system.proxies[0]
+    records = Records()
+    logger = logging.getLogger("bigmachine")
+    logger.addHandler(records)
+
+    def seen(text: str) -> int:
+        return sum(f"{text} from the machine" in r.getMessage() for r in list(records.records))
+
+    try:
+        m.call("Work.warn", "before", timeout=5)
+        poll(lambda: seen("before"), timeout=10)
+        proxy.cut()
+        poll(lambda: m.state == bm.State.RUNNING and proxy.accepted == 2, timeout=10)
+        m.call("Work.warn", "after", timeout=5)  # waits for the re-dial
+        poll(lambda: seen("after"), timeout=10)
+        time.sleep(0.3)
+        assert seen("after") == 1 and seen("before") == 1  # once each: one forwarder
+    finally:
+        logger.removeHandler(records)
 
 
 def test_a_machine_that_cannot_be_reached_again_is_lost_after_lost_after(proxied):

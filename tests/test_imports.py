@@ -31,21 +31,26 @@ def test_public_api():
 
 
 # What only a driver uses; a machine, and the template machines are forked from, never need it.
-DRIVER_SIDE = {"bigmachine._driver", "bigmachine._statuspage", "bigmachine._observe",
+DRIVER_SIDE = {"bigmachine._start", "bigmachine._driver", "bigmachine._statuspage", "bigmachine._observe",
                "bigmachine._status",
                "bigmachine.backends.local", "bigmachine.backends.inprocess",
                "bigmachine.backends.ssh", "bigmachine.backends.ec2",
                "http.server", "urllib.request", "tarfile", "email", "importlib.metadata"}
 
 
+def fresh_output(code: str) -> list:
+    """The words code prints in a fresh interpreter (which must succeed)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
 def newly_imported(code: str, names: set) -> str:
     """Which of names running code imports in a fresh interpreter (a printed sorted list)."""
     check = (f"import sys; before = set(sys.modules); {code}; "
              f"print(sorted((set(sys.modules) - before) & set({sorted(names)!r})))")
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
+    return " ".join(fresh_output(check))
 
 
 @pytest.mark.parametrize("code", [
@@ -73,14 +78,27 @@ def test_a_local_session_imports_only_the_optional_parts_it_uses():
 
 
 def test_driver_side_names_import_on_first_use():
-    code = ("import sys, bigmachine as bm; assert 'bigmachine._driver' not in sys.modules; "
+    code = ("import sys, bigmachine as bm; "
+            "assert not {'bigmachine._start', 'bigmachine._driver'} & set(sys.modules); "
             "from bigmachine import SSH; assert bm.SSH is SSH; "
             "print(bm.start.__module__, bm.Local.__name__, bm.EC2.__name__, "
             "bm.InProcess.__name__, bm.Status.__name__, 'start' in dir(bm))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
-    assert done.stdout.split() == ["bigmachine._driver", "Local", "EC2", "InProcess", "Status",
-                                   "True"], \
-        done.stderr
+    assert fresh_output(code) == ["bigmachine._start", "Local", "EC2", "InProcess", "Status",
+                                  "True"]
     with pytest.raises(AttributeError):
         bm.no_such_name
+
+
+def test_a_local_sessions_template_starts_before_the_driver_is_imported():
+    """The template is the longest step of a session's first call: it starts first,
+    and warms up while the driver imports its modules and makes its session."""
+    code = ("import sys, bigmachine as bm\n"
+            "from bigmachine.backends import _template\n"
+            "started, seen = _template.Template.__init__, []\n"
+            "def init(self, env):\n"
+            "    seen.append('bigmachine._driver' in sys.modules)\n"
+            "    started(self, env)\n"
+            "_template.Template.__init__ = init\n"
+            "bm.start().shutdown()\n"
+            "print(seen)")
+    assert fresh_output(code) == ["[False]"]

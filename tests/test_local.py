@@ -10,7 +10,9 @@ import psutil
 import pytest
 
 import bigmachine as bm
+from bigmachine.backends import local
 from tests.conftest import TIMING, children, poll
+from tests.obs_services import Work
 from tests.services import Echo
 
 pytestmark = pytest.mark.timeout(60)
@@ -133,3 +135,31 @@ def test_output_keeps_draining_when_the_drivers_stderr_is_closed(monkeypatch):
             m.call("Echo.say", err="\n".join([line] * 200), timeout=20)
         monkeypatch.undo()
         assert m.call("Echo.echo", 7, timeout=10) == 7
+
+
+def test_a_session_makes_its_private_socket_directory_as_it_starts():
+    # While its template warms up, not on the way to the first machine.
+    system = bm.Local(**TIMING)
+    with bm.start(system):
+        path = system.sockets.path
+        st = os.lstat(path)
+        assert st.st_uid == os.getuid() and (st.st_mode & 0o777) == 0o700
+    assert not os.path.exists(path)
+    tls = bm.Local(tls=True, **TIMING)
+    with bm.start(tls):
+        assert tls.sockets is None  # its machines listen on loopback TCP
+
+
+def test_a_machine_slow_to_end_after_sigkill_does_not_fail_its_stop(monkeypatch, caplog):
+    """stop() waits a bounded time for a SIGKILLed machine (freeing 2 GiB takes far
+    longer than the 1 ms allowed here; a hung filesystem can take forever), then
+    says so and goes on, untyped TimeoutExpired no more; the machine is reaped
+    once it has ended, and the session shuts down."""
+    monkeypatch.setattr(local, "KILL_WAIT", 0.001)
+    with bm.start(**TIMING) as b:
+        m, = b.start(1, services={"Work": Work()})
+        assert m.call("Work.hold", 2048, timeout=60) == 2048
+        m.process.stop(0)
+        assert any("after SIGKILL" in r.getMessage() for r in caplog.records)
+        poll(lambda: not m.process.alive(), timeout=20)
+        assert m.process.describe_exit() == "killed by SIGKILL"

@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 import bigmachine as bm
-from tests.conftest import TIMING, poll
-from tests.obs_services import Work
+from tests.conftest import TIMING, Records, poll
+from tests.obs_services import Chatty, Work
 
 
 @pytest.fixture(scope="module")
@@ -156,15 +156,6 @@ def test_memory_profile_names_the_allocation_site(duo):
 # ---- logs --------------------------------------------------------------------
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def test_a_machines_warning_reaches_the_drivers_logging_with_its_name(duo):
     b, (m0, m1) = duo
     records = Records()
@@ -181,6 +172,52 @@ def test_a_machines_warning_reaches_the_drivers_logging_with_its_name(duo):
     assert record.levelno == logging.WARNING and record.name == "bigmachine.machine.m1"
     assert record.remote_logger == "tests.obs"
     assert not any("too fine" in r.getMessage() for r in records.records)
+
+
+def test_a_warning_from_a_services_init_reaches_the_drivers_logging():
+    # The driver asks for the machine's records as it registers the services, and
+    # the machine installs the forwarding before their init runs, so what init logs
+    # is forwarded too: for every machine (one started alone, then five at once;
+    # when the handler was installed later, on the IO loop, a third were missed).
+    records = Records()
+    logger = logging.getLogger("bigmachine")
+    logger.addHandler(records)
+    names = [f"m{i}" for i in range(6)]
+
+    def started() -> dict:
+        return {n: r for r in list(records.records) for n in names
+                if f"{n} starting" in r.getMessage()}
+
+    try:
+        with bm.start(**TIMING) as b:
+            b.start(1, services={"Chatty": Chatty()})
+            b.start(5, services={"Chatty": Chatty()})
+            poll(lambda: len(started()) == len(names), timeout=10)
+    finally:
+        logger.removeHandler(records)
+    for name, record in started().items():
+        assert record.name == f"bigmachine.machine.{name}" and record.levelno == logging.WARNING
+
+
+def test_machines_in_the_drivers_process_do_not_forward_their_records():
+    """An InProcess machine logs into the driver's own logging already: forwarding its
+    records too would show each twice."""
+    records = Records()
+    logger = logging.getLogger()
+    logger.addHandler(records)
+    try:
+        with bm.start(bm.InProcess(), **TIMING) as b:
+            # One alone, then five registered from the driver's threads at once.
+            machines = b.start(1, services={"Chatty": Chatty()}) + \
+                b.start(5, services={"Chatty": Chatty()})
+            for m in machines:
+                m.call("Supervisor.ping", timeout=10)  # a round trip after init
+            time.sleep(0.3)  # what a forwarder would have sent by now
+    finally:
+        logger.removeHandler(records)
+    for i in range(6):
+        names = [r.name for r in records.records if f"m{i} starting" in r.getMessage()]
+        assert names == ["tests.obs"], (i, names)
 
 
 # ---- memory health -----------------------------------------------------------

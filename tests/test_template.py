@@ -12,10 +12,13 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 
 import psutil
 import pytest
@@ -127,6 +130,58 @@ def test_machines_are_forked_children_in_their_own_group(session):
     state = ctypes.c_int(-1)
     ctypes.CDLL(None).prctl(37, ctypes.byref(state), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
     assert state.value == 0
+
+
+def test_template_imports_numpy_random_after_a_quiet_moment(session):
+    # Not while its first machines start (they would share 2 cores with it), but
+    # without waiting for another request either.
+    b, template = session
+
+    def mapped() -> bool:
+        with open(f"/proc/{template}/maps") as f:
+            return "mtrand" in f.read()  # numpy.random's extension module
+
+    m, = b.start(1, services={"Probe": Probe()})
+    assert poll(mapped, timeout=10)
+    assert not m.call("Probe.process", timeout=10)["numpy.random"]  # forked before it
+    later, = b.start(1, services={"Probe": Probe()})
+    assert later.call("Probe.process", timeout=10)["numpy.random"]
+
+
+def test_a_session_whose_system_init_fails_leaves_no_template(monkeypatch):
+    """Local.init starts the template, then makes the sockets' directory: when that
+    fails, bm.start says so (typed) and stops the template it started."""
+    monkeypatch.setattr(tempfile, "tempdir", "/nonexistent-bigmachine-test")
+    before = templates()
+    with pytest.raises(bm.Error, match="sockets"):
+        bm.start(**TIMING)
+    assert templates() == before
+
+
+def test_a_template_whose_socket_is_above_descriptor_1023_serves_on():
+    """The template's socket keeps the driver's descriptor number, which can pass 1023
+    in a driver with many machines (select() cannot wait on it there)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        before = templates()
+        b = bm.start(**TIMING)
+        try:
+            first = b.start(1, services={"Probe": Probe()})
+            made = templates() - before
+            time.sleep(0.3)  # past LATER_AFTER: the template waited for its quiet moment
+            more = b.start(2, services={"Probe": Probe()})
+            assert templates() - before == made and len(made) == 1
+            for m in first + more:
+                assert m.call("Probe.process", timeout=10)["forked"]
+        finally:
+            b.shutdown()
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_rng_streams_differ_across_forked_machines(session):

@@ -409,12 +409,20 @@ def test_small_calls_are_prompt_while_512mib_are_in_flight(local, direction, big
     print(f"\n512 MiB {direction}: {big_seconds:.2f} s; {len(small)} small calls meanwhile, "
           f"latency max {max(latencies, default=0) * 1e3:.1f} ms, "
           f"median {sorted(latencies)[len(latencies) // 2] * 1e3 if latencies else 0:.1f} ms")
-    # The small calls started while the big message was in flight and each
-    # came back before it, within 250 ms; there were several of them.
+    # The small calls started while the big message was in flight and came back
+    # before it, none waiting for the whole of it: 99% within 50 ms (the bound of
+    # issue 11), the slowest within half the transfer. (It was "each within
+    # 250 ms": under CI's parallel load one call of 1,410 took 414 ms, while the
+    # 0.87 s transfer went on, as one took 143 ms on the code before this round;
+    # a small call queued behind the big message would take most of the transfer.)
     assert len(small) >= 3, (f"only {len(small)} small calls completed during the "
                              f"{big_seconds:.2f} s transfer")
     assert small[0][0] + small[0][1] < box["t1"], "the first small call finished after the big one"
-    assert max(latencies) < 0.25, f"a small call took {max(latencies) * 1e3:.0f} ms"
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    assert p99 < 0.05, f"99% of small calls within {p99 * 1e3:.0f} ms"
+    assert max(latencies) < max(0.25, big_seconds / 2), \
+        f"a small call took {max(latencies) * 1e3:.0f} ms of the {big_seconds:.2f} s transfer"
 
 
 def test_a_tls_link_keeps_every_message_intact_when_its_socket_fills():

@@ -464,6 +464,22 @@ def test_large_message(mode):
     assert total > INLINE_MAX
 
 
+@pytest.mark.parametrize("ro", [False, True])
+def test_chunked_message_whose_small_segments_are_all_empty(ro):
+    """No small segment has a byte, so the shared small region is empty (it was
+    None, and slicing it raised TypeError instead of decoding)."""
+    segs = [b"", b"x" * (CHUNK + 5), b""]
+    data = msg(4, MTYPE_REQUEST, 0, segs, [ro, False, ro])
+    assert decode_header(data[:HEADER_SIZE])[0] == KIND_MSG
+    for feed in (feed_whole, feed_bytewise):
+        dec = Decoder(alloc=aligned)
+        events = feed(dec, data)
+        assert len(events) == 1
+        got = events[0][4]
+        assert [bytes(s) for s in got] == segs
+        assert [memoryview(s).readonly for s in got] == [ro, False, ro]
+
+
 def test_large_message_pending_accounting():
     units, _ = message_frames(9, MTYPE_REQUEST, 0, LARGE_SEGS, LARGE_RO)
     dec = Decoder(alloc=aligned)

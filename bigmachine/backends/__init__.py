@@ -28,7 +28,10 @@ class SocketDir:
         base = tempfile.gettempdir()
         if len(base) > 60:  # a socket path must fit in 108 bytes
             base = "/tmp"
-        self.path = tempfile.mkdtemp(prefix="bigmachine-", dir=base)  # mode 0700
+        try:
+            self.path = tempfile.mkdtemp(prefix="bigmachine-", dir=base)  # mode 0700
+        except OSError as exc:
+            raise Error(f"cannot make a directory for the machines' sockets in {base}: {exc}") from exc
         st = os.lstat(self.path)
         if st.st_uid != os.getuid() or st.st_mode & 0o077:
             raise Error(f"socket directory {self.path} is not private")
@@ -174,7 +177,9 @@ class System(ABC):
                         "and rewrite calls", type(self).__name__)
 
     def init(self) -> None:
-        """Prepare to launch machines, once the session has started (as Go's System.Init)."""
+        """Prepare to launch machines (as Go's System.Init): bm.start() calls it before it
+        makes the driver's session, so that slow work (a Local template) overlaps that;
+        shutdown() undoes it, also when init raised."""
 
     @abstractmethod
     def launch(self, creds: Credentials, names: list[str], timeout: float,

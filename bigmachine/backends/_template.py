@@ -10,11 +10,12 @@ freezes its heap (gc.freeze: the machines' collections then never write to,
 and so copy, the pages they share with it), turns the collector on, then
 serves fork requests on the socket FD, one at a time, from its only thread.
 Once it has answered the first, it imports what many machines use but none
-needs to start (numpy.random, 5-8 ms) while those machines start, and
-freezes again. A request carries the machines' environment and four
-descriptors per machine, up to BATCH machines (each machine's stdin, stdout,
-stderr and status pipe: they become its 0, 1, 2 and STATUS_FD); the reply
-lists the machines' pids.
+needs to start (numpy.random, 5-8 ms) when the driver asks again or after a
+quiet moment (the first machines have started by then), and freezes again.
+A request carries the machines' environment and four descriptors per
+machine, up to BATCH machines (each machine's stdin, stdout, stderr and
+status pipe: they become its 0, 1, 2 and STATUS_FD); the reply lists the
+machines' pids.
 (Forking a first machine before importing numpy was measured slower: its
 services imported numpy themselves while the template did the same.)
 
@@ -41,6 +42,7 @@ import gc
 import importlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -55,6 +57,7 @@ from ..errors import Error
 STATUS_FD = 3          # the status pipe's descriptor in a forked machine
 BATCH = 16             # machines per request, forked by one intermediate (SCM_RIGHTS fits 63)
 MAX_REQUEST = 1 << 20  # bytes of one fork request (the machines' environment)
+LATER_AFTER = 0.05     # seconds the template waits after its first fork before it imports LATER_IMPORTS
 # Read by the interpreter, the C library, the thread pools, or by numpy and bigmachine
 # as they are imported (BIGMACHINE_COUNTERS, BIGMACHINE_FAULTS).
 _STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "OPENBLAS_", "GOTO_",
@@ -63,8 +66,8 @@ _STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "OPEN
 # turned it off), what every machine runs; and after it, what many machines use (numpy
 # imports numpy.random lazily; a machine forked before has it imported when it needs it,
 # and seeded afresh then).
-_FIRST = ("numpy", "cloudpickle", "bigmachine._worker")
-_LATER = ("numpy.random",)
+FIRST_IMPORTS = ("numpy", "cloudpickle", "bigmachine._worker")
+LATER_IMPORTS = ("numpy.random",)
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 
@@ -238,9 +241,9 @@ def _subreaper() -> Iterator[None]:
 def main() -> None:
     """Serve fork requests until the driver closes the socket (or is gone)."""
     sock = socket.socket(fileno=int(sys.argv[1]))
-    _warm(_FIRST)
+    _warm(FIRST_IMPORTS)
     gc.enable()
-    later = _LATER
+    later = LATER_IMPORTS
     while True:
         try:
             message, fds, flags, _ = socket.recv_fds(sock, MAX_REQUEST, 4 * BATCH)
@@ -262,7 +265,13 @@ def main() -> None:
         except OSError:
             return  # the driver gave up on this request (its timeout) or is gone
         if later:
-            _warm(later)  # while the first machines start
+            # Not while the first machines start: on 2 cores this import slowed a
+            # session's first call by ~4 ms. When the driver asks again, or once it has
+            # been quiet for LATER_AFTER seconds.
+            quiet = select.poll()  # not select(): its descriptor may be above 1023
+            quiet.register(sock, select.POLLIN)
+            quiet.poll(LATER_AFTER * 1000)
+            _warm(later)
             later = ()
 
 

@@ -41,8 +41,16 @@ from typing import Any, Optional
 
 from ._memory import rss_now, rss_peak, rss_reset
 
-# The directory holding the bigmachine package, for the baseline server's PYTHONPATH.
+# The directory holding the bigmachine package, for child processes' PYTHONPATH.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def child_env() -> dict:
+    """This environment with this bigmachine first on PYTHONPATH: a benchmark's child
+    process then runs the same tree as the benchmark."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [_PACKAGE_PARENT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+
 
 HEADER = struct.Struct("<BBHIQ")
 HEADER_SIZE = HEADER.size  # 16
@@ -256,9 +264,8 @@ class RawServer:
             self.client_ctx = ca.issue("raw-client").contexts()[1]
         argv = ([sys.executable, "-m", "bigmachine.bench._common", "serve", kind] + (["tls"] if tls else [])
                 + (["unix", self.unix] if unix else []))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [_PACKAGE_PARENT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=child_env())
         try:
             if server_identity is not None:
                 self.proc.stdin.write(json.dumps(server_identity.to_dict()).encode() + b"\n")

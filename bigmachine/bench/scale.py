@@ -6,8 +6,17 @@ Measures, in one run, rounds interleaved:
 
 - baseline:     spawn ``python -c "import numpy; connect to a Unix socket"``
                 until its first byte arrives (what a fresh worker cannot beat);
-- first_call:   ``bm.start()`` + ``b.start(1)`` + the first ``m.call`` (the
-                first machine of a session is forked before the template imports numpy);
+- template:     the same with what the template imports before it can fork
+                (numpy, cloudpickle, bigmachine's machine side): the floor
+                of first_call, which adds the fork, the machine's start and
+                the call;
+- first_call:   ``bm.start()`` + ``b.start(1)`` + the first ``m.call`` in a
+                fresh driver process that has imported bigmachine and the
+                service's module, as a program's first session (what the
+                baseline, a fresh process too, compares with);
+- later_call:   the same in the bench's own process: a later session of a
+                process that has run sessions before (the driver's modules
+                imported, its code warm);
 - start N:      ``b.start(N)`` right after ``bm.start()``, until all are RUNNING,
                 forked from the template; ``fresh N``: the same with an ``env=``
                 that makes every machine a fresh interpreter (the path every
@@ -37,24 +46,29 @@ from typing import Optional
 
 import bigmachine as bm
 
-from ._common import json_arg, median, print_header, write_json
+from ._common import child_env, json_arg, median, print_header, write_json
 from ._echo import Echo
+from .._blas import LIMITS
+from ..backends._template import FIRST_IMPORTS
 
 FRESH = {"PYTHONHASHSEED": "random"}  # read at start-up, so never forked; the default value
 SERVICES = {"Echo": Echo()}
+# What the template runs before it can fork a machine (see backends._template.main).
+TEMPLATE_WARMUP = f"import gc; gc.disable(); import {', '.join(FIRST_IMPORTS)}"
 
 
-def baseline() -> float:
-    """Seconds to spawn a Python that imports numpy and connects to a Unix socket."""
+def baseline(imports: str = "import numpy", env: Optional[dict] = None) -> float:
+    """Seconds to spawn a Python that runs imports (with env added to its
+    environment) and connects to a Unix socket."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "s")
         with socket.socket(socket.AF_UNIX) as server:
             server.bind(path)
             server.listen(1)
-            code = ("import socket, sys, numpy; s = socket.socket(socket.AF_UNIX); "
+            code = (f"{imports}; import socket, sys; s = socket.socket(socket.AF_UNIX); "
                     "s.connect(sys.argv[1]); s.sendall(b'x'); s.recv(1)")
             t = time.perf_counter()
-            child = subprocess.Popen([sys.executable, "-c", code, path])
+            child = subprocess.Popen([sys.executable, "-c", code, path], env={**child_env(), **(env or {})})
             conn, _ = server.accept()
             with conn:
                 conn.recv(1)
@@ -64,8 +78,28 @@ def baseline() -> float:
     return took
 
 
+_FIRST_CALL = """
+import sys, time
+import bigmachine as bm
+from bigmachine.bench._echo import Echo
+t = time.perf_counter()
+with bm.start() as b:
+    m, = b.start(1, services={"Echo": Echo()})
+    m.call("Echo.echo", 1)
+    took = time.perf_counter() - t
+print(took)
+"""
+
+
 def first_call() -> float:
-    """Seconds for bm.start(), b.start(1) and the first call."""
+    """Seconds for bm.start(), b.start(1) and the first call in a fresh driver process."""
+    done = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=child_env(),
+                          stdout=subprocess.PIPE, check=True, timeout=120)
+    return float(done.stdout.split()[-1])
+
+
+def later_call() -> float:
+    """Seconds for bm.start(), b.start(1) and the first call in this process."""
     t = time.perf_counter()
     with bm.start() as b:
         m, = b.start(1, services=SERVICES)
@@ -138,7 +172,7 @@ def main(argv: Optional[list] = None) -> None:
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     info = print_header("scale: starting Local machines, forked from the template and fresh")
-    rows: dict[str, list] = {"baseline": [], "first_call": []}
+    rows: dict[str, list] = {"baseline": [], "template": [], "first_call": [], "later_call": []}
     for n in sizes:
         rows[f"start {n}"], rows[f"fresh {n}"] = [], []
     rows[f"fan-out {sizes[-1]}"] = []
@@ -146,7 +180,9 @@ def main(argv: Optional[list] = None) -> None:
                               "forked pss": [], "fresh rss": [], "fresh pss": []}
     for r in range(args.rounds):
         rows["baseline"].append(baseline())
+        rows["template"].append(baseline(TEMPLATE_WARMUP, LIMITS))
         rows["first_call"].append(first_call())
+        rows["later_call"].append(later_call())
         for n in sizes:
             for kind, env in (("start", None), ("fresh", FRESH)):
                 took, b, machines = start(n, env)
@@ -180,8 +216,9 @@ def main(argv: Optional[list] = None) -> None:
         unit = "MiB" if "ss" in name else "% of a core"
         print(f"{name:16} {median(vals):10.1f} {unit}")
     ratios = [f / b for f, b in zip(rows["first_call"], rows["baseline"])]
+    floors = [t / b for t, b in zip(rows["template"], rows["baseline"])]
     print(f"\nfirst_call / baseline: median of the rounds' ratios {median(ratios):.2f} "
-          f"(target <= 1.2)")
+          f"(target <= 1.2); the template's imports alone: {median(floors):.2f}")
     write_json(path, {"benchmark": "scale", "implementation": info, "rounds": args.rounds,
                       "sizes": sizes, "figures": figures, "samples": rows, "extra": extra})
 

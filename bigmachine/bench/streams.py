@@ -25,18 +25,14 @@ import bigmachine as bm
 from ._common import json_arg, median, print_header, write_json
 from ._echo import Echo
 
-ROWS = {"stream": "Echo.count", "stream_async": "Echo.acount",
-        "astream": "Echo.count", "astream_async": "Echo.acount"}
-
-
-def stream_secs(m, method: str, n: int) -> float:
+def stream_secs(m: bm.Machine, method: str, n: int) -> float:
     t = time.perf_counter()
     got = sum(1 for _ in m.stream(method, n))
     assert got == n, got
     return time.perf_counter() - t
 
 
-def astream_secs(m, method: str, n: int) -> float:
+def astream_secs(m: bm.Machine, method: str, n: int) -> float:
     async def run() -> float:
         t = time.perf_counter()
         got = 0
@@ -46,6 +42,11 @@ def astream_secs(m, method: str, n: int) -> float:
         return time.perf_counter() - t
 
     return asyncio.run(run())
+
+
+# Each row: how the driver takes the stream, and which method makes it.
+ROWS = {"stream": (stream_secs, "Echo.count"), "stream_async": (stream_secs, "Echo.acount"),
+        "astream": (astream_secs, "Echo.count"), "astream_async": (astream_secs, "Echo.acount")}
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -59,11 +60,11 @@ def main(argv: Optional[list] = None) -> None:
     secs: dict = {k: [] for k in ROWS}
     with bm.start(bm.Local()) as b:
         m, = b.start(1, services={"Echo": Echo()})
-        for name, method in ROWS.items():  # warm up
-            (astream_secs if name.startswith("a") else stream_secs)(m, method, n // 10)
+        for run, method in ROWS.values():  # warm up
+            run(m, method, n // 10)
         for _ in range(args.rounds):
-            for name, method in ROWS.items():  # interleaved: the same load for each row
-                secs[name].append((astream_secs if name.startswith("a") else stream_secs)(m, method, n))
+            for name, (run, method) in ROWS.items():  # interleaved: the same load for each row
+                secs[name].append(run(m, method, n))
     rates = {k: n / median(v) for k, v in secs.items()}
     print(f"\n{'':16} {'items/s':>10} {'us/item':>8} {'x sync':>7}")
     for name, rate in rates.items():
