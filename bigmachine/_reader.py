@@ -35,9 +35,12 @@ call's cost (each a futex wake-up, often of an idle vCPU, and a GIL hand-over):
   that runs it: no hand-off from a reader thread to the loop per call. The
   loop hands the role back to a reader thread as soon as a read leaves it
   sync work to run (that thread runs it first) or a message arriving in
-  pieces (bulk data, better read blocking); and the idle reader thread
-  takes it back if the loop is stalled (a coroutine blocking it) while
-  bytes wait, checked every ``LOOP_STALL``. Not with TLS.
+  pieces (bulk data, better read blocking). While the loop holds the role
+  the standby looks at it every ``LOOP_STALL`` and gives the role back to
+  a reader thread once the loop has read nothing for that long, whether
+  nothing came (an idle connection then costs no wake-up at all) or a
+  coroutine blocks the loop (which must not hold up sync calls and
+  keepalives for longer). Not with TLS.
 
 A reader thread that lost or parked the role waits, idle, to be given it
 again; at most one waits per connection, the others end.
@@ -46,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import select
 import socket
 import ssl
 import threading
@@ -68,8 +70,8 @@ READING, BUSY, PARKED, ON_LOOP = "reading", "busy", "parked", "on loop"
 # Seconds a batch of deferred work may hold up reading (and the rest of the
 # batch) before the standby hands both on.
 BOUND = 0.001
-# Seconds the IO loop, holding the role, may leave received bytes unread
-# (a coroutine blocking it) before the idle reader thread takes the role back.
+# Seconds the IO loop, holding the role, may read nothing (nothing came, or a
+# coroutine blocks it) before the role goes back to a reader thread.
 LOOP_STALL = 0.1
 
 
@@ -115,6 +117,8 @@ class Reader:
         self._threads = 0                 # reader threads alive
         self._follow = False              # the current read gave work to the loop
         self._watched = False             # the loop watches the socket (add_reader)
+        self._loop_reading = False        # the loop, holding the role, reads now
+        self._loop_looked_at = False      # the standby will look at the loop holding the role
 
     def start(self) -> None:
         with self._lock:
@@ -153,7 +157,7 @@ class Reader:
     def data_waiting(self) -> None:
         """From the standby: bytes arrived while nobody read."""
         with self._lock:
-            if self._state != READING and not self.is_closed():
+            if self._state in (BUSY, PARKED) and not self.is_closed():
                 self._to_thread()
 
     def ensure_reading(self) -> None:
@@ -257,20 +261,23 @@ class Reader:
         return True
 
     def timed_out(self, now: float) -> float:
-        """From the standby: hand on a batch that ran past its deadline; the
-        deadline still ahead, or 0 when there is none."""
+        """From the standby: hand on a batch that ran past its deadline, and look
+        at the loop holding the role (see _look_at_loop); when to look again, or
+        0 for never."""
+        left = None
         with self._lock:
             deadline = self._deadline
-            if not deadline or now < deadline:
-                return deadline
-            self._deadline = 0.0
-            left = list(self._batch)
-            self._batch.clear()
-            if self._state == BUSY and not self.is_closed():
-                self._to_thread()
-        self.writer.uncork(anyone=True)  # the replies of the pieces already run
-        _pass_on(left)
-        return 0.0
+            if deadline and now >= deadline:
+                self._deadline = deadline = 0.0
+                left = list(self._batch)
+                self._batch.clear()
+                if self._state == BUSY and not self.is_closed():
+                    self._to_thread()
+            look = self._look_at_loop(now) if self._loop_looked_at else 0.0
+        if left is not None:
+            self.writer.uncork(anyone=True)  # the replies of the pieces already run
+            _pass_on(left)
+        return min((t for t in (deadline, look) if t), default=0.0)
 
     # ---- the IO loop following async work ----------------------------------------
 
@@ -283,13 +290,29 @@ class Reader:
         if this read gave it work and left this thread none; True if given."""
         if self._deferred or self.tls is not None or self.decoder.pending_bytes:
             return False
-        with self._lock:  # another idle reader thread would wait without watching the loop
-            if generation != self._generation or self._idle_waiting or self.is_closed():
+        with self._lock:
+            if generation != self._generation or self.is_closed():
                 return False
             self._state = ON_LOOP
             self._generation += 1  # no reader thread holds it now
+            look = not self._loop_looked_at  # else the standby looks already
+            self._loop_looked_at = True
         call_soon_threadsafe(self.loop, self._watch)  # after the work this read gave the loop
+        if look:
+            STANDBY.wake_at(self, time.monotonic() + LOOP_STALL)
         return True
+
+    def _look_at_loop(self, now: float) -> float:
+        """With the lock held, for the standby: give the role back to a reader thread
+        if the loop holds it and has read nothing for LOOP_STALL; when to look
+        again, or 0 for never (the role is no longer the loop's)."""
+        if self._state == ON_LOOP and not self.is_closed():
+            if self._loop_reading or now - self.last_recv < LOOP_STALL:
+                return now + LOOP_STALL
+            self._to_thread()
+            call_soon_threadsafe(self.loop, self._unwatch)
+        self._loop_looked_at = False
+        return 0.0
 
     def _watch(self) -> None:
         if not self._watched and self._state == ON_LOOP and not self.is_closed():
@@ -308,7 +331,7 @@ class Reader:
             if self._state != ON_LOOP or self.is_closed():
                 self._unwatch()
                 return
-            self._state = READING  # the loop reads: nobody takes the role meanwhile
+            self._loop_reading = True  # the standby does not take the role meanwhile
         try:
             alive = self._read_once(socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -318,28 +341,12 @@ class Reader:
             self._failed(exc)
             return
         with self._lock:
+            self._loop_reading = False
             if not alive or self.is_closed():
                 self._unwatch()
             elif self._deferred or self.decoder.pending_bytes:
                 self._unwatch()
                 self._to_thread()  # which runs the deferred work first
-            else:
-                self._state = ON_LOOP
-
-    def _take_from_stalled_loop(self, received: int) -> bool:
-        """For the idle reader thread: take the role back if the loop holds it and
-        left bytes unread since received; True if taken."""
-        with self._lock:
-            if not self._idle_waiting:
-                return False  # given the role meanwhile: the idle lock is released
-            if (self._state != ON_LOOP or self.bytes_received != received
-                    or not select.select([self.fd], [], [], 0)[0]):
-                return False
-            self._idle_waiting = False
-            self._state = READING
-            self._generation += 1
-        call_soon_threadsafe(self.loop, self._unwatch)
-        return True
 
     # ---- leading ----------------------------------------------------------------
 
@@ -389,7 +396,7 @@ class Reader:
                     if self._idle_waiting or self.is_closed():
                         return
                     self._idle_waiting = True
-                self._wait_idle()
+                self._idle.acquire()
                 if self.is_closed():
                     return
                 generation = self._generation
@@ -398,15 +405,6 @@ class Reader:
         finally:
             with self._lock:
                 self._threads -= 1
-
-    def _wait_idle(self) -> None:
-        """Wait to be given the role, or take it from a stalled loop."""
-        while True:
-            received = self.bytes_received
-            if self._idle.acquire(timeout=LOOP_STALL if self._state == ON_LOOP else -1):
-                return
-            if self._take_from_stalled_loop(received):
-                return
 
     def _read_loop(self, generation: int) -> bool:
         """Read while this thread holds the role; True once reading is over for good."""

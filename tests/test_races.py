@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import glob
 import socket
 import threading
 import time
@@ -171,3 +172,32 @@ def test_a_loop_blocked_by_a_coroutine_does_not_hold_up_sync_calls():
         t.join(10)
         assert blocked == [2.0]
         assert m.call("Echo.aecho", 2, timeout=5) == 2
+
+
+def _voluntary_switches(pid: int) -> int:
+    """Voluntary context switches of all pid's threads so far (each a wake-up)."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/status"):
+        try:
+            with open(path) as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+        except FileNotFoundError:
+            pass  # a thread that ended meanwhile
+    return total
+
+
+def test_an_idle_machine_is_quiet_after_async_calls():
+    """The loop reads after async calls; once they stop, nothing of it may keep
+    waking the machine (users run many idle machines per core). Keepalives are
+    5 s apart, so the 2 s measured see at most one."""
+    with bm.start(bm.Local(keepalive_period=5.0, lost_after=5.0, lease=30.0)) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        pid = m.process.local_pid()
+        for i in range(50):
+            assert m.call("Echo.aecho", i, timeout=5) == i
+        time.sleep(1.5)
+        before = _voluntary_switches(pid)
+        time.sleep(2.0)
+        woken = _voluntary_switches(pid) - before
+        assert woken < 10, f"an idle machine's threads were woken {woken} times in 2 s"
+        assert m.call("Echo.aecho", 1, timeout=5) == 1
