@@ -88,7 +88,7 @@ class Connection:
                                         map_shm=_shmlink.map_received if self.shm else None)
         # Its threads run sync methods too: named as the node's pool threads are.
         thread_name = f"bigmachine-{node.name}-read-{peer}" if node is not None else f"bigmachine-read-{peer}"
-        self.reader = Reader(sock, tls, self.decoder, peer, thread_name, self._on_event, self._is_closed,
+        self.reader = Reader(sock, loop, tls, self.decoder, peer, thread_name, self._on_event, self._is_closed,
                              self._calls_in_flight, self.fail, self.io_failed, self.writer,
                              _shmlink.receive_into if self.shm else None)
         self.reader.start()

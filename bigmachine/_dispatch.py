@@ -166,6 +166,7 @@ class Dispatcher:
         else:
             run = _run_async if kind == ASYNC else _run_async_generator
             call_soon_threadsafe(self.loop, _start_task, served, run, fn, args, kwargs)
+            conn.reader.follow()  # the loop reads the next request (see _reader)
 
 
     def _serve_sync(self, served: Served, fn: Any, args: tuple, kwargs: dict) -> Optional[Callable[[], None]]:

@@ -27,11 +27,27 @@ call's cost (each a futex wake-up, often of an idle vCPU, and a GIL hand-over):
   to lead and no call is in flight; the standby gives it back to a reader
   thread as soon as anything arrives that no caller reads.
 
+- The IO loop *follows* async work: a reader thread whose read handed
+  requests to the loop (an ``async def`` or async generator to run) and
+  left nothing to run itself gives the role to the loop, which reads
+  without blocking when the socket is readable (``loop.add_reader``). The
+  next request of an async method is then read and started on the thread
+  that runs it: no hand-off from a reader thread to the loop per call. The
+  loop hands the role back to a reader thread as soon as a read leaves it
+  sync work to run (that thread runs it first) or a message arriving in
+  pieces (bulk data, better read blocking). While the loop holds the role
+  the standby looks at it every ``LOOP_STALL`` and gives the role back to
+  a reader thread once the loop has read nothing for that long, whether
+  nothing came (an idle connection then costs no wake-up at all) or a
+  coroutine blocks the loop (which must not hold up sync calls and
+  keepalives for longer). Not with TLS.
+
 A reader thread that lost or parked the role waits, idle, to be given it
 again; at most one waits per connection, the others end.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
@@ -41,7 +57,7 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 from ._standby import STANDBY
-from ._waiters import Waiter, begin_batch, end_batch
+from ._waiters import Waiter, begin_batch, call_soon_threadsafe, end_batch
 from ._decoder import Decoder
 from ._wire import WireError
 from ._writer import Writer
@@ -49,11 +65,14 @@ from .errors import MachineLost, ProtocolError
 
 log = logging.getLogger("bigmachine.connection")
 
-READING, BUSY, PARKED = "reading", "busy", "parked"
+READING, BUSY, PARKED, ON_LOOP = "reading", "busy", "parked", "on loop"
 
 # Seconds a batch of deferred work may hold up reading (and the rest of the
 # batch) before the standby hands both on.
 BOUND = 0.001
+# Seconds the IO loop, holding the role, may read nothing (nothing came, or a
+# coroutine blocks it) before the role goes back to a reader thread.
+LOOP_STALL = 0.1
 
 
 class Reader:
@@ -64,13 +83,14 @@ class Reader:
     reply; fail(error) and io_failed(what, exc) close the connection.
     """
 
-    def __init__(self, sock: socket.socket, tls: Any, decoder: Decoder, peer: str, name: str,
-                 on_event: Callable[[tuple], None], is_closed: Callable[[], bool],
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, tls: Any,
+                 decoder: Decoder, peer: str, name: str, on_event: Callable[[tuple], None], is_closed: Callable[[], bool],
                  calls_in_flight: Callable[[], bool], fail: Callable[[BaseException], None],
                  io_failed: Callable[[str, BaseException], BaseException], writer: Writer,
                  receive_into: Optional[Callable[[socket.socket, memoryview, Decoder], int]] = None):
         self.sock = sock
         self.fd = sock.fileno()
+        self.loop = loop
         self.tls = tls
         self.decoder = decoder
         self.peer = peer
@@ -95,6 +115,10 @@ class Reader:
         self._idle.acquire()
         self._idle_waiting = False
         self._threads = 0                 # reader threads alive
+        self._follow = False              # the current read gave work to the loop
+        self._watched = False             # the loop watches the socket (add_reader)
+        self._loop_reading = False        # the loop, holding the role, reads now
+        self._loop_looked_at = False      # the standby will look at the loop holding the role
 
     def start(self) -> None:
         with self._lock:
@@ -133,7 +157,7 @@ class Reader:
     def data_waiting(self) -> None:
         """From the standby: bytes arrived while nobody read."""
         with self._lock:
-            if self._state != READING and not self.is_closed():
+            if self._state in (BUSY, PARKED) and not self.is_closed():
                 self._to_thread()
 
     def ensure_reading(self) -> None:
@@ -151,6 +175,10 @@ class Reader:
             if self._idle_waiting:
                 self._idle_waiting = False
                 self._idle.release()
+        try:  # before the writer's release of the socket, also queued on the loop
+            self.loop.call_soon_threadsafe(self._unwatch)
+        except RuntimeError:
+            pass  # the loop is closed: it watches nothing
 
     def _buffered(self) -> bool:
         """Received bytes wait above the socket, where the standby cannot see them."""
@@ -233,20 +261,92 @@ class Reader:
         return True
 
     def timed_out(self, now: float) -> float:
-        """From the standby: hand on a batch that ran past its deadline; the
-        deadline still ahead, or 0 when there is none."""
+        """From the standby: hand on a batch that ran past its deadline, and look
+        at the loop holding the role (see _look_at_loop); when to look again, or
+        0 for never."""
+        left = None
         with self._lock:
             deadline = self._deadline
-            if not deadline or now < deadline:
-                return deadline
-            self._deadline = 0.0
-            left = list(self._batch)
-            self._batch.clear()
-            if self._state == BUSY and not self.is_closed():
-                self._to_thread()
-        self.writer.uncork(anyone=True)  # the replies of the pieces already run
-        _pass_on(left)
+            if deadline and now >= deadline:
+                self._deadline = deadline = 0.0
+                left = list(self._batch)
+                self._batch.clear()
+                if self._state == BUSY and not self.is_closed():
+                    self._to_thread()
+            look = self._look_at_loop(now) if self._loop_looked_at else 0.0
+        if left is not None:
+            self.writer.uncork(anyone=True)  # the replies of the pieces already run
+            _pass_on(left)
+        return min((t for t in (deadline, look) if t), default=0.0)
+
+    # ---- the IO loop following async work ----------------------------------------
+
+    def follow(self) -> None:
+        """From an event handler: this read gave the IO loop work (an async method)."""
+        self._follow = True
+
+    def _to_loop(self, generation: int) -> bool:
+        """With the read's loop wake-ups still collecting: give the role to the loop
+        if this read gave it work and left this thread none; True if given."""
+        if self._deferred or self.tls is not None or self.decoder.pending_bytes:
+            return False
+        with self._lock:
+            if generation != self._generation or self.is_closed():
+                return False
+            self._state = ON_LOOP
+            self._generation += 1  # no reader thread holds it now
+            look = not self._loop_looked_at  # else the standby looks already
+            self._loop_looked_at = True
+        call_soon_threadsafe(self.loop, self._watch)  # after the work this read gave the loop
+        if look:
+            STANDBY.wake_at(self, time.monotonic() + LOOP_STALL)
+        return True
+
+    def _look_at_loop(self, now: float) -> float:
+        """With the lock held, for the standby: give the role back to a reader thread
+        if the loop holds it and has read nothing for LOOP_STALL; when to look
+        again, or 0 for never (the role is no longer the loop's)."""
+        if self._state == ON_LOOP and not self.is_closed():
+            if self._loop_reading or now - self.last_recv < LOOP_STALL:
+                return now + LOOP_STALL
+            self._to_thread()
+            call_soon_threadsafe(self.loop, self._unwatch)
+        self._loop_looked_at = False
         return 0.0
+
+    def _watch(self) -> None:
+        if not self._watched and self._state == ON_LOOP and not self.is_closed():
+            self._watched = True
+            self.loop.add_reader(self.fd, self._loop_read)
+
+    def _unwatch(self) -> None:
+        if self._watched:
+            self._watched = False
+            self.loop.remove_reader(self.fd)
+
+    def _loop_read(self) -> None:
+        """On the IO loop, the socket readable: read once without blocking, and keep
+        the role unless the read left sync work or a message arriving in pieces."""
+        with self._lock:
+            if self._state != ON_LOOP or self.is_closed():
+                self._unwatch()
+                return
+            self._loop_reading = True  # the standby does not take the role meanwhile
+        try:
+            alive = self._read_once(socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            alive = True
+        except Exception as exc:
+            self._unwatch()
+            self._failed(exc)
+            return
+        with self._lock:
+            self._loop_reading = False
+            if not alive or self.is_closed():
+                self._unwatch()
+            elif self._deferred or self.decoder.pending_bytes:
+                self._unwatch()
+                self._to_thread()  # which runs the deferred work first
 
     # ---- leading ----------------------------------------------------------------
 
@@ -308,7 +408,11 @@ class Reader:
 
     def _read_loop(self, generation: int) -> bool:
         """Read while this thread holds the role; True once reading is over for good."""
-        while self._read_once():
+        if self._deferred and not self._run_deferred(generation):  # left by the loop
+            return False
+        while self._read_once(0, generation):
+            if generation != self._generation:  # given to the loop
+                return False
             if self._deferred and not self._run_deferred(generation):
                 return False
             if self._lead_wanted and not self.calls_in_flight() and not self._buffered():
@@ -319,13 +423,17 @@ class Reader:
                 return False
         return True
 
-    def _read_once(self) -> bool:
-        """Receive once and handle what was decoded; False when reading is over."""
+    def _read_once(self, flags: int = 0, generation: int = -1) -> bool:
+        """Receive once and handle what was decoded; False when reading is over.
+
+        flags: recv flags (MSG_DONTWAIT on the loop); generation: a reader
+        thread's, which may give the role to the loop (see _to_loop).
+        """
         decoder, tls = self.decoder, self.tls
         if self.receive_into is not None:
-            n = self.receive_into(self.sock, decoder.get_buffer(), decoder)
+            n = self.receive_into(self.sock, decoder.get_buffer(), decoder, flags)
         elif tls is None:
-            n = self.sock.recv_into(decoder.get_buffer())
+            n = self.sock.recv_into(decoder.get_buffer(), 0, flags)
         else:
             n = tls.read_into(self.sock, decoder.get_buffer())
             if tls.outgoing.pending:
@@ -337,9 +445,12 @@ class Reader:
         self.bytes_received += n
         on_event = self.on_event
         pending = begin_batch()
+        self._follow = False
         try:
             for event in decoder.buffer_updated(n):
                 on_event(event)
+            if self._follow and generation >= 0:
+                self._to_loop(generation)
         finally:
             end_batch(pending)
         return not self.is_closed()

@@ -92,9 +92,9 @@ class Unreceived:
         self.error = error
 
 
-def receive_into(sock: socket.socket, buf: memoryview, decoder: Any) -> int:
+def receive_into(sock: socket.socket, buf: memoryview, decoder: Any, flags: int = 0) -> int:
     """recv_into that hands the descriptors that came along to the decoder."""
-    n, ancdata, flags, _ = sock.recvmsg_into([buf], _ANCILLARY)
+    n, ancdata, flags, _ = sock.recvmsg_into([buf], _ANCILLARY, flags)
     if ancdata:
         fds: list = []
         for level, kind, data in ancdata:

@@ -9,11 +9,13 @@ back on reading. Arming and disarming are one ``epoll_ctl`` each, so a
 connection that is left unattended only briefly costs no thread wake-up at
 all, and one left for long costs none either unless something arrives.
 
-It also keeps time for readers running a batch of deferred work (which is
-not cut short by bytes arriving): ``wake_at(reader, deadline)`` makes it
-call ``reader.timed_out(now)`` at the deadline; under a steady load of
-batches that is one wake-up per deadline, not per batch. The thread ends
-when the last connection it watched has closed.
+It also keeps time for readers: ``wake_at(reader, deadline)`` makes it
+call ``reader.timed_out(now)`` at the deadline, for a reader running a
+batch of deferred work (which is not cut short by bytes arriving) and for
+one whose role the IO loop holds (which a coroutine blocking the loop must
+not keep from reading); under a steady load that is one wake-up per
+deadline, not per batch or call. The thread ends when the last connection
+it watched or kept time for has closed.
 """
 from __future__ import annotations
 
@@ -89,31 +91,29 @@ class Standby:
         """reader's connection closed: stop watching its socket."""
         with self._lock:
             self._timed.pop(reader, None)
-            if self._readers.get(fd) is not reader:
-                return
-            del self._readers[fd]
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass  # the socket is closed already, which unregistered it
-            if not self._readers:
+            if self._readers.get(fd) is reader:
+                del self._readers[fd]
+                try:
+                    self._epoll.unregister(fd)
+                except (OSError, ValueError):
+                    pass  # the socket is closed already, which unregistered it
+            if self._epoll is not None and not self._readers and not self._timed:
                 os.write(self._stop_fd, b"x")  # nothing left to watch: the thread ends
 
     def _run(self, epoll: select.epoll, stop_r: int) -> None:
         while True:
             with self._lock:
+                if not self._readers and not self._timed:  # nothing left to watch or time
+                    self._epoll = None
+                    os.close(self._stop_fd)
+                    os.close(stop_r)
+                    epoll.close()
+                    return
                 self._wake_at = min(self._timed.values(), default=math.inf)
                 timeout = -1 if self._wake_at == math.inf else max(0.0, self._wake_at - time.monotonic())
             for fd, _ in epoll.poll(timeout):
                 if fd == stop_r:
-                    with self._lock:
-                        os.read(stop_r, 64)
-                        if not self._readers and not self._timed:
-                            self._epoll = None
-                            os.close(self._stop_fd)
-                            os.close(stop_r)
-                            epoll.close()
-                            return
+                    os.read(stop_r, 64)
                     continue
                 reader = self._readers.get(fd)
                 if reader is not None:

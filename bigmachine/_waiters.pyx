@@ -49,7 +49,10 @@ def end_batch(pending: dict) -> None:
     """Wake each loop once with every callback collected for it since begin_batch."""
     _batch.pending = None
     for loop, items in pending.items():
-        call_soon_threadsafe(loop, _run_batch, items)
+        if _thread_loop.loop is loop:  # the loop itself read: no wake-up to send
+            loop.call_soon(_run_batch, items)
+        else:
+            call_soon_threadsafe(loop, _run_batch, items)
 
 
 def call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable, *args: Any) -> None:

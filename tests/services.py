@@ -66,6 +66,12 @@ class Echo:
     def thread_name(self):
         return threading.current_thread().name
 
+    async def aecho(self, x):
+        return x
+
+    async def afail(self, msg):
+        raise CustomError(msg)  # before any await
+
     async def athread_name(self):
         asyncio.get_running_loop()  # raises unless on a loop
         return threading.current_thread().name
@@ -115,6 +121,12 @@ class Echo:
 
     async def asleep(self, seconds):
         await asyncio.sleep(seconds)
+        return seconds
+
+    async def ablock(self, key, seconds):
+        """An async method that blocks the machine's loop (what it must not do)."""
+        self.record(key, "blocking")
+        time.sleep(seconds)
         return seconds
 
     def record(self, key, value):

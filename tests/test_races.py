@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import glob
 import socket
 import threading
 import time
@@ -12,7 +13,7 @@ import pytest
 import bigmachine as bm
 from bigmachine._waiters import Gate
 from tests.conftest import poll
-from tests.services import Echo, LoopCaller, Relay
+from tests.services import CustomError, Echo, LoopCaller, Relay
 
 
 class _PreemptedDict(dict):
@@ -128,3 +129,75 @@ def test_an_in_process_machine_that_stops_drops_the_connections_peers_made():
         with pytest.raises(bm.MachineLost):
             m0.call("Relay.via_addr", m1.addr, "Echo.echo", 5, timeout=10)
         assert time.monotonic() - t < 3
+
+
+def test_the_reading_role_moves_between_loop_and_threads_with_the_work():
+    """Async requests make the loop read the connection, sync ones hand reading
+    back to a thread; mixed and concurrent calls all get their own replies."""
+    with bm.start(bm.InProcess()) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        for i in range(50):
+            assert m.call("Echo.aecho", i, timeout=5) == i
+            assert m.call("Echo.echo", -i, timeout=5) == -i
+            assert list(m.stream("Echo.acount", 3, timeout=5)) == [0, 1, 2]
+            assert list(m.stream("Echo.count", 2, timeout=5)) == [0, 1]
+            with pytest.raises(CustomError, match=f"no {i}"):
+                m.call("Echo.afail", f"no {i}", timeout=5)
+            assert m.call("Echo.asleep", 0.001, timeout=5) == 0.001
+
+        async def mixed():
+            calls = [m.acall("Echo.aecho" if i % 3 else "Echo.echo", i, timeout=10)
+                     for i in range(300)]
+            return await asyncio.gather(*calls)
+
+        assert asyncio.run(mixed()) == list(range(300))
+        conn = m.connection()
+        assert conn.reader.is_alive() and not conn.closed
+
+
+def test_a_loop_blocked_by_a_coroutine_does_not_hold_up_sync_calls():
+    """The loop reads after async calls; a coroutine that blocks it must not stop
+    the connection's sync calls: a reader thread takes reading back."""
+    with bm.start(bm.InProcess()) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        assert m.call("Echo.aecho", 1, timeout=5) == 1  # the loop reads now
+        blocked = []
+        t = threading.Thread(target=lambda: blocked.append(m.call("Echo.ablock", "b", 2.0)))
+        t.start()
+        assert poll(lambda: m.call("Echo.event", "b", timeout=5) == "blocking")
+        t0 = time.monotonic()
+        assert m.call("Echo.echo", 7, timeout=5) == 7
+        assert time.monotonic() - t0 < 1.0
+        assert not blocked  # still blocking the loop
+        t.join(10)
+        assert blocked == [2.0]
+        assert m.call("Echo.aecho", 2, timeout=5) == 2
+
+
+def _voluntary_switches(pid: int) -> int:
+    """Voluntary context switches of all pid's threads so far (each a wake-up)."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/status"):
+        try:
+            with open(path) as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+        except FileNotFoundError:
+            pass  # a thread that ended meanwhile
+    return total
+
+
+def test_an_idle_machine_is_quiet_after_async_calls():
+    """The loop reads after async calls; once they stop, nothing of it may keep
+    waking the machine (users run many idle machines per core). Keepalives are
+    5 s apart, so the 2 s measured see at most one."""
+    with bm.start(bm.Local(keepalive_period=5.0, lost_after=5.0, lease=30.0)) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        pid = m.process.local_pid()
+        for i in range(50):
+            assert m.call("Echo.aecho", i, timeout=5) == i
+        time.sleep(1.5)
+        before = _voluntary_switches(pid)
+        time.sleep(2.0)
+        woken = _voluntary_switches(pid) - before
+        assert woken < 10, f"an idle machine's threads were woken {woken} times in 2 s"
+        assert m.call("Echo.aecho", 1, timeout=5) == 1
