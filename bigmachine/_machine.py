@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import threading
+import time
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from . import _rpc
@@ -234,7 +235,9 @@ class Machine:
     def _call(self, method: str, args: tuple, kwargs: dict, timeout: Optional[float]) -> Any:
         conn = self._conn
         if conn is None or conn.closed or self._state is not State.RUNNING:  # not the usual case
+            deadline = _deadline(timeout)
             conn = self._checked(self.connection(timeout))
+            timeout = _left(deadline)  # timeout bounds the whole call, waiting for RUNNING too
         return _rpc.call(conn, method, args, kwargs, timeout)
 
     async def acall(self, method: str, *args: Any, timeout: Optional[float] = None,
@@ -248,8 +251,9 @@ class Machine:
         return await acounted(self.counters(method), call)
 
     async def _acall(self, method: str, args: tuple, kwargs: dict, timeout: Optional[float]) -> Any:
+        deadline = _deadline(timeout)
         conn = self._checked(await self.aconnection(timeout))
-        return await _rpc.acall(conn, method, args, kwargs, timeout)
+        return await _rpc.acall(conn, method, args, kwargs, _left(deadline))
 
     def stream(self, method: str, *args: Any, timeout: Optional[float] = None,
                **kwargs: Any) -> Iterator[Any]:
@@ -351,3 +355,12 @@ def _dial(addr: str, name: Optional[str] = None) -> Machine:
     if node is None or node.b is None:
         raise Error(f"cannot rebuild a handle on machine {addr}: no bigmachine cluster here")
     return node.b.dial(addr, name)
+
+
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _left(deadline: Optional[float]) -> Optional[float]:
+    """Seconds until deadline (none left: 0, so the next wait times out at once)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())

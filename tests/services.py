@@ -251,6 +251,24 @@ class GatedInit:
 
 
 @bm.service
+class SlowInit:
+    """Its init takes seconds (loading a model, say), well within the start timeout."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def init(self, machine):
+        time.sleep(self.seconds)
+
+    def ready(self):
+        return "ready"
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+
+@bm.service
 class Rendezvous:
     """Proves concurrency: n calls meet at a barrier only if they run at once."""
 

@@ -5,6 +5,7 @@ Re-dialling a broken owner link is shown with the fault proxy in test_faults.py.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 import bigmachine as bm
 from tests.conftest import TIMING, children, poll
-from tests.services import CustomError, Echo
+from tests.services import CustomError, Echo, SlowInit
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,6 +62,23 @@ def test_a_failed_start_without_waiting_fails_the_calls_with_its_cause():
         assert m.state == bm.State.STOPPED and isinstance(m.err, CustomError)
         assert "refuses to start" in str(info.value)
         assert b.machines() == []
+
+
+@pytest.mark.parametrize("how", ["call", "acall"])
+def test_a_calls_timeout_bounds_its_wait_for_a_starting_machine_too(how):
+    """timeout is one deadline for the whole call: waiting for RUNNING (1 s of
+    init here) comes out of it, not on top of it."""
+    with bm.start(**TIMING) as b:
+        m, = b.start(1, services={"S": SlowInit(1.0)}, wait=False)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            if how == "call":
+                m.call("S.sleep", 10, timeout=2.0)
+            else:
+                asyncio.run(m.acall("S.sleep", 10, timeout=2.0))
+        took = time.monotonic() - t0
+        assert m.state == bm.State.RUNNING  # it came up within the timeout
+        assert took < 2.6, f"timeout=2 s, but the call took {took:.2f} s"
 
 
 def test_min_machines_keeps_what_came_up():
