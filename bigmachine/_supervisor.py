@@ -37,7 +37,7 @@ from .errors import AuthError, Error
 
 log = logging.getLogger("bigmachine.supervisor")
 
-BOOT_TIMEOUT = 60.0  # how long a machine waits for its owner to register
+BOOT_TIMEOUT = 60.0  # how long a machine waits for its owner to begin registering
 
 
 @service
@@ -54,6 +54,7 @@ class Supervisor:
         self._on_stop = on_stop
         self._token = owner_token
         self._owner: Optional[Connection] = None
+        self._registering: Optional[Connection] = None  # the owner's link while init runs
         self._forwarder: Optional[_logforward.Forwarder] = None  # ships records to the owner
         self._started = time.time()
         self._lock = threading.Lock()
@@ -79,6 +80,7 @@ class Supervisor:
                 raise Error("this machine already has an owner")
             if lease is not None:
                 self._lease = lease
+            self._registering = caller  # the boot clock stops: init may take its time
             if (log_level is not None and driver_process != _logforward.this_process()
                     and caller is not None):
                 self._forwarder = _logforward.Forwarder(self._node.name, caller, log_level,
@@ -170,7 +172,9 @@ class Supervisor:
         return conns
 
     async def _watchdog(self) -> None:
-        """Stop the machine when its owner stops renewing the lease (or never registers).
+        """Stop the machine when its owner stops renewing the lease, or does not begin
+        to register within BOOT_TIMEOUT (once it has, the services' init may take
+        as long as it takes, while the registering link stays open).
 
         It sleeps until the lease could end, not on a fixed tick: an idle machine
         wakes about once per lease, however many share a process.
@@ -180,6 +184,13 @@ class Supervisor:
             owner = self._owner
             now = time.monotonic()
             if owner is None:
+                registering = self._registering
+                if registering is not None:  # its services' init runs, for as long as it takes
+                    if registering.closed:
+                        self._on_stop("its owner went away while its services' init ran")
+                        return
+                    await asyncio.sleep(0.5)
+                    continue
                 if now > boot_deadline:
                     self._on_stop(f"no owner registered within {BOOT_TIMEOUT} s")
                     return

@@ -81,6 +81,17 @@ def test_a_calls_timeout_bounds_its_wait_for_a_starting_machine_too(how):
         assert took < 2.6, f"timeout=2 s, but the call took {took:.2f} s"
 
 
+def test_an_init_longer_than_the_boot_timeout_is_not_cut_short(monkeypatch):
+    """The boot timeout bounds the wait for an owner to register, not the services'
+    init (which start_timeout bounds): scaled down, a 1 s boot timeout and an init
+    of 2.5 s within a start timeout of 30 s."""
+    from bigmachine import _supervisor
+    monkeypatch.setattr(_supervisor, "BOOT_TIMEOUT", 1.0)
+    with bm.start(bm.InProcess(), start_timeout=30, **TIMING) as b:
+        m, = b.start(1, services={"S": SlowInit(2.5)})
+        assert m.call("S.ready", timeout=10) == "ready"
+
+
 def test_min_machines_keeps_what_came_up():
     with bm.start(**TIMING) as b:
         before = children()
