@@ -289,6 +289,28 @@ def test_a_killed_template_leaves_machines_running_and_the_next_start_makes_anot
         assert m.call("Probe.process", timeout=10)["forked"]
 
 
+def test_a_hung_template_is_given_up_while_fresh_interpreters_can_still_start():
+    """A template that does not answer (SIGSTOPped here) is dropped after a bounded
+    wait, not the whole start timeout: the machines then start fresh, in time."""
+    before = templates()
+    with bm.start(start_timeout=10, **TIMING) as b:
+        b.start(1, services={"Probe": Probe()})  # the template is up and has forked
+        template, = templates() - before
+        os.kill(template, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            m, = b.start(1, services={"Probe": Probe()})
+            took = time.monotonic() - t0
+            assert not m.call("Probe.process", timeout=10)["forked"]
+            assert took < 10, f"the start took {took:.1f} s"
+            poll(lambda: gone(template), timeout=10)  # dropped: the next start makes another
+        finally:
+            try:
+                os.kill(template, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.parametrize("name,value", [("PYTHONHASHSEED", "0"), ("OMP_NUM_THREADS", "1"),
                                         ("BIGMACHINE_COUNTERS", "0")])
 def test_env_read_at_startup_spawns_a_fresh_interpreter(session, name, value):

@@ -39,6 +39,9 @@ log = logging.getLogger("bigmachine")
 # sleep (a hung disk or network filesystem), or freeing a very large memory, takes
 # longer; it is then left to be reaped when it ends.
 KILL_WAIT = 5.0
+# Seconds a start waits for the template to fork (at most half the start timeout):
+# a template that does not answer by then is dropped, and the machines start fresh.
+FORK_WAIT = 10.0
 
 # The directory holding the bigmachine package, for the machine's PYTHONPATH.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -207,8 +210,11 @@ class Local(System):
             template = self._template_for(env)
             if template is not None:
                 try:
-                    started = [(child, STATUS_FD)
-                               for child in template.fork(env, writes, self.start_timeout)]
+                    # A fork takes milliseconds (the first waits for the template's
+                    # warm-up): one that does not answer within FORK_WAIT leaves the
+                    # rest of the start timeout to fresh interpreters.
+                    wait = min(FORK_WAIT, self.start_timeout / 2)
+                    started = [(child, STATUS_FD) for child in template.fork(env, writes, wait)]
                 except TemplateError as exc:
                     log.warning("cannot fork machines from the template (%s): starting fresh "
                                 "interpreters, and a new template next time", exc)
@@ -257,11 +263,11 @@ class Local(System):
         return _LocalProcess(name, child, status)
 
     def _drop_template(self, template: Template) -> None:
-        """Stop a template that failed; the next start makes another."""
+        """Stop a template that failed (at once: it may hang); the next start makes another."""
         with self._template_lock:
             if self._template is template:
                 self._template = None
-        template.close()
+        template.close(timeout=0)
 
     def _template_for(self, env: dict) -> Optional[Template]:
         """The session's template, started (again) if it is not running or the
