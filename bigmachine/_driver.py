@@ -34,6 +34,7 @@ log = logging.getLogger("bigmachine")
 _live: "weakref.WeakSet[Driver]" = weakref.WeakSet()
 REDIAL_ATTEMPT = 2.0   # seconds one re-dial of a broken link may take
 REDIAL_PAUSE = 0.1     # seconds between re-dials
+START_JOIN = 10.0      # seconds shutdown waits for starts made without waiting to end
 
 
 class Driver(Observing, B):
@@ -56,6 +57,7 @@ class Driver(Observing, B):
         B.__init__(self, node, self.system.keepalive_period, self.system.lost_after)
         Observing.__init__(self)
         self._controls: dict[str, Control] = {}   # by machine name
+        self._starts: list[threading.Thread] = []  # of b.start(wait=False), still bringing up
         self._counter = 0
         self._renewed = time.monotonic()
         self._page: Optional[StatusPage] = None
@@ -109,8 +111,14 @@ class Driver(Observing, B):
                 self._controls[control.machine.name] = control
         machines = [c.machine for c in controls]
         if not wait:
-            threading.Thread(target=self._bring_up, args=(controls, services, timeout, env, n),
-                             daemon=True, name="bigmachine-start").start()
+            start = threading.Thread(target=self._bring_up_later,
+                                     args=(controls, services, timeout, env, n),
+                                     daemon=True, name="bigmachine-start")
+            with self._lock:
+                if self._closed:
+                    raise Error("this session has shut down")
+                self._starts.append(start)
+            start.start()
             return machines
         errors = self._bring_up(controls, services, timeout, env, min_machines or n)
         if errors and min_machines is None:
@@ -119,6 +127,15 @@ class Driver(Observing, B):
             raise Error(f"only {n - len(errors)} of {n} machines came up; at least "
                         f"{min_machines} were needed (all were stopped)") from errors[0]
         return [m for m in machines if m.state == State.RUNNING]
+
+    def _bring_up_later(self, controls: list[Control], services: dict, timeout: float,
+                        env: Optional[dict], needed: int) -> None:
+        """_bring_up on a thread of its own (b.start(wait=False)), which shutdown awaits."""
+        try:
+            self._bring_up(controls, services, timeout, env, needed)
+        finally:
+            with self._lock:
+                self._starts.remove(threading.current_thread())
 
     def _bring_up(self, controls: list[Control], services: dict, timeout: float,
                   env: Optional[dict], needed: int) -> list[BaseException]:
@@ -135,6 +152,14 @@ class Driver(Observing, B):
             if not isinstance(exc, Exception):
                 raise  # Ctrl-C and the like: the system ended what it launched
             return [exc]
+        if self._closed:  # shut down while they were launched: they start for no one
+            for proc in launched:
+                if not isinstance(proc, BaseException):
+                    proc.stop(0)
+            lost = MachineLost(controls[0].machine.addr, "the session shut down while it started")
+            for control in controls:
+                control.stopped(lost)
+            return [lost for _ in controls]
         errors: dict[str, BaseException] = {}
         for control, result in zip(controls, launched):
             if isinstance(result, BaseException):  # this one could not be launched
@@ -356,6 +381,10 @@ class Driver(Observing, B):
         if self._transfers is not None:
             self._transfers.close()
         self.stop_machines(owned)
+        with self._lock:
+            starts = list(self._starts)
+        for start in starts:  # before the system goes: they may still be launching on it
+            start.join(START_JOIN)
         self.system.shutdown()
         self.node.close()
         _live.discard(self)

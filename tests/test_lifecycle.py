@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -18,6 +19,7 @@ import psutil
 import pytest
 
 import bigmachine as bm
+from bigmachine.backends import local as local_backend
 from tests.conftest import TIMING, children, poll
 from tests.services import CustomError, Echo, SlowInit
 
@@ -90,6 +92,58 @@ def test_an_init_longer_than_the_boot_timeout_is_not_cut_short(monkeypatch):
     with bm.start(bm.InProcess(), start_timeout=30, **TIMING) as b:
         m, = b.start(1, services={"S": SlowInit(2.5)})
         assert m.call("S.ready", timeout=10) == "ready"
+
+
+def _start_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "bigmachine-start" and t.is_alive()]
+
+
+def test_shutdown_racing_a_start_without_waiting_leaves_nothing_behind(tmp_path, monkeypatch):
+    """b.start(wait=False), then b.shutdown() while the start is still forking.
+
+    Driver.shutdown stops the STARTING machines and shuts the system down, but
+    nothing stops the bring-up thread, still in system.launch: after shutdown
+    has returned, Local starts a new template (_template_for: the old one was
+    closed), makes a new socket directory (_listen_addr: sockets is None) and
+    starts machines, which the session's end never sees. (The fork is slowed
+    here so that shutdown lands in it every time; on a loaded host it does
+    without help.)
+    """
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    forking = threading.Event()
+    real_start = local_backend.Local._start
+
+    def slow_start(self, env, n):
+        forking.set()
+        time.sleep(0.5)  # a slow fork: shutdown happens meanwhile
+        return real_start(self, env, n)
+
+    monkeypatch.setattr(local_backend.Local, "_start", slow_start)
+    b = bm.start(**TIMING)
+    b.start(2, services={"Echo": Echo()}, wait=False)
+    assert forking.wait(10)
+    b.shutdown()
+    # The start that shutdown cut short ends soon (shutdown is bounded), and leaves no
+    # process (template or machine) and no socket directory behind.
+    poll(lambda: not _start_threads(), timeout=20)
+    time.sleep(0.5)
+    procs = _describe_and_kill(children())
+    left = [d for d in os.listdir(tmp_path) if d.startswith("bigmachine-")]
+    assert not procs and not left, \
+        f"after shutdown: processes {procs}, socket directories {left}"
+
+
+def _describe_and_kill(pids) -> list:
+    """The command lines of pids, which are then killed (a failing test leaves none)."""
+    out = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            out.append(" ".join(proc.cmdline())[:100])
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def test_min_machines_keeps_what_came_up():
