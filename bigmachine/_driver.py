@@ -96,8 +96,9 @@ class Driver(Observing, B):
             raise Error(f"cannot start {n!r} machines: n must be a positive int")
         if min_machines is not None and not (isinstance(min_machines, int) and 0 < min_machines <= n):
             raise Error(f"min_machines must be an int between 1 and n={n}, not {min_machines!r}")
-        if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise Error("env must map str names to str values")
+        if env is not None and not (isinstance(env, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+            raise Error(f"env must be a dict of str names to str values, not {env!r}")
         check_services(services)
         if "Supervisor" in services:
             raise Error("the service name 'Supervisor' is reserved")

@@ -80,7 +80,7 @@ cdef class Counters:
     def __call__(self, method: str) -> Optional[MethodCounter]:
         """The counter of method (made on first use), or None when counting is off."""
         counter = self.methods.get(method)
-        if counter is None and ENABLED:
+        if counter is None and ENABLED and type(method) is str:  # else the call is refused
             with self._lock:
                 if len(self.methods) >= MAX_METHODS and method not in self.methods:
                     method = OTHER

@@ -364,13 +364,15 @@ class Node:
 
 def parse_addr(addr: str) -> tuple[str, Any]:
     """("unix", path) for "unix:/path", ("tcp", (host, port)) for "host:port"."""
+    if not isinstance(addr, str):
+        raise Error(f"an address is a 'host:port' or 'unix:/path' string, not {addr!r}")
     if addr.startswith("unix:"):
         path = addr[5:]
         if not path.startswith("/"):
             raise Error(f"address {addr!r}: a Unix socket path must be absolute")
         return "unix", path
     host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or int(port) > 65535:
         raise Error(f"address {addr!r} must look like 'host:port' or 'unix:/path'")
     return "tcp", (host.strip("[]"), int(port))
 

@@ -13,7 +13,7 @@ import time
 from typing import Any, Optional
 
 from ._machine import Machine, State, live_connection
-from ._node import Node, current_node
+from ._node import Node, current_node, parse_addr
 from ._wire import KIND_PING
 from .errors import Error, MachineLost
 
@@ -106,6 +106,7 @@ class B:
         """
         if self._closed:
             raise Error("this session is shut down")
+        parse_addr(addr)  # a malformed address is an Error here, not a handle
         with self._lock:
             m = self._dialled.get(addr)
             if m is not None and name is not None and m.member != name:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
 
+from .backends import System
+from .errors import Error
+
 if TYPE_CHECKING:
     from ._session import B
-    from .backends import System
 
 
 def start(system: Optional[System] = None, **options: Any) -> B:
@@ -24,6 +26,10 @@ def start(system: Optional[System] = None, **options: Any) -> B:
     if system is None:
         from .backends.local import Local
         system = Local()
+    elif not isinstance(system, System):
+        hint = f" (an instance: {system.__name__}())" if isinstance(system, type) and \
+            issubclass(system, System) else ""
+        raise Error(f"bm.start takes a system such as bm.Local(){hint}, not {system!r}")
     if options:
         system.configure(**options)
     system.check()

@@ -169,8 +169,8 @@ class _Server(http.server.ThreadingHTTPServer):
 def split_host_port(addr: str) -> tuple[str, int]:
     """("host", port) of "host:port" or "[v6]:port"."""
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise Error(f"status_addr must be 'host:port' (port 0 for any), not {addr!r}")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise Error(f"status_addr must be 'host:port' (port 0-65535; 0 for any), not {addr!r}")
     return host.strip("[]"), int(port)
 
 

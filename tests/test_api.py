@@ -400,6 +400,96 @@ def test_an_exception_whose_str_fails_still_reaches_the_caller(m, method):
     assert m.call("Echo.echo", 1, timeout=10) == 1
 
 
+# ---- misuse gets a bm.Error (found by an API review helper) ----
+
+
+def test_ec2_takes_session_options_as_keywords_like_every_system():
+    # docs/machines.md, "Session options": "a system takes them as keyword
+    # arguments too, e.g. bm.Local(tls=True)"; design.md: bm.EC2 is "TLS always",
+    # and plain TCP is "refused with a bm.Error". Nothing here talks to AWS.
+    assert bm.EC2(ami="ami-0123456789abcdef0", tls=True).tls is True
+    with pytest.raises(bm.Error):
+        bm.start(bm.EC2(ami="ami-0123456789abcdef0", tls=False, insecure=True))
+
+
+
+
+@pytest.mark.parametrize("system", ["local", bm.InProcess], ids=["a-string", "the-class"])
+def test_start_with_something_that_is_not_a_system_raises_error(system):
+    # docs/failures.md: "Every error bigmachine raises derives from bm.Error", and a
+    # misuse is a bm.Error; bm.start(system=None, **options) takes a System instance.
+    with pytest.raises(bm.Error):
+        bm.start(system)
+
+
+
+
+@pytest.mark.parametrize("option,value", [
+    ("lost_after", float("nan")),
+    ("lease", float("nan")),
+    ("keepalive_period", True),
+])
+def test_timing_options_refuse_values_that_are_not_seconds(option, value):
+    # docs/machines.md, "Session options": "An unknown option, or a value of the
+    # wrong type, raises bm.Error"; the code's own check says "must be a positive
+    # number of seconds". NaN is not positive, and True is not a number of seconds
+    # (socket_buffer already refuses bools). A NaN lost_after also defeats the
+    # lease > lost_after + keepalive_period check and never declares a machine lost.
+    with pytest.raises(bm.Error):
+        bm.InProcess(**{option: value})
+
+
+def test_status_addr_with_a_port_out_of_range_raises_error():
+    # docs/machines.md: a value of the wrong kind raises bm.Error; the code checks
+    # status_addr's form with bm.Error but lets the bind's OverflowError through.
+    with pytest.raises(bm.Error):
+        bm.start(bm.InProcess(), status_addr="127.0.0.1:99999").shutdown()
+
+
+
+
+@pytest.fixture
+def inproc():
+    """An InProcess session with one Echo machine."""
+    with bm.start(bm.InProcess(), **TIMING) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        yield b, m
+
+
+@pytest.mark.parametrize("addr", [123, "no-port-here"])
+def test_dial_of_a_malformed_address_is_an_error_and_leaves_no_running_handle(inproc, addr):
+    # design.md: b.dial(addr) takes "host:port" or "unix:/path"; docs/failures.md:
+    # every error bigmachine raises derives from bm.Error, and a dialled handle
+    # "becomes STOPPED only when a dial fails"; b.machines() lists the machines
+    # that are not STOPPED, and str(b.status()) renders a table.
+    b, _ = inproc
+    with pytest.raises(bm.Error):
+        b.dial(addr).call("Echo.echo", 1, timeout=10)
+    assert [m for m in b.machines() if m.addr == addr] == []
+    assert "m0" in str(b.status())
+
+
+# ---- b.status() after a misused call ----------------------------------------------------
+
+
+def test_a_call_with_a_non_string_method_does_not_break_the_status_table(inproc):
+    # design.md: b.status() returns a bm.Status whose str() "renders a table with a
+    # row per machine and a row per machine and method". A call refused with
+    # bm.Error before anything was sent must not leave a method that cannot be named.
+    b, m = inproc
+    m.call("Echo.echo", 1, timeout=10)
+    with pytest.raises(bm.Error):
+        m.call(123, timeout=10)
+    table = str(b.status())
+    assert "Echo.echo" in table
+
+
+def test_start_with_env_that_is_not_a_mapping_raises_error():
+    with bm.start(bm.InProcess(), **TIMING) as b:
+        with pytest.raises(bm.Error):
+            b.start(1, services={"Echo": Echo()}, env=[("NAME", "value")])
+
+
 def test_unknown_service_and_method(m):
     with pytest.raises(bm.Error) as info:
         m.call("Nope.echo", 1, timeout=10)

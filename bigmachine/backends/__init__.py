@@ -7,6 +7,7 @@ keepalives) the same way for every system.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -153,7 +154,8 @@ class System(ABC):
             if key not in ("keepalive_period", "lost_after", "lease", "start_timeout",
                            "cert_lifetime"):
                 raise Error(f"unknown option {key!r} for {type(self).__name__}")
-            if not isinstance(value, (int, float)) or value <= 0:
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not math.isfinite(value) or value <= 0):
                 raise Error(f"option {key} must be a positive number of seconds, not {value!r}")
             setattr(self, key, float(value))
 

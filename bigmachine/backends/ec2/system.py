@@ -145,7 +145,7 @@ class EC2(System):
         self._cluster = ""
         self._admit_lock = threading.Lock()
         self._admitted: set[str] = set()  # the driver's addresses our group admits
-        self.configure(tls=True, **options)
+        self.configure(**{"tls": True, **options})  # check() refuses tls=False
 
     def init(self) -> None:
         """A new session: its own monitor, instance count and security group (a system
