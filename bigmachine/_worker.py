@@ -3,7 +3,8 @@
 It reads its bootstrap from stdin (a JSON config line, then the cluster
 credentials and its owner token, then with TLS its certificate and key as a
 JSON line), serves until its owner lets it go, and on the way out kills any
-processes its services left in its process group. It never writes a core
+processes its services left in its process group, and its children that left
+it (a helper started in a session of its own). It never writes a core
 file (its memory holds the cluster's secrets) and raises its open-file limit.
 
 Config keys: name, sys_path, cwd, lease, keepalive_period, lost_after,
@@ -106,8 +107,11 @@ def _exit(code: int) -> None:
 
 
 def _kill_group() -> None:
+    """Kill the processes our services started: our process group, and each child
+    that left it (a helper started in a session of its own) with its group."""
     me = os.getpid()
     group = os.getpgrp()
+    _kill_children_elsewhere(group)
     if group != me:
         return  # not our own group: leave others' processes alone
     try:
@@ -122,6 +126,31 @@ def _kill_group() -> None:
                 os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _kill_children_elsewhere(group: int) -> None:
+    """SIGKILL our children outside group, with the process group each leads (a
+    session of its own). Their children that left those groups too (daemons)
+    are out of reach."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                children = [int(pid) for pid in f.read().split()]
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                theirs = os.getpgid(pid)
+                if theirs == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                elif theirs != group:
+                    os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import sys
+import threading
 import time
 
 import psutil
@@ -108,6 +110,37 @@ def test_shutdown_leaves_no_child_process():
         assert isinstance(m.err, bm.MachineLost)
         with pytest.raises(bm.MachineLost):
             m.call("Echo.echo", 1, timeout=5)
+
+
+@bm.service
+class SessionSpawner:
+    """Starts a helper the way servers are started: in a session of its own."""
+
+    def spawn(self):
+        import subprocess
+        return subprocess.Popen(["sleep", "1000"], start_new_session=True).pid
+
+
+def test_a_helper_in_its_own_session_ends_with_its_machine():
+    """A service's child that left the machine's process group (start_new_session)
+    is killed as the machine ends: it no longer outlives the session, holding the
+    machine's output pipes and with them the driver's output threads."""
+    b = bm.start(**TIMING)
+    helper = None
+    try:
+        m, = b.start(1, services={"S": SessionSpawner()})
+        helper = m.call("S.spawn", timeout=10)
+        t0 = time.monotonic()
+        b.shutdown()
+        assert time.monotonic() - t0 < 3
+        poll(lambda: not psutil.pid_exists(helper)
+             or psutil.Process(helper).status() == psutil.STATUS_ZOMBIE, timeout=2)
+        assert not [t.name for t in threading.enumerate()
+                    if t.name in ("bigmachine-out-m0", "bigmachine-err-m0")]
+    finally:
+        b.shutdown()
+        if helper is not None and psutil.pid_exists(helper):
+            os.kill(helper, signal.SIGKILL)
 
 
 def test_keepalives_keep_an_idle_machine_alive():
