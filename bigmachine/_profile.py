@@ -80,17 +80,31 @@ def allocation_sites(seconds: float, top: int = 20) -> list[tuple[str, int, int]
     """
     if not 0 < seconds <= 3600:
         raise Error(f"cannot trace allocations for {seconds!r} s: want 0-3600 s")
-    ours = not tracemalloc.is_tracing()
-    if ours:
-        tracemalloc.start()
+    _trace(+1)
     try:
         time.sleep(seconds)
         snapshot = tracemalloc.take_snapshot()
     finally:
-        if ours:
-            tracemalloc.stop()
+        _trace(-1)
     stats = snapshot.statistics("lineno")[:top]
     return [(f"{s.traceback[0].filename}:{s.traceback[0].lineno}", s.size, s.count) for s in stats]
+
+
+_tracing = {"users": 0, "ours": False}  # windows open in this process (InProcess machines share it)
+_tracing_lock = threading.Lock()
+
+
+def _trace(change: int) -> None:
+    """Open (+1) or close (-1) a tracing window: tracemalloc runs while any is open,
+    and is stopped after the last only if the first started it."""
+    with _tracing_lock:
+        if _tracing["users"] == 0 and change > 0:
+            _tracing["ours"] = not tracemalloc.is_tracing()
+            if _tracing["ours"]:
+                tracemalloc.start()
+        _tracing["users"] += change
+        if _tracing["users"] == 0 and _tracing["ours"]:
+            tracemalloc.stop()
 
 
 class Profile:

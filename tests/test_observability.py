@@ -24,6 +24,7 @@ import pytest
 import bigmachine as bm
 from tests.conftest import TIMING, Records, poll
 from tests.obs_services import Chatty, Work
+from tests.services import Echo
 
 
 @pytest.fixture(scope="module")
@@ -402,6 +403,19 @@ def test_status_page_closes_silent_connections_and_caps_how_many_it_serves():
         assert still_open == 0, f"{still_open} of 200 silent connections were still open after 15 s"
         with urllib.request.urlopen(b.status_url + "status.json", timeout=10) as reply:
             assert reply.status == 200
+
+
+def test_memory_profile_of_several_inprocess_machines_returns_a_memory_profile():
+    # docs/observability.md: b.memory_profile(seconds, top, machines) "traces
+    # allocations on the machines with tracemalloc for that window only, and
+    # returns a bm.MemoryProfile"; InProcess is the system for users' own tests
+    # and runs the same protocol. The machines share one tracemalloc: the first
+    # to finish stops it under the others, whose RuntimeError escapes the call.
+    with bm.start(bm.InProcess(), **TIMING) as b:
+        b.start(2, services={"Echo": Echo()})
+        profile = b.memory_profile(seconds=0.5, top=3)
+        assert isinstance(profile, bm.MemoryProfile)
+        assert "m0" in str(profile) and "m1" in str(profile)
 
 
 def test_status_addr_is_checked():
