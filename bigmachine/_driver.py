@@ -34,7 +34,7 @@ log = logging.getLogger("bigmachine")
 _live: "weakref.WeakSet[Driver]" = weakref.WeakSet()
 REDIAL_ATTEMPT = 2.0   # seconds one re-dial of a broken link may take
 REDIAL_PAUSE = 0.1     # seconds between re-dials
-START_JOIN = 10.0      # seconds shutdown waits for starts made without waiting to end
+START_JOIN = 5.0       # seconds shutdown waits for starts made without waiting to end
 
 
 class Driver(Observing, B):

@@ -146,6 +146,47 @@ def _describe_and_kill(pids) -> list:
     return out
 
 
+class GatedLocal(bm.Local):
+    """Local whose launches wait for a gate: a launch still under way when the
+    session shuts down (as a slow SSH host or an EC2 boot would be)."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.gate = threading.Event()
+
+    def launch(self, *args, **kwargs):
+        self.gate.wait(30)
+        return super().launch(*args, **kwargs)
+
+
+def test_shutdown_during_a_background_start_starts_nothing_afterwards():
+    # docs/machines.md: "Leaving the with block, b.shutdown() or the end of the
+    # program stops all of them"; wait=False machines "come up in the background".
+    # Once b.shutdown() has returned, the batch it stopped must not be launched
+    # anyway (here: fresh interpreters after the session ended, and a new socket
+    # directory that nobody removes).
+    system = GatedLocal(**TIMING)
+    b = bm.start(system)
+    machines = b.start(2, services={"Echo": Echo()}, wait=False)
+    b.shutdown()
+    assert [m.state for m in machines] == [bm.State.STOPPED] * 2
+    after_shutdown = children()
+    system.gate.set()
+    try:
+        started_later = set()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            started_later |= children() - after_shutdown
+            time.sleep(0.02)
+        leftover = system.sockets.path if system.sockets is not None else None
+        assert started_later == set() and leftover is None, (started_later, leftover)
+    finally:
+        # What the late launch left (a template process, a socket directory): end it
+        # here, so that the failure above is the only one this test reports.
+        machines[0].wait(bm.State.STOPPED, timeout=30)
+        system.shutdown()
+
+
 def test_min_machines_keeps_what_came_up():
     with bm.start(**TIMING) as b:
         before = children()

@@ -25,6 +25,7 @@ import time
 from typing import IO, TYPE_CHECKING, Any, Optional, Union
 
 from .._auth import Credentials
+from ..errors import Error
 from . import Process, SocketDir, System
 from ._bootstrap import Output, Spawned, bootstrap
 from ._template import (BATCH, STATUS_FD, Child, Template, TemplateError, startup_vars,
@@ -151,6 +152,7 @@ class Local(System):
         self.sockets: Optional[SocketDir] = None
         self._template: Optional[Template] = None
         self._template_lock = threading.Lock()
+        self._down = False  # shut down, until the next session's init
         self.configure(**options)
 
     @property
@@ -160,19 +162,28 @@ class Local(System):
     def _listen_addr(self, name: str) -> str:
         if self.tcp:
             return "127.0.0.1:0"
+        self._check_up()
         if self.sockets is None:
             self.sockets = SocketDir()
         return self.sockets.addr(name)
 
+    def _check_up(self) -> None:
+        """Refuse to make a template or sockets for a session that has shut down (a
+        launch it overtook): nothing would ever remove them."""
+        if self._down:
+            raise Error("the session has shut down: no machine starts")
+
     def init(self) -> None:
         """Start the session's template now, so that it warms up while the driver does,
         and make the sockets' directory meanwhile (0.5 ms less on the first start's path)."""
+        self._down = False
         self._template_for(_machine_env({}))
         if not self.tcp and self.sockets is None:
             self.sockets = SocketDir()
 
     def shutdown(self) -> None:
         with self._template_lock:
+            self._down = True
             if self._template is not None:
                 self._template.close()
                 self._template = None
@@ -278,6 +289,7 @@ class Local(System):
         if startup_vars(env) != startup_vars(base):
             return None
         with self._template_lock:
+            self._check_up()
             if self._template is not None and not self._template.fits(base):
                 self._template.close()
                 self._template = None
