@@ -50,7 +50,22 @@ class Machine:
         return f"<Machine {self.name} {self.addr} {self._state.name}>"
 
     def __reduce__(self):
+        if not self.addr:  # ours, still being launched: it arrives usable once it runs
+            self._await_running_to_pass()
         return (_dial, (self.addr, self._expect))
+
+    def _await_running_to_pass(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self.wait(State.RUNNING)  # as a call on a STARTING machine does
+        else:
+            raise Error(f"{self.name} is still starting: await "
+                        "m.await_state(bm.State.RUNNING) before passing it from async code")
+        if not self.addr:
+            if self._err is not None:
+                raise MachineLost.because(self.name, self._err)
+            raise MachineLost(self.name, "it did not start")
 
     @property
     def owned(self) -> bool:

@@ -490,6 +490,56 @@ def test_start_with_env_that_is_not_a_mapping_raises_error():
             b.start(1, services={"Echo": Echo()}, env=[("NAME", "value")])
 
 
+class GatedLaunch(bm.InProcess):
+    """InProcess whose launches after the first wait for a gate: a batch started
+    with wait=False then stays STARTING, not yet launched, for as long as a test needs."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.gate = threading.Event()
+        self.launches = 0
+
+    def launch(self, *args, **kwargs):
+        self.launches += 1
+        if self.launches > 1:
+            self.gate.wait(30)
+        return super().launch(*args, **kwargs)
+
+
+def test_a_starting_handle_passed_as_an_argument_arrives_usable():
+    # design.md: "wait=False returns at once with STARTING handles; a call on a
+    # STARTING machine waits for RUNNING", and "a Machine passed as an argument or
+    # reply arrives as a usable handle". A handle pickled before its machine was
+    # launched carries the address "" and arrives as a handle that cannot dial.
+    system = GatedLaunch(**TIMING)
+    with bm.start(system) as b:
+        m0, = b.start(1, services={"Relay": Relay()})
+        m1, = b.start(1, services={"Echo": Echo()}, wait=False)
+        assert m1.state == bm.State.STARTING
+        timer = threading.Timer(0.5, system.gate.set)
+        timer.start()
+        try:
+            assert m0.call("Relay.via_handle", m1, "Echo.echo", 9, timeout=30) == 9
+        finally:
+            system.gate.set()
+            timer.cancel()
+            m1.wait(bm.State.RUNNING, timeout=30)
+
+
+def test_a_starting_handle_passed_from_async_code_is_an_error_that_says_what_to_do():
+    """Pickling on an event loop must not block it: it says to await RUNNING first."""
+    system = GatedLaunch(**TIMING)
+    with bm.start(system) as b:
+        m0, = b.start(1, services={"Relay": Relay()})
+        m1, = b.start(1, services={"Echo": Echo()}, wait=False)
+        try:
+            with pytest.raises(bm.Error, match="still starting"):
+                asyncio.run(m0.acall("Relay.via_handle", m1, "Echo.echo", 9, timeout=30))
+        finally:
+            system.gate.set()
+            m1.wait(bm.State.RUNNING, timeout=30)
+
+
 def test_unknown_service_and_method(m):
     with pytest.raises(bm.Error) as info:
         m.call("Nope.echo", 1, timeout=10)
