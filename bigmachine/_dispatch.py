@@ -168,7 +168,6 @@ class Dispatcher:
             call_soon_threadsafe(self.loop, _start_task, served, run, fn, args, kwargs)
             conn.reader.follow()  # the loop reads the next request (see _reader)
 
-
     def _serve_sync(self, served: Served, fn: Any, args: tuple, kwargs: dict) -> Optional[Callable[[], None]]:
         """_run_sync, unless the caller is not reading what we send it: then once it
         has (the reply is not made meanwhile), on the pool."""
