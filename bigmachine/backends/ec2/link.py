@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -34,6 +35,7 @@ log = logging.getLogger("bigmachine.ec2")
 HEAD = struct.Struct(">II")
 MAX_JSON = 1 << 20
 MAX_DATA = 1 << 30
+SEND_TIMEOUT = 10.0  # seconds a frame without a deadline of its own may take to send
 RETRIED = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
            errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTDOWN}
 
@@ -135,8 +137,12 @@ class AgentLink:
             link = cls(label, sock, chan)
             threading.Thread(target=link._read_loop, daemon=True,
                              name=f"bigmachine-ec2-agent-{label.split()[0]}").start()
-            link._send({"op": "hello", "token": one.token.hex()})
-            msg, _ = link._wait(0, deadline, "hello")
+            try:
+                link._send({"op": "hello", "token": one.token.hex()}, deadline=deadline)
+                msg, _ = link._wait(0, deadline, "hello")
+            except BaseException:
+                link.close()  # its socket and reader: nobody else holds this link
+                raise
             link.setup = msg.get("setup") or {}
             return link
 
@@ -164,7 +170,7 @@ class AgentLink:
         """Run argv on the instance (a _remote.Run): (exit status, stdout, stderr)."""
         rid = next(self._ids)
         self._expect(rid)
-        self._send({"op": "run", "id": rid, "argv": list(argv)}, stdin)
+        self._send({"op": "run", "id": rid, "argv": list(argv)}, stdin, deadline)
         msg, data = self._wait(rid, deadline, "a command")
         return msg["status"], data[:msg["out"]], data[msg["out"]:]
 
@@ -177,7 +183,7 @@ class AgentLink:
         rid = next(self._ids)
         self._expect(rid)
         self._send({"op": "start", "id": rid, "name": name, "argv": list(argv), "env": env,
-                    "cwd": cwd}, bootstrap)
+                    "cwd": cwd}, bootstrap, deadline)
         try:
             self._wait(rid, deadline, f"the start of {name}")
         except BaseException:
@@ -223,14 +229,28 @@ class AgentLink:
             raise Error(f"{self.label}: {msg['error']}")
         return msg, slot[2]
 
-    def _send(self, msg: dict, data: bytes = b"") -> None:
+    def _send(self, msg: dict, data: bytes = b"", deadline: Optional[float] = None) -> None:
+        """Send one frame by deadline (default: SEND_TIMEOUT from now); an agent that
+        does not take it by then is an Error, and the link, cut mid-frame, is closed."""
         body = json.dumps(msg).encode()
+        if deadline is None:
+            deadline = time.monotonic() + SEND_TIMEOUT
         with self._send_lock:
             if self.broken.is_set():
                 raise Error(f"{self.label}: the link to its agent broke ({self.error})")
-            wire = self.chan.encrypt([HEAD.pack(len(body), len(data)), body, data])
+            wire = memoryview(self.chan.encrypt([HEAD.pack(len(body), len(data)), body, data]))
+            room = select.poll()  # not select(): the driver's descriptors may be above 1023
+            room.register(self.sock, select.POLLOUT)
             try:
-                self.sock.sendall(wire)
+                while wire:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not room.poll(left * 1000):
+                        self.close()
+                        raise Error(f"{self.label}: its agent did not take {msg['op']} in time")
+                    try:
+                        wire = wire[self.sock.send(wire, socket.MSG_DONTWAIT):]
+                    except (BlockingIOError, InterruptedError):
+                        continue
             except OSError as exc:
                 raise Error(f"{self.label}: cannot send to its agent: {exc}") from exc
 

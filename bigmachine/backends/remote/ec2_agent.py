@@ -15,6 +15,7 @@ import hashlib, hmac, json, os, signal, socket, ssl, struct, subprocess, sys, th
 
 HEAD = struct.Struct(">II")
 MAX_JSON, MAX_DATA, RECV = 1 << 20, 1 << 30, 1 << 16
+HELLO_JSON = 4096  # what a peer may send before it has proved itself: a hello, no data
 
 
 def log(text):
@@ -73,9 +74,9 @@ class Link:
         del self.buf[:n]
         return data
 
-    def recv(self):
+    def recv(self, max_json=MAX_JSON, max_data=MAX_DATA):
         size, length = HEAD.unpack(self.read(HEAD.size))
-        if size > MAX_JSON or length > MAX_DATA:
+        if size > max_json or length > max_data:
             raise ValueError("a frame of %d + %d bytes is too large" % (size, length))
         return json.loads(self.read(size).decode()), self.read(length)
 
@@ -174,7 +175,7 @@ class Agent:
             sock.settimeout(10.0)
             link = Link(self.ctx, sock)
             link.handshake()
-            msg, _ = link.recv()
+            msg, _ = link.recv(HELLO_JSON, 0)  # before the token: no more than a hello
             given = bytes.fromhex(msg.get("token", "")) if msg.get("op") == "hello" else b""
             good = hmac.compare_digest(hashlib.sha256(given).digest(), self.token_hash)
             with self.cond:
