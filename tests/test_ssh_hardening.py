@@ -130,6 +130,36 @@ def test_a_cache_that_others_could_change_is_refused(system, code, tmp_path, tam
     assert not (tmp_path / "theirs").exists() or not any((tmp_path / "theirs").iterdir())
 
 
+def test_a_cache_whose_parent_does_not_exist_yet_is_made(system, code, tmp_path):
+    # The default cache is ~/.cache/bigmachine: on a fresh account ~/.cache does not
+    # exist yet. The cache's directories are made (0700), so its missing parents
+    # must be too, not a FileNotFoundError traceback from the host.
+    cdir = tmp_path / "fresh-home" / ".cache" / "bigmachine"
+    start_one(system(cache_dir=str(cdir), user_paths=[str(code)]))
+    assert (cdir / "bundles").is_dir()
+
+
+def test_a_cache_dir_with_a_colon_neither_breaks_the_start_nor_imports_from_elsewhere(
+        system, code, tmp_path):
+    # The bundle's directory goes to the machine as PYTHONPATH=DIR: a ':' in the cache's
+    # path splits it, so the machine searches "<tmp>/a", a directory the cache check never
+    # looked at (here another user's), before the real bundle.
+    cdir = tmp_path / "a:b" / "c"
+    cdir.parent.mkdir(mode=0o700)
+    theirs = tmp_path / "a" / "bigmachine"
+    theirs.mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    (theirs / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    for path in (theirs.parent, theirs, theirs / "__init__.py"):
+        os.chown(path, 4321, 4321)  # we are root: files of another user
+    try:
+        start_one(system(cache_dir=str(cdir), user_paths=[str(code)]))
+    except bm.Error as exc:  # refusing such a cache_dir up front, saying so, is fine too
+        assert not marker.exists(), "the machine imported another user's bigmachine"
+        assert str(cdir) in str(exc) or "cache_dir" in str(exc), exc
+    assert not marker.exists(), "the machine imported another user's bigmachine"
+
+
 def test_a_cache_of_an_older_bigmachine_is_made_again(system, code, tmp_path):
     cdir = tmp_path / "c"
     first = system(cache_dir=str(cdir), user_paths=[str(code)])

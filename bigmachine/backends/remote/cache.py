@@ -39,10 +39,17 @@ class Refused(Exception):
 
 
 def check_path(cache):
-    """Refuse a cache that anyone but this user (or root) could change."""
+    """Refuse a cache that anyone but this user (or root) could change; make its
+    missing parents (0700, under parents already checked)."""
+    if os.pathsep in cache:
+        raise Refused("the cache %s has %r in its path, which would split the machines' "
+                      "PYTHONPATH: choose another cache_dir" % (cache, os.pathsep))
     parts = os.path.realpath(os.path.dirname(cache)).split(os.sep)
     for i in range(1, len(parts) + 1):
         path = os.sep.join(parts[:i]) or os.sep
+        if not os.path.lexists(path):  # a fresh account's ~/.cache, say
+            own_dir(path)
+            continue
         st = os.stat(path)
         if st.st_uid not in (0, UID):
             raise Refused("%s is owned by uid %d, not by you or root: another user could "

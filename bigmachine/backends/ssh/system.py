@@ -133,6 +133,9 @@ class SSH(System):
         self.machines_per_host = machines_per_host
         self.tunnel = bool(tunnel)
         self.agent = agent
+        if not isinstance(cache_dir, str) or os.pathsep in cache_dir:
+            raise Error(f"cache_dir must be a path without {os.pathsep!r} (it goes on the "
+                        f"machines' PYTHONPATH), not {cache_dir!r}")
         self.cache_dir = cache_dir
         self.user_paths = None if user_paths is None else [os.path.abspath(p) for p in user_paths]
         self.include = tuple(include)
