@@ -114,6 +114,29 @@ def test_a_package_without_a_wheel_for_the_host_fails_the_start_before_launch(
     assert not (tmp_path / "c" / "run").exists() or not any((tmp_path / "c" / "run").iterdir())
 
 
+def test_the_host_installs_the_wheels_the_driver_shipped_not_its_own_pip_configs(
+        system, code, venv, tmp_path):
+    # The env is keyed by the hash of the shipped wheels, but the host's pip install runs
+    # with the host's pip configuration (pip.conf, PIP_* variables): a host whose pip config
+    # has find-links (as this machine's /root/.config/pip/pip.conf has) installs what it
+    # finds there instead of what the driver resolved and shipped. The python= argv sets
+    # PIP_FIND_LINKS for the host's side, standing in for such a pip.conf.
+    (code / "tests" / "package_services.py").write_bytes(
+        (HERE / "package_services.py").read_bytes())
+    driver_wheels = tmp_path / "driver-wheels"
+    driver_wheels.mkdir()
+    make_wheel(driver_wheels, "bmtiny", "1.0", "VERSION = '1.0'\n")
+    host_wheels = tmp_path / "host-wheels"
+    host_wheels.mkdir()
+    make_wheel(host_wheels, "bmtiny", "2.0", "VERSION = 'from the host'\n")
+    ssh = system(cache_dir=str(tmp_path / "c"), user_paths=[str(code)], packages=["bmtiny"],
+                 pip_options=["--no-index", "--find-links", str(driver_wheels)],
+                 python=["env", f"PIP_FIND_LINKS={host_wheels}", venv])
+    with bm.start(ssh) as b:
+        m, = b.start(1, services={"Packaged": Packaged()}, timeout=90)
+        assert m.call("Packaged.where", timeout=10)["version"] == "1.0"
+
+
 def test_a_corrupted_env_is_detected_and_rebuilt(system, code, wheels, tmp_path):
     cdir = tmp_path / "c"
 

@@ -209,7 +209,8 @@ BUILD = ("import os, sys\nfrom setuptools import Extension, setup\nfrom Cython.B
 
 
 def run(argv, cwd, **env):
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **env)
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
+               PYTHONDONTWRITEBYTECODE="1", **env)
     return subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
 
@@ -309,10 +310,12 @@ def make_env(cache, req, root, python):
         for path in site_dirs():  # the host's own packages, after the env's
             f.write("import site; site.addsitedir(%r)\n" % path)
     wheels = os.path.join(cache, req["wheels"])
-    pip = run([python, "-m", "pip", "install", "--no-index", "--find-links", wheels,
+    # Only the shipped wheels: none of the host's pip configuration (its files and
+    # PIP_* variables could add find-links, and the env would hold other packages).
+    pip = run([python, "-m", "pip", "install", "--isolated", "--no-index", "--find-links", wheels,
                "--no-cache-dir", "--disable-pip-version-check", "--no-input",
                "--no-warn-script-location"] + req["args"], wheels,
-              PYTHONPATH=os.path.join(cache, req["pip"]))
+              PYTHONPATH=os.path.join(cache, req["pip"]), PIP_CONFIG_FILE=os.devnull)
     if pip.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
         raise Refused("cannot install the packages into %s:\n%s" % (root, tail(pip, 30)))
