@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import socket
 import stat
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import bigmachine as bm
 from bigmachine.backends._shell import join, python_argv
-from bigmachine.backends.ssh import tunnel
+from bigmachine.backends.ssh import hosts, tunnel
 from tests.conftest import poll
 from tests.ssh_services import Remote
 
@@ -158,6 +161,57 @@ def test_a_cache_dir_with_a_colon_neither_breaks_the_start_nor_imports_from_else
         assert not marker.exists(), "the machine imported another user's bigmachine"
         assert str(cdir) in str(exc) or "cache_dir" in str(exc), exc
     assert not marker.exists(), "the machine imported another user's bigmachine"
+
+
+def _signal_sshd_children(sshd, sig) -> list:
+    procs = psutil.Process(sshd.proc.pid).children(recursive=True)
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    return procs
+
+
+def test_a_host_that_stalls_after_opening_a_channel_does_not_hang_the_start(
+        system, sshd, code, monkeypatch):
+    # The host stops answering (its sshd stalls, or the path drops packets) after a
+    # channel opened: paramiko's exec_command waits for the reply with no timeout, so
+    # b.start's timeout (and every host.run deadline) is never applied.
+    real = hosts.open_session
+    stalled = threading.Event()
+
+    def open_then_stall(client, label, deadline):
+        chan = real(client, label, deadline)
+        if not stalled.is_set():
+            _signal_sshd_children(sshd, signal.SIGSTOP)
+            stalled.set()
+        return chan
+
+    monkeypatch.setattr(hosts, "open_session", open_then_stall)
+    ssh = system(user_paths=[str(code)])
+    outcome = []
+
+    def start():
+        try:
+            with bm.start(ssh) as b:
+                b.start(1, services={"Remote": Remote()}, timeout=5)
+            outcome.append("started")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=start, daemon=True)
+    began = time.monotonic()
+    thread.start()
+    try:
+        thread.join(25)
+        took = time.monotonic() - began
+        hung = thread.is_alive()
+    finally:
+        _signal_sshd_children(sshd, signal.SIGCONT)
+        thread.join(30)
+    assert not hung, f"b.start(timeout=5) still waiting after {took:.0f} s on a stalled host"
+    assert outcome and isinstance(outcome[0], bm.Error), outcome
 
 
 def test_a_cache_of_an_older_bigmachine_is_made_again(system, code, tmp_path):

@@ -194,7 +194,7 @@ class Host:
         chan = open_session(client, self.label, deadline)
         try:
             chan.settimeout(max(0.1, deadline - time.monotonic()))
-            chan.exec_command(command)
+            exec_command(chan, command, self.label, deadline)
             if stdin:
                 view = memoryview(stdin)
                 for i in range(0, len(view), 1 << 16):
@@ -240,6 +240,30 @@ def open_session(client: Any, label: str, deadline: float) -> Any:
         except paramiko.SSHException as exc:
             raise Error(f"cannot open an SSH session on {label}: {exc}") from exc
     raise AssertionError("unreachable")
+
+
+def exec_command(chan: Any, command: str, label: str, deadline: float) -> None:
+    """chan.exec_command by deadline: paramiko waits for the host's answer without
+    a timeout, so a host that stalls after the channel opened would hang us. It
+    waits on a thread of its own; at the deadline the channel is closed and Error
+    raised (that thread ends when the connection does)."""
+    failed: list = []
+    done = threading.Event()
+
+    def start() -> None:
+        try:
+            chan.exec_command(command)
+        except BaseException as exc:  # given to the caller below
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=start, daemon=True, name=f"bigmachine-ssh-exec-{label}").start()
+    if not done.wait(max(0.0, deadline - time.monotonic())):
+        chan.close()
+        raise Error(f"{label} did not start a command in time: {short(command)}")
+    if failed:
+        raise failed[0]
 
 
 def short(command: str) -> str:

@@ -18,7 +18,7 @@ from .._hostprep import Plan, prepare
 from .._hostprep import run_dir as machine_dir
 from .._packages import Packages, PackagesArg
 from .._shell import exports, join, python_argv
-from .hosts import Host, open_session, parse_host
+from .hosts import Host, exec_command, open_session, parse_host
 from .probe import bind_address
 from .process import SSHProcess
 
@@ -263,7 +263,11 @@ class SSH(System):
         config = plan.config(run_dir, f"[{bind}]:0" if ":" in bind else f"{bind}:0", self)
         data = bootstrap(creds, name, config, (bind,))
         chan.settimeout(None)
-        chan.exec_command(command)
+        try:
+            exec_command(chan, command, host.label, deadline)
+        except BaseException:
+            host.release_session(client)
+            raise
         proc = SSHProcess(host, client, name, run_dir, chan)
         proc.cert_hosts = (bind,)
         try:
