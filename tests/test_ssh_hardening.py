@@ -8,10 +8,13 @@ tests/test_ssh.py (its fixtures).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -212,6 +215,60 @@ def test_a_host_that_stalls_after_opening_a_channel_does_not_hang_the_start(
         thread.join(30)
     assert not hung, f"b.start(timeout=5) still waiting after {took:.0f} s on a stalled host"
     assert outcome and isinstance(outcome[0], bm.Error), outcome
+
+
+DRIVER = """
+import json, sys, time
+import bigmachine as bm
+from tests.ssh_services import Remote
+b = bm.start(bm.SSH(**json.loads(sys.argv[1])))
+m, = b.start(1, services={"Remote": Remote()}, timeout=60)
+print(m.call("Remote.where", timeout=10)["cwd"], flush=True)
+time.sleep(600)
+"""
+
+
+def _unheld(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_the_run_dir_of_a_killed_driver_is_removed_by_a_later_start(
+        system, sshd, venv, code, tmp_path):
+    # A driver that dies (SIGKILL, a crash, a cut link) leaves its machines' run dirs
+    # (cwd and TMPDIR) in the host's cache. Its machines end by their lease and release
+    # them, but prune only looks at bundles/ and envs/: run/ grows with every such driver,
+    # whatever the machines left in TMPDIR, forever.
+    cdir = tmp_path / "c"
+    options = dict(hosts=[f"{sshd.host}:{sshd.port}"], key_filename=str(sshd.client_key),
+                   known_hosts=str(sshd.known_hosts), python=venv, agent=False,
+                   cache_dir=str(cdir), user_paths=[str(code)], connect_timeout=5.0,
+                   keepalive_period=0.25, lost_after=5.0, lease=10.0)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(options)], cwd=code,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = driver.stdout.readline().strip()
+        assert line, driver.stderr.read() if driver.poll() is not None else "no run dir"
+        old = Path(line)
+        assert old.parent.parent == cdir / "run"
+        (old / "tmp" / "scratch.bin").write_bytes(bytes(1 << 20))  # what a machine leaves
+        driver.kill()
+        driver.wait(10)
+    finally:
+        driver.kill()
+        driver.wait(10)
+        driver.stdout.close()
+        driver.stderr.close()
+    poll(lambda: _unheld(old), timeout=30)  # its machine has ended
+    time.sleep(1.1)
+    start_one(system(cache_dir=str(cdir), user_paths=[str(code)], cache_max_age=1))
+    assert not old.exists(), f"{old} (a dead machine's run dir) is still on the host"
 
 
 def test_a_cache_of_an_older_bigmachine_is_made_again(system, code, tmp_path):

@@ -324,7 +324,8 @@ def make_env(cache, req, root, python):
 
 def op_prune(cache, req):
     """Remove entries past the `keep` most recently used of their kind, or unused for
-    max_age seconds; never one in `using`, nor one a machine holds."""
+    max_age seconds; never one in `using`, nor one a machine holds; and run dirs
+    unchanged for max_age that no machine holds."""
     removed = []
     now = time.time()
     for kind in ("bundles", "envs"):
@@ -349,7 +350,31 @@ def op_prune(cache, req):
                 continue
             if remove(cache, entry):
                 removed.append(entry)
+    removed += prune_runs(cache, now - req["max_age"])
     return {"removed": removed}
+
+
+def prune_runs(cache, before):
+    """Remove machines' run dirs (cwd and TMPDIR) last changed before `before` that no
+    machine holds (a driver that died leaves them), and launch dirs left empty."""
+    removed = []
+    runs = os.path.join(cache, "run")
+    for launch in os.listdir(runs):
+        base = os.path.join(runs, launch)
+        if launch.startswith(".") or not stat.S_ISDIR(os.lstat(base).st_mode):
+            continue
+        for name in os.listdir(base):
+            entry = "run/%s/%s" % (launch, name)
+            st = os.lstat(os.path.join(cache, entry))
+            if name.startswith(".") or not stat.S_ISDIR(st.st_mode) or st.st_mtime > before:
+                continue
+            if remove(cache, entry):
+                removed.append(entry)
+        try:
+            os.rmdir(base)  # only if no machine of that launch is left
+        except OSError:
+            pass
+    return removed
 
 
 OPS = {"check": op_check, "install": op_install, "env": op_env, "prune": op_prune}
