@@ -114,6 +114,26 @@ def test_a_package_without_a_wheel_for_the_host_fails_the_start_before_launch(
     assert not (tmp_path / "c" / "run").exists() or not any((tmp_path / "c" / "run").iterdir())
 
 
+def test_a_requirements_file_naming_a_local_wheel_installs_on_the_host(
+        system, code, tmp_path, monkeypatch):
+    # packages=["./dist/x.whl"] is rewritten to the wheel's name in the shipped bundle, but
+    # a requirements file's lines are shipped as they are: pip download on the driver finds
+    # ./dist/x.whl, pip install on the host (cwd: the wheels bundle) does not.
+    (code / "tests" / "package_services.py").write_bytes(
+        (HERE / "package_services.py").read_bytes())
+    project = tmp_path / "project"
+    (project / "dist").mkdir(parents=True)
+    wheel = make_wheel(project / "dist", "bmtiny", "1.0", "VERSION = '1.0'\n")
+    requirements = project / "requirements.txt"
+    requirements.write_text(f"./dist/{wheel.name}\n")
+    monkeypatch.chdir(project)
+    ssh = system(cache_dir=str(tmp_path / "c"), user_paths=[str(code)],
+                 requirements=str(requirements), pip_options=["--no-index"])
+    with bm.start(ssh) as b:
+        m, = b.start(1, services={"Packaged": Packaged()}, timeout=90)
+        assert m.call("Packaged.where", timeout=10)["version"] == "1.0"
+
+
 def test_the_host_installs_the_wheels_the_driver_shipped_not_its_own_pip_configs(
         system, code, venv, tmp_path):
     # The env is keyed by the hash of the shipped wheels, but the host's pip install runs

@@ -95,8 +95,7 @@ class Packages:
                 with open(os.path.join(dest, name), "rb") as f:
                     files[name] = f.read()
         if self.requirements:
-            with open(self.requirements, "rb") as f:
-                files["requirements.txt"] = f.read()
+            files["requirements.txt"] = shipped_requirements(self.requirements)
         return Bundle("packages", files, "wheels"), args
 
     def check_local(self) -> None:
@@ -215,3 +214,17 @@ def installed(item: str) -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     return req.specifier.contains(version, prereleases=True)
+
+
+def shipped_requirements(path: str) -> bytes:
+    """The requirements file as the host must read it: a line naming a wheel file
+    names it as shipped (beside the file), as packages= wheels are."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f.read().splitlines():
+            words = line.split()
+            first = words[0] if words else ""
+            if first.endswith(".whl") and "://" not in first and not first.startswith("-"):
+                line = line.replace(first, f"./{os.path.basename(first)}", 1)
+            out.append(line)
+    return ("\n".join(out) + "\n").encode()
