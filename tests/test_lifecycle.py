@@ -119,6 +119,7 @@ def test_shutdown_racing_a_start_without_waiting_leaves_nothing_behind(tmp_path,
         return real_start(self, env, n)
 
     monkeypatch.setattr(local_backend.Local, "_start", slow_start)
+    before = children()  # the session's own (an sshd fixture's, say) are not this test's
     b = bm.start(**TIMING)
     b.start(2, services={"Echo": Echo()}, wait=False)
     assert forking.wait(10)
@@ -127,7 +128,7 @@ def test_shutdown_racing_a_start_without_waiting_leaves_nothing_behind(tmp_path,
     # process (template or machine) and no socket directory behind.
     poll(lambda: not _start_threads(), timeout=20)
     time.sleep(0.5)
-    procs = _describe_and_kill(children())
+    procs = _describe_and_kill(children() - before)
     left = [d for d in os.listdir(tmp_path) if d.startswith("bigmachine-")]
     assert not procs and not left, \
         f"after shutdown: processes {procs}, socket directories {left}"
