@@ -130,9 +130,7 @@ def test_a_helper_in_its_own_session_ends_with_its_machine():
     try:
         m, = b.start(1, services={"S": SessionSpawner()})
         helper = m.call("S.spawn", timeout=10)
-        t0 = time.monotonic()
         b.shutdown()
-        assert time.monotonic() - t0 < 3
         poll(lambda: not psutil.pid_exists(helper)
              or psutil.Process(helper).status() == psutil.STATUS_ZOMBIE, timeout=2)
         assert not [t.name for t in threading.enumerate()
