@@ -8,6 +8,7 @@ import socket
 import ssl
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 import bigmachine as bm
 from bigmachine.backends.ec2.link import AgentLink
 from bigmachine.backends.ec2.userdata import OneTime
+from tests.test_transport import run_in_thread
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -28,18 +30,17 @@ def _agent_module():
     return module
 
 
-def test_a_send_to_an_agent_that_stops_reading_is_bounded_by_the_deadline():
-    # An agent (a real TLS server from ec2_agent.py, on loopback) accepts the driver,
-    # answers hello, then reads nothing more, as an instance whose network stalls mid-upload
-    # does. AgentLink._send does a blocking sendall with no timeout: link.run(..., deadline)
-    # never returns, and the bundles' upload ignores b.start's timeout.
+@contextmanager
+def _stalling_agent(answer_hello: bool):
+    """A real agent server (ec2_agent.py's Link) on loopback that takes one driver's
+    hello, answers it only if answer_hello, then reads nothing more until the block
+    ends; yields (its OneTime, its port)."""
     agent = _agent_module()
     one = OneTime.generate(60)
     ctx = agent.tls_context({"cert": one.cert_pem.decode(), "key": one.key_pem.decode()})
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
-    port = listener.getsockname()[1]
     release = threading.Event()
 
     def serve():
@@ -48,77 +49,53 @@ def test_a_send_to_an_agent_that_stops_reading_is_bounded_by_the_deadline():
         server = agent.Link(ctx, sock)
         server.handshake()
         server.recv()  # the driver's hello and token
-        server.send({"op": "hello", "setup": {"status": 0, "tail": ""}, "late": False})
+        if answer_hello:
+            server.send({"op": "hello", "setup": {"status": 0, "tail": ""}, "late": False})
         release.wait(60)  # and now nothing is read
         server.close()
 
     server_thread = threading.Thread(target=serve, daemon=True)
     server_thread.start()
-    link = AgentLink.open("i-review (127.0.0.1)", "127.0.0.1", port, one,
-                          time.monotonic() + 10, 10, threading.Event())
-    outcome = []
-
-    def upload():
-        try:
-            outcome.append(link.run(["true"], bytes(64 << 20), time.monotonic() + 2))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            outcome.append(exc)
-
-    thread = threading.Thread(target=upload, daemon=True)
-    began = time.monotonic()
-    thread.start()
     try:
-        thread.join(15)
-        took = time.monotonic() - began
-        hung = thread.is_alive()
+        yield one, listener.getsockname()[1]
     finally:
         release.set()
-        link.close()
-        thread.join(10)
         server_thread.join(10)
         listener.close()
-    assert not hung, f"link.run with a 2 s deadline still sending after {took:.0f} s"
-    assert outcome and isinstance(outcome[0], bm.Error), outcome
+
+
+def test_a_send_to_an_agent_that_stops_reading_is_bounded_by_the_deadline():
+    # An agent accepts the driver, answers hello, then reads nothing more, as an
+    # instance whose network stalls mid-upload does. AgentLink._send did a blocking
+    # sendall with no timeout: link.run(..., deadline) never returned, and the
+    # bundles' upload ignored b.start's timeout.
+    with _stalling_agent(answer_hello=True) as (one, port):
+        link = AgentLink.open("i-review (127.0.0.1)", "127.0.0.1", port, one,
+                              time.monotonic() + 10, 10, threading.Event())
+        thread, box = run_in_thread(link.run, ["true"], bytes(64 << 20), time.monotonic() + 2)
+        try:
+            thread.join(15)
+            hung = thread.is_alive()
+        finally:
+            link.close()
+            thread.join(10)
+    assert not hung, "link.run with a 2 s deadline still sending after 15 s"
+    assert isinstance(box.get("error"), bm.Error), box
 
 
 def test_an_agent_that_never_answers_hello_leaves_no_link_behind():
     # The agent answers hello only once its setup= has run; the driver's deadline (taken
-    # at launch) passes first when setup is slow. AgentLink.open then raises, but leaves
-    # its socket open and its reader thread running: nothing can close them (booted.link
-    # was never set), so each such instance costs the driver a thread and a connection.
-    agent = _agent_module()
-    one = OneTime.generate(60)
-    ctx = agent.tls_context({"cert": one.cert_pem.decode(), "key": one.key_pem.decode()})
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
-    release = threading.Event()
-
-    def serve():
-        sock, _ = listener.accept()
-        sock.settimeout(30)
-        server = agent.Link(ctx, sock)
-        server.handshake()
-        server.recv()  # the driver's hello; its setup is still running: no answer yet
-        release.wait(60)
-        server.close()
-
-    server_thread = threading.Thread(target=serve, daemon=True)
-    server_thread.start()
-    label = "i-slowsetup (127.0.0.1)"
-    try:
+    # at launch) passes first when setup is slow. AgentLink.open then raised, but left
+    # its socket open and its reader thread running: nothing could close them (booted.link
+    # was never set), so each such instance cost the driver a thread and a connection.
+    with _stalling_agent(answer_hello=False) as (one, port):
         with pytest.raises(bm.Error, match="did not answer hello in time"):
-            AgentLink.open(label, "127.0.0.1", port, one, time.monotonic() + 2, 2,
-                           threading.Event())
+            AgentLink.open("i-slowsetup (127.0.0.1)", "127.0.0.1", port, one,
+                           time.monotonic() + 2, 2, threading.Event())
         time.sleep(1.0)
         readers = [t.name for t in threading.enumerate()
                    if t.name == "bigmachine-ec2-agent-i-slowsetup" and t.is_alive()]
-        assert not readers, f"the failed link's reader thread still runs: {readers}"
-    finally:
-        release.set()
-        server_thread.join(10)
-        listener.close()
+    assert not readers, f"the failed link's reader thread still runs: {readers}"
 
 
 def test_the_agent_bounds_what_a_peer_sends_before_it_proved_itself():
