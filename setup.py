@@ -5,7 +5,7 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext as _build_ext
 
-EXTENSIONS = ["bigmachine._wire", "bigmachine._decoder", "bigmachine._buffers", "bigmachine._waiters", "bigmachine._metrics"]
+EXTENSIONS = ["bigmachine._wire", "bigmachine._decoder", "bigmachine._buffers", "bigmachine._waiters", "bigmachine._metrics", "bigmachine._sockio"]
 
 
 class build_ext(_build_ext):

@@ -56,6 +56,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
+from ._sockio import recv_into
 from ._standby import STANDBY
 from ._waiters import Waiter, begin_batch, call_soon_threadsafe, end_batch
 from ._decoder import Decoder
@@ -433,7 +434,7 @@ class Reader:
         if self.receive_into is not None:
             n = self.receive_into(self.sock, decoder.get_buffer(), decoder, flags)
         elif tls is None:
-            n = self.sock.recv_into(decoder.get_buffer(), 0, flags)
+            n = recv_into(self.sock, decoder.get_buffer(), flags)
         else:
             n = tls.read_into(self.sock, decoder.get_buffer())
             if tls.outgoing.pending:

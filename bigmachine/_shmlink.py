@@ -5,8 +5,8 @@ unwritten segment that already holds it (passed on as it is, no copy), or a
 copy in a segment of its pool (``_arena``), or, when the pool cannot take
 it, a new sealed copy. The descriptors of one message travel in one ``sendmsg``
 with its MSG frame's first byte (``_writer``); the receiver gets them with
-``recvmsg_into`` (``receive_into``), the decoder gives each message its own
-and maps them here (``map_received``).
+``recvmsg`` (``_sockio.recv_into_with_fds``), the decoder gives each message
+its own and maps them here (``map_received``).
 
 A receiver that cannot take a segment (out of descriptors, so the kernel
 dropped them; out of address space to map it) fails that message with
@@ -15,9 +15,7 @@ have sent (unsealed, mis-sized) ends the connection as any malformed frame.
 """
 from __future__ import annotations
 
-import array
 import os
-import socket
 from typing import Any, Optional
 
 from . import _arena, _shm, _wire
@@ -26,12 +24,6 @@ from .errors import ProtocolError, ResourceError
 # Out-of-band buffers at least this large travel as shared memory.
 THRESHOLD = 1 << 20
 AVAILABLE = _shm.AVAILABLE
-_ANCILLARY = socket.CMSG_SPACE(_wire.MAX_FDS * array.array("i").itemsize)
-# Plain ints: recvmsg's flags are an int, and IntFlag arithmetic costs three
-# Python calls on every receive.
-_CTRUNC = int(socket.MSG_CTRUNC)
-_SOL_SOCKET = int(socket.SOL_SOCKET)
-_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
 
 def outgoing(segments: list) -> tuple[Optional[list], list]:
@@ -91,16 +83,3 @@ class Unreceived:
     def __init__(self, error: ResourceError):
         self.error = error
 
-
-def receive_into(sock: socket.socket, buf: memoryview, decoder: Any, flags: int = 0) -> int:
-    """recv_into that hands the descriptors that came along to the decoder."""
-    n, ancdata, flags, _ = sock.recvmsg_into([buf], _ANCILLARY, flags)
-    if ancdata:
-        fds: list = []
-        for level, kind, data in ancdata:
-            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-                fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
-        decoder.add_fds(fds, bool(flags & _CTRUNC))
-    elif flags & _CTRUNC:
-        decoder.add_fds([], True)  # every descriptor was dropped
-    return n

@@ -17,7 +17,6 @@ and are closed here once sent or dropped.
 """
 from __future__ import annotations
 
-import array
 import asyncio
 import os
 import socket
@@ -27,6 +26,7 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, Optional
 
 from . import _faults, _wire
+from ._sockio import send_buffers
 from ._waiters import wake_threadsafe
 
 IOV_MAX = 1024
@@ -58,10 +58,6 @@ class _Outgoing:
         self.sent = 0    # bytes of the message written (or, with TLS, encrypted)
         self.fds = fds   # descriptors not yet sent (ours to close)
 
-    def ancillary(self) -> Any:
-        """What the next sendmsg carries besides bytes."""
-        return _ancillary(self.fds)
-
     def wrote(self, n: int) -> None:
         """n bytes (n > 0) of the message left: its descriptors went with the first."""
         self.offset += n
@@ -73,13 +69,6 @@ class _Outgoing:
         """Close the descriptors (sent, or never to be)."""
         fds, self.fds = self.fds, None
         _close(fds)
-
-
-def _ancillary(fds: Optional[list]) -> Any:
-    """The ancillary data of a sendmsg that passes fds."""
-    if not fds:
-        return ()
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
 
 
 def _close(fds: Optional[list]) -> None:
@@ -235,8 +224,7 @@ class Writer:
         if not self._streams:
             try:
                 if len(units) == 1 and len(units[0]) <= IOV_MAX and self.tls is None:  # one frame
-                    sent = self.sock.sendmsg(units[0], _ancillary(fds) if fds else (),
-                                             socket.MSG_DONTWAIT)
+                    sent = send_buffers(self.sock, units[0], fds, socket.MSG_DONTWAIT)
                     self.bytes_sent += sent
                     if sent == nbytes:  # the usual small message: nothing to keep
                         if fds:
@@ -338,7 +326,7 @@ class Writer:
             while unit:
                 batch = unit[:IOV_MAX]
                 try:
-                    n = sock.sendmsg(batch, out.ancillary(), socket.MSG_DONTWAIT)
+                    n = send_buffers(sock, batch, out.fds, socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     return False
                 out.wrote(n)

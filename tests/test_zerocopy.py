@@ -17,7 +17,6 @@ import json
 import os
 import pickle
 import resource
-import socket
 import struct
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 import pytest
 
 import bigmachine as bm
-from bigmachine import _buffers, _node, _rpc, _wire
+from bigmachine import _buffers, _node, _reader, _rpc, _wire, _writer
 from bigmachine._connection import Connection
 from bigmachine._serialize import INBAND_MAX, dumps
 from tests.conftest import TIMING, shared, unshare
@@ -151,24 +150,25 @@ def local():
 
 
 class SocketRecorder:
-    """Records the memory each recv_into wrote to and each sendmsg read from."""
+    """Records the memory each receive wrote to and each sendmsg read from (the
+    _sockio calls, as the connection's reader and writer make them)."""
 
     def __init__(self, monkeypatch):
         self.received: list = []  # (address, bytes written there)
         self.sent: list = []      # (address, bytes taken from there)
-        orig_recv_into = socket.socket.recv_into
-        orig_sendmsg = socket.socket.sendmsg
+        orig_recv_into = _reader.recv_into
+        orig_send_buffers = _writer.send_buffers
         rec = self
 
-        def recv_into(sock, buffer, nbytes=0, flags=0):
-            n = orig_recv_into(sock, buffer, nbytes, flags)
+        def recv_into(sock, buffer, flags=0):
+            n = orig_recv_into(sock, buffer, flags)
             if n > 0:
                 rec.received.append((address(buffer), n))
             return n
 
-        def sendmsg(sock, buffers, *args):
+        def send_buffers(sock, buffers, fds, flags):
             buffers = list(buffers)
-            n = orig_sendmsg(sock, buffers, *args)
+            n = orig_send_buffers(sock, buffers, fds, flags)
             left = n
             for buf in buffers:
                 size = memoryview(buf).nbytes
@@ -179,8 +179,8 @@ class SocketRecorder:
                     left -= size
             return n
 
-        monkeypatch.setattr(socket.socket, "recv_into", recv_into)
-        monkeypatch.setattr(socket.socket, "sendmsg", sendmsg)
+        monkeypatch.setattr(_reader, "recv_into", recv_into)
+        monkeypatch.setattr(_writer, "send_buffers", send_buffers)
 
     @staticmethod
     def covered(ranges: list, lo: int, hi: int) -> int:
