@@ -1,11 +1,20 @@
-"""Build the Cython extensions. Everything else lives in pyproject.toml."""
+"""Build the Cython extensions. Everything else lives in pyproject.toml.
+
+Compiled are the .pyx modules and the .py modules that have a .pxd beside
+them: the connection core, written as plain Python whose classes the .pxd
+declares as extension types (the .py is then also its pure-Python twin).
+"""
 import compileall
+import glob
 import os
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext as _build_ext
 
-EXTENSIONS = ["bigmachine._wire", "bigmachine._decoder", "bigmachine._buffers", "bigmachine._waiters", "bigmachine._metrics", "bigmachine._sockio"]
+SOURCES = sorted(glob.glob("bigmachine/*.pyx")) + sorted(
+    path[:-4] + ".py" for path in glob.glob("bigmachine/*.pxd") if os.path.exists(path[:-4] + ".py"))
+# annotation_typing off: a compiled .py behaves as Python does, whatever its hints say.
+DIRECTIVES = {"language_level": "3", "embedsignature": True, "annotation_typing": False}
 
 
 class build_ext(_build_ext):
@@ -14,10 +23,9 @@ class build_ext(_build_ext):
     def finalize_options(self):
         from Cython.Build import cythonize  # imported here: a build requirement only
 
-        directives = {"language_level": "3", "embedsignature": True}
         self.distribution.ext_modules[:] = cythonize(
             self.distribution.ext_modules,
-            compiler_directives=directives,
+            compiler_directives=DIRECTIVES,
             annotate=bool(os.environ.get("BIGMACHINE_CYTHON_ANNOTATE")),
             force=bool(os.environ.get("BIGMACHINE_CYTHON_ALWAYS")),
         )
@@ -35,8 +43,8 @@ class build_ext(_build_ext):
 
 setup(
     ext_modules=[
-        Extension(name, [name.replace(".", "/") + ".pyx"], extra_compile_args=["-O2"])
-        for name in EXTENSIONS
+        Extension(os.path.splitext(path)[0].replace("/", "."), [path], extra_compile_args=["-O2"])
+        for path in SOURCES
     ],
     cmdclass={"build_ext": build_ext},
 )

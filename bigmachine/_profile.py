@@ -22,9 +22,11 @@ from .errors import Error
 HZ = 100.0
 # Leaf frames (file, function) where a thread waits rather than works. A
 # blocking call waits for its reply in the compiled Waiter.get, which has no
-# frame: the leaf is then the call itself.
+# frame: the leaf is then the call itself. A connection's reader threads and
+# the standby's run compiled code (see setup.py), so a leaf of Thread.run is
+# one of them waiting to read (their .py names count where they run as Python).
 IDLE = frozenset({
-    ("threading.py", "wait"), ("threading.py", "_wait_for_tstate_lock"),
+    ("threading.py", "wait"), ("threading.py", "_wait_for_tstate_lock"), ("threading.py", "run"),
     ("selectors.py", "select"), ("queue.py", "get"), ("socket.py", "accept"),
     ("thread.py", "_worker"), ("_rpc.py", "call"), ("_rpc.py", "stream"),
     ("_pool.py", "_work"), ("_reader.py", "_read_once"), ("_reader.py", "_run"),

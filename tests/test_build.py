@@ -1,17 +1,91 @@
-"""The socket calls of the connection core (``_sockio``): they behave as the
-socket module's methods do: errors, descriptors, a closed socket, a signal
-during a blocking receive.
+"""What the build makes, and the socket calls of the connection core.
+
+- Every compiled module is the one in use: the .pyx modules and the .py
+  modules a .pxd declares (the connection core), whose classes are then
+  extension types.
+- The same .py sources, loaded as plain Python (their pure-Python twin, for
+  a host that cannot compile), still make calls, streams and errors work.
+- ``_sockio``'s receive and send behave as the socket module's methods do:
+  errors, descriptors, a closed socket, a signal during a blocking receive.
 """
 from __future__ import annotations
 
+import glob
+import importlib
 import os
 import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
 
-from bigmachine import _sockio
+from bigmachine import _connection, _decoder, _reader, _sockio, _writer
+
+PACKAGE = os.path.dirname(_connection.__file__)
+# The .py modules compiled through the .pxd beside them (setup.py's rule).
+COMPILED_PY = sorted(
+    "bigmachine." + os.path.basename(path)[:-4] for path in glob.glob(os.path.join(PACKAGE, "*.pxd"))
+    if os.path.exists(path[:-4] + ".py"))
+PYX = sorted("bigmachine." + os.path.basename(path)[:-4] for path in glob.glob(os.path.join(PACKAGE, "*.pyx")))
+
+
+def test_every_compiled_module_is_in_use():
+    assert {"bigmachine._connection", "bigmachine._reader", "bigmachine._writer",
+            "bigmachine._dispatch", "bigmachine._standby", "bigmachine._streams"} <= set(COMPILED_PY)
+    assert {"bigmachine._wire", "bigmachine._decoder", "bigmachine._sockio"} <= set(PYX)
+    for name in COMPILED_PY + PYX:
+        path = importlib.import_module(name).__file__
+        assert path.endswith(".so"), path
+    # Extension types: no instance __dict__, attributes in C slots.
+    for cls in (_connection.Connection, _reader.Reader, _writer.Writer):
+        assert "__dict__" not in dir(cls), cls
+    assert type(_decoder.Decoder.feed).__name__ in ("method_descriptor", "cython_function_or_method")
+
+
+# Loads the compiled .py modules from their sources, before bigmachine is imported.
+PURE = textwrap.dedent("""
+    import importlib.machinery, importlib.util, os, sys
+    NAMES = set(sys.argv[1].split(","))
+    class Sources:
+        def find_spec(self, name, path=None, target=None):
+            if name not in NAMES:
+                return None
+            source = os.path.join(path[0], name.rsplit(".", 1)[1] + ".py")
+            return importlib.util.spec_from_loader(
+                name, importlib.machinery.SourceFileLoader(name, source))
+    sys.meta_path.insert(0, Sources())
+
+    import asyncio
+    import bigmachine as bm
+    from tests.services import Echo
+    for name in NAMES:
+        assert sys.modules[name].__file__.endswith(".py"), sys.modules[name].__file__
+    with bm.start(bm.InProcess()) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        assert m.call("Echo.echo", 41, timeout=30) == 41
+        assert list(m.stream("Echo.count", 100, timeout=30)) == list(range(100))
+        async def many():
+            return await asyncio.gather(*(m.acall("Echo.echo", i, timeout=30) for i in range(200)),
+                                        *(m.acall("Echo.aecho", i, timeout=30) for i in range(200)))
+        assert asyncio.run(many()) == list(range(200)) * 2
+        try:
+            m.call("Echo.fail_value", "boom", timeout=30)
+        except ValueError as exc:
+            assert "boom" in str(exc)
+        else:
+            raise AssertionError("no error")
+    print("pure ok")
+""")
+
+
+def test_the_sources_of_the_compiled_modules_run_as_pure_python():
+    done = subprocess.run([sys.executable, "-c", PURE, ",".join(COMPILED_PY)], capture_output=True,
+                          text=True, timeout=120, cwd=os.path.dirname(PACKAGE))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["pure", "ok"]
 
 
 # ---- _sockio ----------------------------------------------------------------------

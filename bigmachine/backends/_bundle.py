@@ -61,7 +61,8 @@ def package_dir() -> str:
 def bigmachine_bundle(ext_suffix: str, binaries: bool) -> tuple[Bundle, list[str]]:
     """The bigmachine package's sources, with our built extensions when binaries.
 
-    Returns the bundle and the extension module names (from the .pyx files).
+    Returns the bundle and the extension module names: the .pyx modules, and
+    the .py modules with a .pxd beside them (see setup.py).
     """
     pkg = package_dir()
     files: dict[str, bytes] = {}
@@ -74,7 +75,7 @@ def bigmachine_bundle(ext_suffix: str, binaries: bool) -> tuple[Bundle, list[str
                 rel = os.path.relpath(path, os.path.dirname(pkg)).replace(os.sep, "/")
                 with open(path, "rb") as f:
                     files[rel] = f.read()
-                if fn.endswith(".pyx"):
+                if fn.endswith(".pyx") or (fn.endswith(".pxd") and os.path.exists(path[:-4] + ".py")):
                     exts.append(rel[:-4].replace("/", "."))
     if binaries:
         for name in exts:

@@ -201,11 +201,13 @@ def op_check(cache, req):
 
 
 CHECK = "import importlib, sys\nfor n in sys.argv[1:]: importlib.import_module(n)"
+# The .pyx modules, and the .py modules a .pxd declares, as setup.py builds them.
 BUILD = ("import os, sys\nfrom setuptools import Extension, setup\nfrom Cython.Build import cythonize\n"
+         "src = lambda n: n.replace('.', '/') + ('.pyx' if os.path.exists(n.replace('.', '/') + '.pyx') else '.py')\n"
          "setup(script_args=['build_ext', '--inplace', '--parallel', str(os.cpu_count() or 1)], "
          "ext_modules=cythonize("
-         "[Extension(n, [n.replace('.', '/') + '.pyx'], extra_compile_args=['-O2']) "
-         "for n in sys.argv[1:]], compiler_directives={'language_level': '3'}, quiet=True))")
+         "[Extension(n, [src(n)], extra_compile_args=['-O2']) for n in sys.argv[1:]], "
+         "compiler_directives={'language_level': '3', 'annotation_typing': False}, quiet=True))")
 
 
 def run(argv, cwd, **env):

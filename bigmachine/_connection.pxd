@@ -1,0 +1,27 @@
+# Compiles _connection.py with its classes as extension types (see setup.py): attributes in
+# C slots, and the methods of every small call's path called directly.
+
+from bigmachine._writer cimport Writer
+from bigmachine._reader cimport Reader
+
+cdef class Connection:
+    cdef public object sock, node, addr_key, peer_name, tls, loop, peer, on_request, on_close
+    cdef public object _parity, _sids, calls, incoming, _cancelled_early, gate, max_in_flight
+    cdef public object _parked, _parking
+    cdef public bint _resuming
+    cdef public object _resumer, error
+    cdef public bint closed
+    cdef public object _closing, pong_at, keepalive_rtts
+    cdef public bint shm
+    cdef public Writer writer
+    cdef public object decoder
+    cdef public Reader reader
+
+    cpdef new_call(self, lead=*)
+    cpdef send_control(self, kind, sid, value=*)
+    cpdef send(self, sid, mtype, mflags, segments, readonly, deadline=*, cork=*)
+    cpdef bint over_room(self)
+    cpdef bint _is_closed(self)
+    cpdef bint _calls_in_flight(self)
+    cpdef _on_event(self, event)
+    cpdef fail(self, error)
