@@ -15,6 +15,7 @@ from ._node import swap_current
 from ._serialize import dumps, load_exception, loads
 from ._streams import Stream
 from ._waiters import on_loop_thread
+from ._writer import SMALL_MESSAGE
 from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
 from .errors import Error, MachineLost, ProtocolError, ResourceError
 
@@ -73,16 +74,22 @@ def call(conn: Connection, method: str, args: tuple, kwargs: dict,
         raise _on_loop(method)
     message = encode_request(method, args, kwargs)
     deadline = None if timeout is None else time.monotonic() + timeout
+    # Read the reply ourselves if nobody else reads (no deadline: a leader's
+    # read has none). Take the reading role before a small request goes out: a
+    # reply that came back before we took it would wake the standby and a
+    # reader thread to hand it over. After a large one: a caller still sending
+    # would hold up every other reply on the connection.
+    lead = deadline is None
+    early = lead and len(message[0]) == 1 and len(message[0][0]) <= SMALL_MESSAGE
     conn.gate.acquire(timeout)
     leading = False
     try:
-        sid, waiter = conn.new_call(lead=deadline is None)
+        sid, waiter = conn.new_call(lead=lead)
         try:
+            leading = early and conn.reader.try_lead()
             conn.send(sid, MTYPE_REQUEST, 0, *message, deadline=deadline)
-            # Read the reply ourselves if nobody else reads (no deadline: a
-            # leader's read has none), once the request is out: a caller still
-            # sending a large one would hold up every reply on the connection.
-            leading = deadline is None and conn.reader.try_lead()
+            if lead and not early:
+                leading = conn.reader.try_lead()
             if leading:
                 conn.reader.read_until(waiter)
             item = waiter.get(None if deadline is None else deadline - time.monotonic())
