@@ -22,6 +22,7 @@ class Remote:
             "bigmachine": bigmachine.__file__,
             "wire": bigmachine._wire.__file__,
             "decoder": bigmachine._decoder.__file__,
+            "connection": bigmachine._connection.__file__,  # a .py that the build compiles
             "cwd": os.getcwd(),
             "tmpdir": os.environ.get("TMPDIR"),
             "path": list(sys.path),

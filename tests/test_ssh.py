@@ -265,6 +265,8 @@ def test_extensions_built_on_the_host_when_told_to(system, sshd, tmp_path):
         where = m.call("Remote.where", timeout=10)
         assert where["wire"].startswith(str(tmp_path / "c" / "bundles"))
         assert where["decoder"].startswith(str(tmp_path / "c" / "bundles"))
+        assert where["connection"].startswith(str(tmp_path / "c" / "bundles"))
+        assert where["connection"].endswith(".so"), where["connection"]
         assert m.call("Remote.echo", b"x" * 1000, timeout=10) == b"x" * 1000
 
 
