@@ -14,9 +14,9 @@ the driver's stderr with the machine's prefix (``m0: WARNING name: message``),
 which is all a driver that configured no logging shows. Machines in the
 driver's own process (``InProcess``) log there already.
 
-Records that cannot be sent (a driver that reads too slowly, a lost
-connection) are dropped and counted, never waited for: logging must not
-block a machine.
+Records that cannot be sent (a driver that reads too slowly, or refuses
+a batch) are dropped and counted, never waited for: logging must not block a
+machine. A lost connection ends the sending until the owner re-dials.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from . import _rpc
 from ._service import service
-from .errors import Error
+from .errors import MachineLost
 
 MAX_QUEUED = 10_000  # records a machine holds for a slow driver; more are dropped
 MAX_BATCH = 256
@@ -115,16 +115,20 @@ class Forwarder:
                     batch.append(queue.get_nowait())
                 if None in batch:
                     return  # stopped
-                if shipper.dropped:
+                records, lost = len(batch), shipper.dropped
+                if lost:
                     batch.append(("bigmachine.logs", logging.WARNING,
-                                  f"{shipper.dropped} log records were dropped",
+                                  f"{lost} log records were dropped",
                                   batch[-1][3], "", __file__, 0, "forward", "logs"))
                     shipper.dropped = 0
-                # The reply (None) is not unpickled: shipping logs costs a machine no loads.
-                await _rpc.acall(self.conn, f"{SERVICE}.records", (self.name, batch), {},
-                                 SEND_TIMEOUT, decode=False)
-        except (Error, TimeoutError):
-            pass  # the driver is gone or stuck: its machine's records end here
+                try:
+                    # The reply (None) is not unpickled: shipping logs costs a machine no loads.
+                    await _rpc.acall(self.conn, f"{SERVICE}.records", (self.name, batch), {},
+                                     SEND_TIMEOUT, decode=False)
+                except MachineLost:
+                    return  # the connection is gone: a re-dialled owner gets a new sender
+                except Exception:  # the driver's error, whatever its type, or TimeoutError
+                    shipper.dropped += lost + records  # refused or too slow: this batch only
         finally:
             logging.getLogger().removeHandler(shipper)
 

@@ -176,6 +176,36 @@ def test_a_machines_warning_reaches_the_drivers_logging_with_its_name(duo):
     assert not any("too fine" in r.getMessage() for r in records.records)
 
 
+def test_a_batch_the_driver_fails_to_take_is_dropped_and_counted_and_forwarding_goes_on(duo):
+    # A driver-side filter that raises makes the Logs service fail that batch:
+    # the machine drops it, counts it, and goes on shipping (it stopped for good).
+    b, (m0, m1) = duo
+    records = Records()
+    logger = logging.getLogger("bigmachine")
+    logger.addHandler(records)
+    machine_logger = logging.getLogger("bigmachine.machine.m1")
+
+    def poison(record):
+        if "poison" in record.getMessage():
+            raise RuntimeError("this driver's filter fails")
+        return True
+
+    machine_logger.addFilter(poison)
+    try:
+        m1.call("Work.warn", "poison")
+        time.sleep(0.5)  # its batch is refused before the next one is sent
+        m1.call("Work.warn", "after")
+
+        def forwarded() -> list:
+            return sorted(r.getMessage() for r in list(records.records) if r.name == machine_logger.name)
+
+        poll(lambda: len(forwarded()) >= 2, timeout=10)
+    finally:
+        machine_logger.removeFilter(poison)
+        logger.removeHandler(records)
+    assert forwarded() == ["m1: 1 log records were dropped", "m1: after from the machine"]
+
+
 def test_a_warning_from_a_services_init_reaches_the_drivers_logging():
     # The driver asks for the machine's records as it registers the services, and
     # the machine installs the forwarding before their init runs, so what init logs
