@@ -22,17 +22,20 @@ from .errors import Error
 HZ = 100.0
 # Leaf frames (file, function) where a thread waits rather than works. A
 # blocking call waits for its reply in the compiled Waiter.get, which has no
-# frame: the leaf is then the call itself. A connection's reader threads and
-# the standby's run compiled code (see setup.py), so a leaf of Thread.run is
-# one of them waiting to read (their .py names count where they run as Python).
+# frame: the leaf is then the call itself.
 IDLE = frozenset({
-    ("threading.py", "wait"), ("threading.py", "_wait_for_tstate_lock"), ("threading.py", "run"),
+    ("threading.py", "wait"), ("threading.py", "_wait_for_tstate_lock"),
     ("selectors.py", "select"), ("queue.py", "get"), ("socket.py", "accept"),
     ("thread.py", "_worker"), ("_rpc.py", "call"), ("_rpc.py", "stream"),
     ("_pool.py", "_work"), ("_reader.py", "_read_once"), ("_reader.py", "_run"),
     ("_standby.py", "_run"), ("_worker.py", "_watch_parent"),
     ("local.py", "_pump"), ("local.py", "_reap_group"), ("_profile.py", "sample"),
 })
+
+# Threads waiting in compiled code, which leaves no frame to know the wait by
+# (the connection core is compiled, see setup.py): a reader's blocking receive,
+# a reader thread waiting for the role, the standby's poll. They add themselves.
+WAITING: set = set()
 
 _labels: dict = {}  # code object -> frame label
 
@@ -61,7 +64,7 @@ def sample(seconds: float, hz: float = HZ) -> list[tuple[tuple[str, ...], int]]:
     end = tick + seconds
     while tick < end:
         for ident, frame in sys._current_frames().items():
-            if ident == me or _idle(frame.f_code):
+            if ident == me or ident in WAITING or _idle(frame.f_code):
                 continue
             stack = []
             while frame is not None:

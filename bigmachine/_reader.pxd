@@ -10,6 +10,7 @@ cdef class Reader:
     cdef public object receive_into, last_recv, bytes_received
     cdef public object _deferred, _batch, _deadline, _lock, _state, _generation
     cdef public bint _lead_wanted
+    cdef public object _leader
     cdef public object _idle
     cdef public bint _idle_waiting
     cdef public object _threads
@@ -18,8 +19,9 @@ cdef class Reader:
     cpdef ensure_reading(self)
     cpdef bint _buffered(self)
     cpdef bint _run_deferred(self, generation)
-    cpdef bint try_lead(self)
+    cpdef bint try_lead(self, waiter)
+    cpdef bint leads(self, waiter)
     cpdef read_until(self, waiter)
-    cpdef leave(self)
+    cpdef leave_if_leading(self, waiter)
     cpdef bint _read_loop(self, generation)
     cpdef bint _read_once(self, flags=*, generation=*)

@@ -56,6 +56,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
+from ._profile import WAITING
 from ._sockio import recv_into
 from ._standby import STANDBY
 from ._waiters import Waiter, begin_batch, call_soon_threadsafe, end_batch
@@ -112,6 +113,7 @@ class Reader:
         self._state = READING
         self._generation = 0              # bumped whenever a reader thread is given the role
         self._lead_wanted = False         # a blocking caller found the role taken
+        self._leader: Any = None          # the Waiter of the blocking call reading, if one is
         self._idle = threading.Lock()     # an idle reader thread waits on it for the role
         self._idle.acquire()
         self._idle_waiting = False
@@ -351,10 +353,12 @@ class Reader:
 
     # ---- leading ----------------------------------------------------------------
 
-    def try_lead(self) -> bool:
-        """For a blocking caller, once its request is out: take the role if it is parked.
+    def try_lead(self, waiter: Waiter) -> bool:
+        """For the blocking call whose replies go to waiter: take the role if it is parked.
 
-        If it returns True the caller reads with read_until and must call leave().
+        If it returns True the caller reads with read_until, and leave_if_leading()
+        gives the role up; the reader keeps who leads, so that an exception the
+        caller meets anywhere (a KeyboardInterrupt) cannot strand the role.
         """
         with self._lock:
             if self._state != PARKED:
@@ -362,7 +366,12 @@ class Reader:
                 return False
             self._state = READING  # _take(), inline: every blocking call's path
             STANDBY.disarm(self.fd, self)
+            self._leader = waiter
             return True
+
+    def leads(self, waiter: Waiter) -> bool:
+        """True if the call of waiter took the role with try_lead and still holds it."""
+        return self._leader is waiter
 
     def read_until(self, waiter: Waiter) -> None:
         """For the leader: read and handle events until waiter has an item."""
@@ -374,8 +383,12 @@ class Reader:
         except Exception as exc:
             self._failed(exc)
 
-    def leave(self) -> None:
-        """The leader is done: park the role, or give it to a reader thread if others wait."""
+    def leave_if_leading(self, waiter: Optional[Waiter]) -> None:
+        """The call of waiter is over: if it leads, park the role, or give it to a
+        reader thread if others wait."""
+        if waiter is None or self._leader is not waiter:
+            return
+        self._leader = None
         if self._deferred:
             _pass_on(self._deferred)
             self._deferred = []
@@ -397,7 +410,12 @@ class Reader:
                     if self._idle_waiting or self.is_closed():
                         return
                     self._idle_waiting = True
-                self._idle.acquire()
+                me = threading.get_ident()
+                WAITING.add(me)
+                try:
+                    self._idle.acquire()
+                finally:
+                    WAITING.discard(me)
                 if self.is_closed():
                     return
                 generation = self._generation

@@ -20,6 +20,11 @@ from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REP
 from .errors import Error, MachineLost, ProtocolError, ResourceError
 
 
+# A request of one pickle at most this long is a small message, which is sent
+# at once, never waiting for room (its frame adds a header and segment table).
+SMALL_REQUEST = SMALL_MESSAGE - 64
+
+
 def _on_loop(method: str) -> Error:
     """What a blocking call made on the IO loop raises."""
     return Error(f"cannot make the blocking call {method} on the IO loop; "
@@ -78,20 +83,21 @@ def call(conn: Connection, method: str, args: tuple, kwargs: dict,
     # read has none). Take the reading role before a small request goes out: a
     # reply that came back before we took it would wake the standby and a
     # reader thread to hand it over. After a large one: a caller still sending
-    # would hold up every other reply on the connection.
+    # (or waiting for room to) would hold up every other reply on the connection.
     lead = deadline is None
-    early = lead and len(message[0]) == 1 and len(message[0][0]) <= SMALL_MESSAGE
+    early = lead and len(message[0]) == 1 and len(message[0][0]) <= SMALL_REQUEST
     conn.gate.acquire(timeout)
-    leading = False
+    reader, waiter = conn.reader, None
     try:
         sid, waiter = conn.new_call(lead=lead)
         try:
-            leading = early and conn.reader.try_lead()
+            if early:
+                reader.try_lead(waiter)
             conn.send(sid, MTYPE_REQUEST, 0, *message, deadline=deadline)
             if lead and not early:
-                leading = conn.reader.try_lead()
-            if leading:
-                conn.reader.read_until(waiter)
+                reader.try_lead(waiter)
+            if lead and reader.leads(waiter):
+                reader.read_until(waiter)
             item = waiter.get(None if deadline is None else deadline - time.monotonic())
         except TimeoutError:
             conn.cancel(sid)
@@ -100,8 +106,7 @@ def call(conn: Connection, method: str, args: tuple, kwargs: dict,
             conn.cancel(sid)
             raise
     finally:
-        if leading:
-            conn.reader.leave()
+        reader.leave_if_leading(waiter)
         conn.gate.release()
     return _result(conn, item)
 

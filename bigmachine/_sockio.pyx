@@ -12,12 +12,17 @@ meanwhile does not inherit a shared-memory segment.
 
 The socket is passed, not its number, and asked for its number on each call:
 a closed socket then fails with EBADF instead of reading a reused number.
+A thread blocked in a receive is in ``_profile.WAITING`` meanwhile: compiled
+code leaves the sampling profiler no frame to know the wait by.
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
-from libc.errno cimport EINTR, errno
+from cpython.pythread cimport PyThread_get_thread_ident
+from cpython.set cimport PySet_Add, PySet_Discard
+from libc cimport errno as c_errno
 from libc.stdlib cimport free, malloc
 
+from ._profile import WAITING
 from ._wire import MAX_FDS
 
 cdef extern from "sys/uio.h" nogil:
@@ -46,7 +51,7 @@ cdef extern from "sys/socket.h" nogil:
     size_t CMSG_SPACE(size_t)
     ssize_t recvmsg(int, msghdr*, int)
     ssize_t sendmsg(int, const msghdr*, int)
-    int SOL_SOCKET, SCM_RIGHTS, MSG_CTRUNC, MSG_CMSG_CLOEXEC
+    int SOL_SOCKET, SCM_RIGHTS, MSG_CTRUNC, MSG_CMSG_CLOEXEC, MSG_DONTWAIT
 
 cdef enum:
     # Room for MAX_FDS descriptors' control message, in words so that it is aligned.
@@ -57,6 +62,7 @@ cdef enum:
     # A send holds the GIL below this many bytes: it only copies into the socket's buffer.
     SEND_NOGIL = 65536
 
+cdef set _waiting = WAITING
 cdef size_t _control_len = CMSG_SPACE(MAX_FDS * sizeof(int))
 if _control_len > CONTROL_WORDS * sizeof(size_t):
     raise ImportError(f"_sockio: {MAX_FDS} descriptors need {_control_len} bytes of control buffer")
@@ -65,8 +71,8 @@ if _control_len > CONTROL_WORDS * sizeof(size_t):
 cdef int _raise_unless_interrupted(int error) except -1:
     """After a failed call: raise its OSError, or run signal handlers (EINTR) and
     return 0 to retry, as the socket module does (PEP 475)."""
-    if error != EINTR:
-        errno = error
+    if error != c_errno.EINTR:
+        c_errno.errno = error  # what PyErr_SetFromErrno reads
         PyErr_SetFromErrno(OSError)
     PyErr_CheckSignals()
     return 0
@@ -83,7 +89,10 @@ cdef Py_ssize_t _receive(object sock, object buf, int flags, object decoder) exc
     cdef cmsghdr* cmsg
     cdef int* fds
     cdef Py_ssize_t i, count
+    cdef object me = None if flags & MSG_DONTWAIT else PyThread_get_thread_ident()
     PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+    if me is not None:
+        PySet_Add(_waiting, me)
     try:
         iov.iov_base = view.buf
         iov.iov_len = view.len
@@ -99,12 +108,14 @@ cdef Py_ssize_t _receive(object sock, object buf, int flags, object decoder) exc
         while True:
             with nogil:
                 n = recvmsg(fd, &msg, flags)
-                error = errno
+                error = c_errno.errno
             if n >= 0:
                 break
             _raise_unless_interrupted(error)
     finally:
         PyBuffer_Release(&view)
+        if me is not None:
+            PySet_Discard(_waiting, me)
     if decoder is not None and (msg.msg_controllen or msg.msg_flags & MSG_CTRUNC):
         received = []
         cmsg = CMSG_FIRSTHDR(&msg)
@@ -184,11 +195,11 @@ def send_buffers(sock: object, buffers: object, fds: object, int flags) -> int:
         while True:
             if total < SEND_NOGIL:
                 n = sendmsg(fd, &msg, flags)
-                error = errno
+                error = c_errno.errno
             else:
                 with nogil:
                     n = sendmsg(fd, &msg, flags)
-                    error = errno
+                    error = c_errno.errno
             if n >= 0:
                 return n
             _raise_unless_interrupted(error)

@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Any, Optional
 
+from ._profile import WAITING
+
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 _DISARMED = select.EPOLLONESHOT  # reports nothing more (one hang-up at most) until armed
 
@@ -111,7 +113,13 @@ class Standby:
                     return
                 self._wake_at = min(self._timed.values(), default=math.inf)
                 timeout = -1 if self._wake_at == math.inf else max(0.0, self._wake_at - time.monotonic())
-            for fd, _ in epoll.poll(timeout):
+            me = threading.get_ident()
+            WAITING.add(me)
+            try:
+                ready = epoll.poll(timeout)
+            finally:
+                WAITING.discard(me)
+            for fd, _ in ready:
                 if fd == stop_r:
                     os.read(stop_r, 64)
                     continue

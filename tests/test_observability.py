@@ -1,6 +1,7 @@
 """Observability: status, profiles, memory health, logs, status page, progress."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -515,3 +516,40 @@ def test_progress_shows_on_a_terminal_and_not_in_a_pipe():
     assert "starting machines" not in piped and "sending to" not in piped and "\r" not in piped
     hidden = run_with_stderr(True, "off")
     assert "starting machines" not in hidden and "sending to" not in hidden
+
+
+@bm.service
+class Crunch:
+    """A sync method that is compiled code (a builtin; as a Cython- or numba-compiled
+    service method, or a numpy function, is): it has no Python frame of its own."""
+
+    pbkdf2 = staticmethod(hashlib.pbkdf2_hmac)
+
+
+@pytest.mark.timeout(60)
+def test_the_profile_sees_a_reader_thread_busy_in_a_compiled_method():
+    """A connection's reader thread runs sync methods itself; with _reader and
+    _dispatch compiled, Thread.run is the leaf frame of a compiled method's work:
+    the profile counts it as work (only threads in _profile.WAITING are waiting)."""
+    from bigmachine import _profile
+    with bm.start(bm.InProcess()) as b:
+        m, = b.start(1, services={"Crunch": Crunch()})
+        done = threading.Event()
+
+        def crunch():
+            try:
+                while not done.is_set():
+                    m.call("Crunch.pbkdf2", "sha256", b"pw", b"salt", 200_000, timeout=30)
+            finally:
+                done.set()
+
+        worker = threading.Thread(target=crunch)
+        worker.start()
+        try:
+            time.sleep(0.2)
+            stacks = _profile.sample(1.0, hz=100)
+        finally:
+            done.set()
+            worker.join(30)
+        busy = sum(count for stack, count in stacks if stack[-1].startswith("Thread.run (threading.py"))
+        assert busy >= 20, sorted(stacks, key=lambda s: -s[1])[:5]

@@ -1,0 +1,177 @@
+"""A blocking caller reads its own reply (it *leads*, see _reader): the reading
+role is never held by a caller that cannot read (one waiting for room to send),
+nor stranded by an exception the caller meets after taking it (Ctrl-C).
+
+The first test drives a real Connection whose peer is a raw socket speaking the
+wire protocol by hand, so that the peer can stop and start reading at will."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+import bigmachine as bm
+from bigmachine import _decoder, _rpc, _wire
+from bigmachine._connection import Connection
+from bigmachine._serialize import dumps
+from tests.services import Echo
+
+
+# ---- a real Connection whose peer is a raw socket the test drives ------------------
+
+
+class RawPeer:
+    """The far end of a socketpair, speaking the wire protocol by hand: it answers
+    requests with their argument while `reading` is set, and reads nothing otherwise."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.reading = threading.Event()
+        self.reading.set()
+        self.stop = False
+        self.decoder = _decoder.Decoder()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="review-rawpeer")
+        self.thread.start()
+
+    def send(self, sid: int, mtype: int, value) -> None:
+        units, _ = _wire.message_frames(sid, mtype, 0, *dumps(value))
+        for unit in units:
+            self.sock.sendall(b"".join(bytes(memoryview(b)) for b in unit))
+
+    def _run(self) -> None:
+        from bigmachine._serialize import loads
+        while not self.stop:
+            if not self.reading.wait(0.05):
+                continue
+            try:
+                n = self.sock.recv_into(self.decoder.get_buffer())
+            except OSError:
+                return
+            if n == 0:
+                return
+            for event in self.decoder.buffer_updated(n):
+                if event[0] == _wire.KIND_MSG and event[2] == _wire.MTYPE_REQUEST and event[1] & 1:
+                    method, args, kwargs = loads(event[4])
+                    if method == "echo":
+                        self.send(event[1], _wire.MTYPE_REPLY, args[0])
+
+
+@contextlib.contextmanager
+def raw_connection(**kwargs):
+    """(conn, peer, requests): our Connection on its own IO loop, the raw peer, and the
+    requests the peer made of us (sid, segments), in arrival order."""
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True, name="review-loop")
+    loop_thread.start()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    requests: list = []
+
+    async def make():
+        return Connection(ours, loop, "rawpeer", True,
+                          lambda conn, sid, mflags, segments: requests.append(sid),
+                          lambda conn: None, **kwargs)
+
+    conn = asyncio.run_coroutine_threadsafe(make(), loop).result(5)
+    peer = RawPeer(theirs)
+    try:
+        yield conn, peer, requests
+    finally:
+        peer.stop = True
+        peer.reading.set()
+        conn.fail(bm.MachineLost("rawpeer", "test over"))
+        theirs.close()
+        peer.thread.join(5)
+        deadline = time.monotonic() + 5
+        while conn.reader.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(5)
+        loop.close()
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+@pytest.mark.timeout(60)
+def test_a_caller_waiting_for_room_does_not_hold_the_reading_role():
+    """_rpc.call takes the role before a 'small' request whose pickle fits in
+    SMALL_MESSAGE; its frame (with the 32-byte header) may not, and then send()
+    waits for room with the role held and nobody reading: what the peer sends
+    meanwhile (its requests, PONGs, replies) is not read, and last_recv goes stale
+    (the driver's keepalive then declares a live machine lost)."""
+    with raw_connection(max_queued=1 << 16) as (conn, peer, requests):
+        # A few calls: the role ends up parked (a blocking caller wanted to lead).
+        for i in range(3):
+            assert _rpc.call(conn, "echo", (i,), {}, None) == i
+        assert wait_for(lambda: conn.reader._state == "parked", 5), conn.reader._state
+        # The peer stops reading; a large message to it fills the socket and queues.
+        peer.reading.clear()
+        conn.send(2, _wire.MTYPE_REPLY, 0, [b"r" * (8 << 20)], [False])
+        assert conn.writer.queued > conn.writer.max_queued
+        # A request whose pickle is just under SMALL_MESSAGE, its frame just over.
+        arg = b"x" * 65480
+        message = _rpc.encode_request("echo", (arg,), {})
+        assert len(message[0]) == 1 and len(message[0][0]) <= _rpc.SMALL_MESSAGE
+        result: list = []
+        caller = threading.Thread(target=lambda: result.append(_rpc.call(conn, "echo", (arg,), {}, None)),
+                                  daemon=True)
+        caller.start()
+        time.sleep(0.3)  # the caller now waits for room
+        before = conn.last_recv
+        peer.send(4, _wire.MTYPE_REQUEST, ("Echo.echo", (1,), {}))  # the peer calls us
+        served = wait_for(lambda: requests == [4], 3)
+        fresh = conn.last_recv > before
+        peer.reading.set()  # let everything finish
+        caller.join(20)
+        assert result and result[0] == arg
+        assert served and fresh, "the peer's request was not read while a caller waited for room"
+
+
+# ---- a KeyboardInterrupt between try_lead and `leading = ...` ------------------------
+
+
+@pytest.mark.timeout(60)
+def test_keyboard_interrupt_right_after_taking_the_role_does_not_strand_it():
+    """A signal handler that raises (Ctrl-C) runs at the first eval-breaker check
+    after the compiled try_lead returns, before `leading` is assigned in _rpc.call:
+    the finally clause then never calls leave(), the role stays 'reading' with no
+    reader, and every later call on the connection times out."""
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    with bm.start(bm.InProcess()) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        for i in range(3):
+            assert m.call("Echo.echo", i) == i  # no deadline: the caller leads, then parks
+        reader = m.connection().reader
+        assert wait_for(lambda: reader._state == "parked", 5), reader._state
+        previous = signal.signal(signal.SIGUSR1, interrupt)
+        try:
+            def hold_the_lock():
+                with reader._lock:  # the caller blocks in try_lead...
+                    time.sleep(0.3)
+                    # ...and the signal is tripped (on this thread: the main one is
+                    # not interrupted) before it gets the lock.
+                    signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+            helper = threading.Thread(target=hold_the_lock)
+            helper.start()
+            time.sleep(0.05)
+            with pytest.raises(KeyboardInterrupt):
+                m.call("Echo.echo", 1)
+            helper.join(5)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        assert m.call("Echo.echo", 2, timeout=5) == 2
