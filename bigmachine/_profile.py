@@ -8,6 +8,7 @@ named ``qualname (file.py:first line)``, so a function's samples add up.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -15,7 +16,7 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from .errors import Error
 
@@ -33,9 +34,20 @@ IDLE = frozenset({
 })
 
 # Threads waiting in compiled code, which leaves no frame to know the wait by
-# (the connection core is compiled, see setup.py): a reader's blocking receive,
-# a reader thread waiting for the role, the standby's poll. They add themselves.
+# (the connection core is compiled, see setup.py): a reader's blocking receive
+# (_sockio adds it), a reader thread waiting for the role, the standby's poll.
 WAITING: set = set()
+
+
+@contextlib.contextmanager
+def waiting() -> Iterator[None]:
+    """The calling thread waits meanwhile: its samples are left out."""
+    me = threading.get_ident()
+    WAITING.add(me)
+    try:
+        yield
+    finally:
+        WAITING.discard(me)
 
 _labels: dict = {}  # code object -> frame label
 

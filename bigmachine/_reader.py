@@ -56,7 +56,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
-from ._profile import WAITING
+from ._profile import waiting
 from ._sockio import recv_into
 from ._standby import STANDBY
 from ._waiters import Waiter, begin_batch, call_soon_threadsafe, end_batch
@@ -410,12 +410,8 @@ class Reader:
                     if self._idle_waiting or self.is_closed():
                         return
                     self._idle_waiting = True
-                me = threading.get_ident()
-                WAITING.add(me)
-                try:
+                with waiting():
                     self._idle.acquire()
-                finally:
-                    WAITING.discard(me)
                 if self.is_closed():
                     return
                 generation = self._generation

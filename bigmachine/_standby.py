@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from ._profile import WAITING
+from ._profile import waiting
 
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 _DISARMED = select.EPOLLONESHOT  # reports nothing more (one hang-up at most) until armed
@@ -113,12 +113,8 @@ class Standby:
                     return
                 self._wake_at = min(self._timed.values(), default=math.inf)
                 timeout = -1 if self._wake_at == math.inf else max(0.0, self._wake_at - time.monotonic())
-            me = threading.get_ident()
-            WAITING.add(me)
-            try:
+            with waiting():
                 ready = epoll.poll(timeout)
-            finally:
-                WAITING.discard(me)
             for fd, _ in ready:
                 if fd == stop_r:
                     os.read(stop_r, 64)
