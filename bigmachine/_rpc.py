@@ -14,7 +14,7 @@ from ._connection import Connection
 from ._node import swap_current
 from ._serialize import dumps, load_exception, loads
 from ._streams import Stream
-from ._waiters import on_loop_thread
+from ._waiters import Waiter, on_loop_thread
 from ._writer import SMALL_MESSAGE
 from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
 from .errors import Error, MachineLost, ProtocolError, ResourceError
@@ -122,16 +122,12 @@ async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
         await conn.gate.aacquire()
     try:
         sid, waiter = conn.new_call()
-        async def exchange() -> tuple:
-            await conn.asend(sid, MTYPE_REQUEST, 0, *message)
-            return await waiter.aget()
-
         try:
             if timeout is None:  # the usual case, without a coroutine more
                 await conn.asend(sid, MTYPE_REQUEST, 0, *message)
                 item = await waiter.aget()
             else:
-                item = await asyncio.wait_for(exchange(), timeout)
+                item = await asyncio.wait_for(_exchange(conn, sid, message, waiter), timeout)
         except asyncio.TimeoutError:
             conn.cancel(sid)
             raise TimeoutError(f"{method} on {conn.peer} timed out after {timeout} s") from None
@@ -143,6 +139,13 @@ async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
     if not decode and item[0] == MTYPE_REPLY:
         return None
     return _result(conn, item)
+
+
+async def _exchange(conn: Connection, sid: int, message: tuple, waiter: Waiter) -> tuple:
+    """Send a request and await the first message of its answer (an acall with a
+    timeout: wait_for needs a coroutine; made only then, not on every call)."""
+    await conn.asend(sid, MTYPE_REQUEST, 0, *message)
+    return await waiter.aget()
 
 
 def _consumed(conn: Connection, state: Stream) -> None:
