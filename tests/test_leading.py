@@ -18,7 +18,7 @@ import pytest
 import bigmachine as bm
 from bigmachine import _decoder, _rpc, _wire
 from bigmachine._connection import Connection
-from bigmachine._serialize import dumps
+from bigmachine._serialize import dumps, loads
 from tests.services import Echo
 
 
@@ -44,7 +44,6 @@ class RawPeer:
             self.sock.sendall(b"".join(bytes(memoryview(b)) for b in unit))
 
     def _run(self) -> None:
-        from bigmachine._serialize import loads
         while not self.stop:
             if not self.reading.wait(0.05):
                 continue
