@@ -74,7 +74,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     commands.add_parser("version", help="print the versions of bigmachine and its parts",
                         description="Print the versions of bigmachine, Python and the "
-                        "compiled wire and decoder modules in use.")
+                        "compiled wire and decoder modules in use, and whether every "
+                        "module the build compiles runs compiled.")
 
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "demo":
@@ -93,12 +94,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif args.command == "ec2":
         return _ec2(args)
     elif args.command == "version":
-        from . import _decoder, _wire
+        from . import _compiled, _decoder, _wire
 
         print(f"bigmachine {__version__}")
         print(f"python {sys.version.split()[0]} ({sys.executable})")
         print(f"wire module {_wire.__file__}")
         print(f"decoder module {_decoder.__file__}")
+        print(f"build: {_compiled.describe()}")
     return 0
 
 

@@ -22,23 +22,24 @@ import threading
 
 import pytest
 
-from bigmachine import _connection, _decoder, _reader, _sockio, _writer
+from bigmachine import _compiled, _connection, _decoder, _reader, _sockio, _writer
 
 PACKAGE = os.path.dirname(_connection.__file__)
-# The .py modules compiled through the .pxd beside them (setup.py's rule).
-COMPILED_PY = sorted(
-    "bigmachine." + os.path.basename(path)[:-4] for path in glob.glob(os.path.join(PACKAGE, "*.pxd"))
-    if os.path.exists(path[:-4] + ".py"))
 PYX = sorted("bigmachine." + os.path.basename(path)[:-4] for path in glob.glob(os.path.join(PACKAGE, "*.pyx")))
+# The .py modules compiled through the .pxd beside them (setup.py's rule).
+COMPILED_PY = sorted(set(_compiled.compiled_modules()) - set(PYX))
 
 
 def test_every_compiled_module_is_in_use():
     assert {"bigmachine._connection", "bigmachine._reader", "bigmachine._writer",
             "bigmachine._dispatch", "bigmachine._standby", "bigmachine._streams"} <= set(COMPILED_PY)
     assert {"bigmachine._wire", "bigmachine._decoder", "bigmachine._sockio"} <= set(PYX)
+    assert set(_compiled.compiled_modules()) == set(COMPILED_PY + PYX)
     for name in COMPILED_PY + PYX:
         path = importlib.import_module(name).__file__
         assert path.endswith(".so"), path
+    assert _compiled.running_as_python() == []
+    assert _compiled.describe() == f"all {len(COMPILED_PY + PYX)} compiled modules in use"
     # Extension types: no instance __dict__, attributes in C slots.
     for cls in (_connection.Connection, _reader.Reader, _writer.Writer):
         assert "__dict__" not in dir(cls), cls
@@ -63,6 +64,9 @@ PURE = textwrap.dedent("""
     from tests.services import Echo
     for name in NAMES:
         assert sys.modules[name].__file__.endswith(".py"), sys.modules[name].__file__
+    from bigmachine import _compiled
+    assert sorted(_compiled.running_as_python()) == sorted(NAMES), _compiled.running_as_python()
+    assert _compiled.describe().startswith("running as Python, not compiled: ")
     with bm.start(bm.InProcess()) as b:
         m, = b.start(1, services={"Echo": Echo()})
         assert m.call("Echo.echo", 41, timeout=30) == 41

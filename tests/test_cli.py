@@ -30,6 +30,7 @@ def test_help(command):
 def test_version():
     done = cli("version")
     assert done.returncode == 0 and done.stdout.startswith(f"bigmachine {bm.__version__}\n")
+    assert "\nbuild: all " in done.stdout and "compiled modules in use" in done.stdout
 
 
 def test_demo():

@@ -19,6 +19,7 @@ import sysconfig
 import tarfile
 from typing import Sequence
 
+from .._compiled import compiled_modules
 from ..errors import Error
 
 MAX_BUNDLE_FILES = 20000
@@ -66,7 +67,7 @@ def bigmachine_bundle(ext_suffix: str, binaries: bool) -> tuple[Bundle, list[str
     """
     pkg = package_dir()
     files: dict[str, bytes] = {}
-    exts: list[str] = []
+    exts = compiled_modules()
     for dirpath, dirnames, filenames in os.walk(pkg):
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
         for fn in sorted(filenames):
@@ -75,8 +76,6 @@ def bigmachine_bundle(ext_suffix: str, binaries: bool) -> tuple[Bundle, list[str
                 rel = os.path.relpath(path, os.path.dirname(pkg)).replace(os.sep, "/")
                 with open(path, "rb") as f:
                     files[rel] = f.read()
-                if fn.endswith(".pyx") or (fn.endswith(".pxd") and os.path.exists(path[:-4] + ".py")):
-                    exts.append(rel[:-4].replace("/", "."))
     if binaries:
         for name in exts:
             try:

@@ -328,12 +328,14 @@ def median(values: list) -> float:
 
 def implementation() -> dict:
     import bigmachine
+    import bigmachine._compiled
     import bigmachine._decoder
     import bigmachine._wire
 
     info = {"bigmachine": os.path.dirname(bigmachine.__file__),
             "wire": bigmachine._wire.__file__,
             "decoder": bigmachine._decoder.__file__,
+            "build": bigmachine._compiled.describe(),
             "python": sys.version.split()[0],
             "cpus": os.cpu_count(),
             "loadavg": os.getloadavg(),
@@ -365,7 +367,8 @@ def bytecode_cached() -> bool:
 def print_header(title: str) -> dict:
     info = implementation()
     print(f"== {title}")
-    print(f"implementation: bigmachine._wire = {info['wire']}, _decoder = {info['decoder']}")
+    print(f"implementation: bigmachine._wire = {info['wire']}, _decoder = {info['decoder']}; "
+          f"{info['build']}")
     print(f"  git {info.get('git', '?')}, python {info['python']}, {info['cpus']} cpus, "
           f"load {' '.join(f'{x:.2f}' for x in info['loadavg'])}")
     if not info["bytecode_cached"]:
