@@ -49,6 +49,7 @@ def waiting() -> Iterator[None]:
     finally:
         WAITING.discard(me)
 
+
 _labels: dict = {}  # code object -> frame label
 
 
