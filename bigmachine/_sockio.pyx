@@ -56,12 +56,13 @@ cdef extern from "sys/socket.h" nogil:
 cdef enum:
     # Room for MAX_FDS descriptors' control message, in words so that it is aligned.
     CONTROL_WORDS = 160
-    # Buffers a sendmsg takes at most (IOV_MAX); the first few live on the stack.
-    IOV_MAX = 1024
+    # Buffers a sendmsg takes at most (Linux's IOV_MAX); the first few live on the stack.
+    MAX_IOV = 1024
     IOV_STACK = 8
     # A send holds the GIL below this many bytes: it only copies into the socket's buffer.
     SEND_NOGIL = 65536
 
+IOV_MAX = MAX_IOV  # for the writer, which cuts longer lists of buffers into several sends
 cdef set _waiting = WAITING
 cdef size_t _control_len = CMSG_SPACE(MAX_FDS * sizeof(int))
 if _control_len > CONTROL_WORDS * sizeof(size_t):
@@ -157,8 +158,8 @@ def send_buffers(sock: object, buffers: object, fds: object, int flags) -> int:
     cdef Py_ssize_t nfds = 0 if fds is None else len(fds)
     cdef int fd = sock.fileno(), error = 0
     cdef ssize_t n
-    if count > IOV_MAX:
-        raise OSError(22, f"sendmsg of {count} buffers (at most {IOV_MAX})")
+    if count > MAX_IOV:
+        raise OSError(22, f"sendmsg of {count} buffers (at most {MAX_IOV})")
     if nfds > MAX_FDS:
         raise OSError(22, f"sendmsg of {nfds} descriptors (at most {MAX_FDS})")
     if count > IOV_STACK:

@@ -26,10 +26,9 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, Optional
 
 from . import _faults, _wire
-from ._sockio import send_buffers
+from ._sockio import IOV_MAX, send_buffers
 from ._waiters import wake_threadsafe
 
-IOV_MAX = 1024
 MAX_QUEUED = 64 << 20           # bytes queued for writing before large senders wait
 SMALL_MESSAGE = _wire.INLINE_MAX  # messages this small never wait for room
 # A sender writes at most this many frames (about 2 MiB) itself; the IO loop
