@@ -27,7 +27,7 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 from . import _buffers, _decoder, _shmlink, _wire
-from ._sockio import recv_into_with_fds
+from ._sockio import Spin, recv_into_with_fds
 from ._reader import Reader
 from ._waiters import Gate, Waiter, call_soon_threadsafe, on_loop_thread
 from ._wire import (KIND_CANCEL, KIND_CREDIT, KIND_GOAWAY, KIND_MSG, KIND_PING,
@@ -89,9 +89,11 @@ class Connection:
                                         map_shm=_shmlink.map_received if self.shm else None)
         # Its threads run sync methods too: named as the node's pool threads are.
         thread_name = f"bigmachine-{node.name}-read-{peer}" if node is not None else f"bigmachine-read-{peer}"
+        # TLS reads go through the ssl module, which does not busy-poll.
+        spin = Spin(node.busy_poll) if node is not None and node.busy_poll and tls is None else None
         self.reader = Reader(sock, loop, tls, self.decoder, peer, thread_name, self._on_event, self._is_closed,
                              self._calls_in_flight, self.fail, self.io_failed, self.writer,
-                             recv_into_with_fds if self.shm else None)
+                             recv_into_with_fds if self.shm else None, spin)
         self.reader.start()
 
     def __repr__(self) -> str:

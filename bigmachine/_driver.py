@@ -50,7 +50,8 @@ class Driver(Observing, B):
             creds = Credentials.generate(ClusterCA(system.cert_lifetime) if system.tls else None)
             identity = creds.ca.issue("driver") if creds.ca is not None else None
             node = Node(creds, "driver", user_timeout=system.lost_after, identity=identity,
-                        socket_buffer=system.socket_buffer, shared_memory=system.shared_memory)
+                        socket_buffer=system.socket_buffer, shared_memory=system.shared_memory,
+                        busy_poll=system.busy_poll)
         except BaseException:
             system.shutdown()
             raise

@@ -21,7 +21,7 @@ from . import _auth, _handshake
 from ._admission import Admission, RefusalLog
 from ._auth import Credentials
 from ._connection import Connection
-from ._sockopts import SOCKET_BUFFER, configure_socket
+from ._sockopts import BUSY_POLL, SOCKET_BUFFER, configure_socket
 from ._waiters import mark_loop_thread
 from ._limits import open_files
 from ._dispatch import Dispatcher
@@ -67,7 +67,8 @@ class Node:
 
     def __init__(self, creds: Credentials, name: str, workers: Optional[int] = None,
                  user_timeout: float = USER_TIMEOUT, identity: Optional[Identity] = None,
-                 socket_buffer: int = SOCKET_BUFFER, shared_memory: bool = False):
+                 socket_buffer: int = SOCKET_BUFFER, shared_memory: bool = False,
+                 busy_poll: float = BUSY_POLL):
         self.creds = creds
         # With an identity, every connection (both ways) is TLS 1.3 with
         # certificates of the cluster CA, and the handshake runs inside it.
@@ -75,6 +76,7 @@ class Node:
         self.name = name
         self.user_timeout = user_timeout
         self.socket_buffer = socket_buffer
+        self.busy_poll = busy_poll  # seconds a plain link's reader polls before it sleeps; 0: never
         self.shared_memory = shared_memory  # Unix-socket links may pass arrays as memfds
         self.registry = Registry()
         self.loop = asyncio.new_event_loop()

@@ -7,7 +7,7 @@ cdef class Reader:
     cdef public object sock, fd, loop, tls, decoder, peer, name, on_event, is_closed
     cdef public object calls_in_flight, fail, io_failed
     cdef public Writer writer
-    cdef public object receive_into, last_recv, bytes_received
+    cdef public object receive_into, spin, last_recv, bytes_received
     cdef public object _deferred, _batch, _deadline, _lock, _state, _generation
     cdef public bint _lead_wanted
     cdef public object _leader

@@ -1,6 +1,7 @@
 """The reading role of a connection: who turns bytes off the socket into frame events.
 
-Whoever reads blocks in ``recv_into`` (or the TLS channel's ``read_into``)
+Whoever reads blocks in ``recv_into`` (or the TLS channel's ``read_into``),
+busy-polling first while the connection's waits are short (``_sockio.Spin``),
 straight into the buffer the decoder hands out, so bulk data lands in its
 final place, and passes each decoded event to the connection on its own
 thread; loop wake-ups that one read causes are sent together.
@@ -57,7 +58,7 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 from ._profile import waiting
-from ._sockio import recv_into
+from ._sockio import Spin, recv_into
 from ._standby import STANDBY
 from ._waiters import Waiter, begin_batch, call_soon_threadsafe, end_batch
 from ._decoder import Decoder
@@ -89,7 +90,7 @@ class Reader:
                  decoder: Decoder, peer: str, name: str, on_event: Callable[[tuple], None], is_closed: Callable[[], bool],
                  calls_in_flight: Callable[[], bool], fail: Callable[[BaseException], None],
                  io_failed: Callable[[str, BaseException], BaseException], writer: Writer,
-                 receive_into: Optional[Callable[[socket.socket, memoryview, Decoder], int]] = None):
+                 receive_into: Optional[Callable[..., int]] = None, spin: Optional[Spin] = None):
         self.sock = sock
         self.fd = sock.fileno()
         self.loop = loop
@@ -104,6 +105,7 @@ class Reader:
         self.io_failed = io_failed
         self.writer = writer              # corked while a batch runs, and for TLS output
         self.receive_into = receive_into  # recv_into that takes descriptors too (shared memory)
+        self.spin = spin                  # how long a blocking receive busy-polls (_sockio)
         self.last_recv = time.monotonic()
         self.bytes_received = 0
         self._deferred: list = []         # (fallback, fn, args) asked for by the current read
@@ -446,9 +448,9 @@ class Reader:
         """
         decoder, tls = self.decoder, self.tls
         if self.receive_into is not None:
-            n = self.receive_into(self.sock, decoder.get_buffer(), decoder, flags)
+            n = self.receive_into(self.sock, decoder.get_buffer(), decoder, flags, self.spin)
         elif tls is None:
-            n = recv_into(self.sock, decoder.get_buffer(), flags)
+            n = recv_into(self.sock, decoder.get_buffer(), flags, self.spin)
         else:
             n = tls.read_into(self.sock, decoder.get_buffer())
             if tls.outgoing.pending:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def start(system: Optional[System] = None, **options: Any) -> B:
     """Start a bigmachine session on system (default: bigmachine.Local()).
 
-    options are the session's: tls, insecure, cert_lifetime, socket_buffer,
+    options are the session's: tls, insecure, cert_lifetime, socket_buffer, busy_poll,
     shared_memory (arrays as shared memory between machines of one host),
     status_addr (serve a status page there, e.g. "127.0.0.1:0"), progress
     (progress bars on a terminal) and timing (keepalive_period, lost_after,

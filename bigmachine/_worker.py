@@ -24,7 +24,7 @@ import sys
 import threading
 from typing import Callable, Optional
 
-from ._sockopts import SOCKET_BUFFER
+from ._sockopts import BUSY_POLL, SOCKET_BUFFER
 from ._limits import no_core_dumps, raise_open_files
 from ._node import Node
 from ._runtime import start_machine
@@ -54,7 +54,8 @@ def main(before_services: Optional[Callable[[], None]] = None) -> None:
 
     node = Node(creds, config["name"], identity=identity,
                 socket_buffer=config.get("socket_buffer", SOCKET_BUFFER),
-                shared_memory=config.get("shared_memory", False))
+                shared_memory=config.get("shared_memory", False),
+                busy_poll=config.get("busy_poll", BUSY_POLL))
     addr = start_machine(node, config["lease"], on_stop, owner_token, listen=config["listen"],
                          keepalive_period=config["keepalive_period"], lost_after=config["lost_after"],
                          before_services=before_services)

@@ -57,6 +57,12 @@ class Echo:
     def get_tag(self):
         return self.tag
 
+    def busy_poll(self):
+        """The busy-polling window of the caller's link on this side (None: it sleeps at once)."""
+        from bigmachine._dispatch import calling_connection
+        spin = calling_connection().reader.spin
+        return None if spin is None else spin.window
+
     def combine(self, a, b=2, *rest, k=None, **kw):
         return {"a": a, "b": b, "rest": list(rest), "k": k, "kw": kw}
 

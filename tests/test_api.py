@@ -796,3 +796,29 @@ def test_socket_buffer_option_reaches_both_ends():
         assert accepted.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF) == 2 * (256 << 10)
     with pytest.raises(bm.Error, match="socket_buffer"):
         bm.InProcess(socket_buffer=-1)
+
+
+def _busy_poll_windows(m):
+    spin = m.connection().reader.spin
+    return None if spin is None else spin.window, m.call("Echo.busy_poll", timeout=10)
+
+
+def test_busy_poll_option_reaches_both_ends_of_plain_links_only():
+    with bm.start(bm.Local(busy_poll=250e-6), **TIMING) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        assert _busy_poll_windows(m) == (250e-6, 250e-6)  # the machine took it over its bootstrap
+    with bm.start(bm.InProcess(), busy_poll=0) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        assert _busy_poll_windows(m) == (None, None)
+    with bm.start(bm.InProcess(tls=True)) as b:  # the ssl module reads TLS links
+        m, = b.start(1, services={"Echo": Echo()})
+        assert _busy_poll_windows(m) == (None, None)
+    with bm.start(bm.InProcess()) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        assert _busy_poll_windows(m) == (100e-6, 100e-6)  # the default
+
+
+@pytest.mark.parametrize("value", [-1e-6, 0.002, float("nan"), float("inf"), True, "1e-4", None])
+def test_busy_poll_option_refuses_what_is_not_a_short_number_of_seconds(value):
+    with pytest.raises(bm.Error, match="busy_poll"):
+        bm.InProcess(busy_poll=value)

@@ -15,11 +15,14 @@ from abc import ABC, abstractmethod
 from typing import Any, Optional
 
 from .._auth import Credentials
+from .._sockopts import BUSY_POLL, SOCKET_BUFFER
 from .._tls import LIFETIME
 from ..errors import Error
 
 log = logging.getLogger("bigmachine")
 _warned_insecure = False
+# Longer busy-polling wastes more CPU on every slow reply than a sleep costs.
+MAX_BUSY_POLL = 0.001
 
 
 class SocketDir:
@@ -103,6 +106,11 @@ class System(ABC):
     socket_buffer: kernel socket buffer bytes of the cluster's connections
         (small on local links keeps pings prompt beside bulk transfers);
         0 leaves them to the kernel's autotuning, for long-distance links.
+    busy_poll: seconds (at most 0.001) a connection's reader busy-polls its
+        socket before it sleeps, while replies and requests come that fast:
+        a small call's wake-ups cost more than the call (see README
+        "Performance"). 0 never polls, for hosts whose CPUs are all busy.
+        Links over TLS do not poll.
     status_addr: "host:port" where the driver serves its status page (None:
         no page); give a loopback host unless others must reach it.
     progress: show progress bars on a terminal (starting machines, large
@@ -118,7 +126,8 @@ class System(ABC):
     insecure = False
     shared_memory = False
     cert_lifetime = LIFETIME
-    socket_buffer = 1 << 20
+    socket_buffer = SOCKET_BUFFER
+    busy_poll = BUSY_POLL
     status_addr: Optional[str] = None
     progress = True
 
@@ -133,8 +142,8 @@ class System(ABC):
         return True
 
     def configure(self, **options: Any) -> None:
-        """Set options: tls, insecure, cert_lifetime, socket_buffer, status_addr, progress,
-        and timing (keepalive_period, lost_after, lease, start_timeout)."""
+        """Set options: tls, insecure, cert_lifetime, socket_buffer, busy_poll, status_addr,
+        progress, and timing (keepalive_period, lost_after, lease, start_timeout)."""
         for key, value in options.items():
             if key == "status_addr":
                 if value is not None and not isinstance(value, str):
@@ -150,6 +159,13 @@ class System(ABC):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise Error(f"option socket_buffer must be a number of bytes >= 0, not {value!r}")
                 self.socket_buffer = value
+                continue
+            if key == "busy_poll":
+                if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                        or not 0 <= value <= MAX_BUSY_POLL):
+                    raise Error(f"option busy_poll must be seconds from 0 to {MAX_BUSY_POLL:g}, "
+                                f"not {value!r}")
+                self.busy_poll = float(value)
                 continue
             if key not in ("keepalive_period", "lost_after", "lease", "start_timeout",
                            "cert_lifetime"):

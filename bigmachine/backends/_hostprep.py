@@ -56,6 +56,7 @@ class Plan:
             "keepalive_period": system.keepalive_period,
             "lost_after": system.lost_after,
             "socket_buffer": system.socket_buffer,
+            "busy_poll": system.busy_poll,
             "parent_pipe": True,
             "listen": listen,
         }

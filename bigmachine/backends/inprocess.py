@@ -71,7 +71,7 @@ class InProcess(System):
             identity = creds.ca.issue(name) if creds.ca is not None else None
             machine_creds = Credentials(creds.cluster_id, creds.secret)  # no CA, no owner key
             node = Node(machine_creds, name, identity=identity, socket_buffer=self.socket_buffer,
-                        shared_memory=self.shared_memory)
+                        shared_memory=self.shared_memory, busy_poll=self.busy_poll)
             holder: list = []
             listen = "127.0.0.1:0" if self.tcp else self.sockets.addr(name)
             addr = start_machine(node, None, lambda why, h=holder: h[0].on_stop(why),

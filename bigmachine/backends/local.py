@@ -262,6 +262,7 @@ class Local(System):
             "lost_after": self.lost_after,
             "socket_buffer": self.socket_buffer,
             "shared_memory": self.shared_memory,
+            "busy_poll": self.busy_poll,
             "status_fd": status_fd,
             "parent_pipe": self.parent_pipe,
             "listen": self._listen_addr(name),
