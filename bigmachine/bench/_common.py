@@ -313,6 +313,13 @@ class RawServer:
 # statistics and reporting
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process pid has used, in clock ticks (10 ms)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def pct(values: list, q: float) -> float:
     """The q-th percentile (0..100), nearest rank."""
     s = sorted(values)

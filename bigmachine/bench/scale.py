@@ -46,7 +46,7 @@ from typing import Optional
 
 import bigmachine as bm
 
-from ._common import child_env, json_arg, median, print_header, write_json
+from ._common import child_env, cpu_seconds, json_arg, median, print_header, write_json
 from ._echo import Echo
 from .._blas import LIMITS
 from ..backends._template import FIRST_IMPORTS
@@ -134,20 +134,14 @@ def fan_out(machines: list, times: int = 10) -> list[float]:
     return asyncio.run(run())
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 def idle_cpu(machines: list, seconds: float) -> tuple[float, float]:
     """Percent of one core the driver, and each machine on average, used in seconds idle."""
     pids = [m.process.local_pid() for m in machines]
     t0, me0 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
-    theirs0 = sum(_cpu_seconds(p) for p in pids)
+    theirs0 = sum(cpu_seconds(p) for p in pids)
     time.sleep(seconds)
     wall, me1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_SELF)
-    theirs = sum(_cpu_seconds(p) for p in pids) - theirs0
+    theirs = sum(cpu_seconds(p) for p in pids) - theirs0
     mine = (me1.ru_utime + me1.ru_stime) - (me0.ru_utime + me0.ru_stime)
     return 100 * mine / wall, 100 * theirs / wall / len(pids)
 
