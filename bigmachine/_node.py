@@ -21,6 +21,7 @@ from . import _auth, _handshake
 from ._admission import Admission, RefusalLog
 from ._auth import Credentials
 from ._connection import Connection
+from ._polling import new_event_loop
 from ._sockopts import BUSY_POLL, SOCKET_BUFFER, configure_socket
 from ._waiters import mark_loop_thread
 from ._limits import open_files
@@ -79,7 +80,7 @@ class Node:
         self.busy_poll = busy_poll  # seconds a plain link's reader polls before it sleeps; 0: never
         self.shared_memory = shared_memory  # Unix-socket links may pass arrays as memfds
         self.registry = Registry()
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop(busy_poll)
         self.executor = Pool(workers or max(32, (os.cpu_count() or 1) * 4),
                              f"bigmachine-{name}", initializer=self._enter)
         self.dispatcher = Dispatcher(self.registry, self.executor, self.loop, self._enter)

@@ -71,6 +71,11 @@ cdef extern from "time.h" nogil:
 cdef extern from "sched.h" nogil:
     int sched_yield()
 
+cdef extern from "sys/epoll.h" nogil:
+    struct epoll_event:
+        unsigned int events
+    int epoll_wait(int, epoll_event*, int, int)
+
 cdef enum:
     # Room for MAX_FDS descriptors' control message, in words so that it is aligned.
     CONTROL_WORDS = 160
@@ -107,6 +112,23 @@ cdef class Spin:
             raise ValueError(f"a spin window must be > 0 seconds, not {window!r}")
         self.window = window
         self.active = False
+
+    def wait_ready(self, int epfd) -> None:
+        """If active, poll the epoll instance epfd until something is ready or the
+        window passes, without taking what is ready (for an event loop's selector)."""
+        cdef epoll_event event
+        cdef double end
+        if not self.active:
+            return
+        with nogil:
+            end = _now() + self.window
+            while epoll_wait(epfd, &event, 1, 0) == 0 and _now() < end:
+                sched_yield()
+        PyErr_CheckSignals()
+
+    def learn(self, double waited) -> None:
+        """The last wait took waited seconds: poll before the next one if that was short."""
+        self.active = waited < self.window
 
 
 cdef ssize_t _poll(int fd, msghdr* msg, int flags, double end) noexcept nogil:

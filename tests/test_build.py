@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import importlib
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -204,91 +203,3 @@ def test_a_handler_that_raises_ends_the_receive(pair):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
-
-def _voluntary_switches() -> int:
-    """Times the calling thread has slept (blocked) so far."""
-    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
-
-
-def _send_later(sock, seconds: float) -> subprocess.Popen:
-    """Another process sends b"late" on sock after seconds (no thread of ours to
-    take the GIL back from the receiver)."""
-    code = f"import os, time; time.sleep({seconds}); os.write({sock.fileno()}, b'late')"
-    return subprocess.Popen([sys.executable, "-c", code], pass_fds=[sock.fileno()])
-
-
-def test_a_spin_window_must_be_a_positive_number_of_seconds():
-    for window in (0, -1e-4, float("nan")):
-        with pytest.raises(ValueError, match="spin window"):
-            _sockio.Spin(window)
-
-
-def test_a_spinning_receive_polls_only_after_a_short_wait(pair):
-    a, b = pair
-    spin = _sockio.Spin(0.05)
-    buf = bytearray(8)
-    assert not spin.active  # nothing learnt yet: the first receive sleeps at once
-    a.send(b"now")
-    assert _sockio.recv_into(b, buf, 0, spin) == 3
-    assert spin.active  # it waited less than the window: the next one polls
-    sender = _send_later(a, 0.3)
-    try:
-        assert _sockio.recv_into(b, buf, 0, spin) == 4 and bytes(buf[:4]) == b"late"
-    finally:
-        sender.wait(10)
-    assert not spin.active  # polled in vain, then slept: the next one sleeps at once
-    a.send(b"x")
-    assert _sockio.recv_into(b, buf, socket.MSG_DONTWAIT, spin) == 1
-    assert not spin.active  # a receive that does not block teaches nothing
-
-
-def test_a_spinning_receive_takes_what_comes_within_its_window_without_sleeping(pair):
-    a, b = pair
-    buf = bytearray(8)
-    spin = _sockio.Spin(1.0)
-    a.send(b"now")
-    _sockio.recv_into(b, buf, 0, spin)
-    results = {}
-    for how, polls in (("sleeps", None), ("polls", spin)):
-        sender = _send_later(a, 0.2)
-        try:
-            before = _voluntary_switches()
-            assert _sockio.recv_into(b, buf, 0, polls) == 4
-            results[how] = _voluntary_switches() - before
-        finally:
-            sender.wait(10)
-    assert results["sleeps"] >= 1 and results["polls"] == 0, results
-    assert spin.active
-
-
-def test_a_signal_while_polling_runs_its_handler_before_the_receive_sleeps(pair):
-    a, b = pair
-    spin = _sockio.Spin(0.3)
-    a.send(b"now")
-    _sockio.recv_into(b, bytearray(8), 0, spin)
-
-    def interrupt(*_):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.05)  # while it polls; nothing ever comes
-        with pytest.raises(KeyboardInterrupt):
-            _sockio.recv_into(b, bytearray(8), 0, spin)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def test_a_spinning_receive_sees_the_peer_close_and_a_closed_socket(pair):
-    a, b = pair
-    spin = _sockio.Spin(0.5)
-    a.send(b"now")
-    _sockio.recv_into(b, bytearray(8), 0, spin)
-    threading.Timer(0.05, a.close).start()
-    assert _sockio.recv_into(b, bytearray(8), 0, spin) == 0  # end of stream, while polling
-    sink = FdSink()
-    b.close()
-    with pytest.raises(OSError) as closed:
-        _sockio.recv_into_with_fds(b, bytearray(8), sink, 0, spin)
-    assert closed.value.errno == 9

@@ -106,8 +106,8 @@ class System(ABC):
     socket_buffer: kernel socket buffer bytes of the cluster's connections
         (small on local links keeps pings prompt beside bulk transfers);
         0 leaves them to the kernel's autotuning, for long-distance links.
-    busy_poll: seconds (at most 0.001) a connection's reader busy-polls its
-        socket before it sleeps, while replies and requests come that fast:
+    busy_poll: seconds (at most 0.001) a connection's reader, and a member's
+        event loop, busy-poll before they sleep, while what they wait for comes that fast:
         a small call's wake-ups cost more than the call (see README
         "Performance"). 0 never polls, for hosts whose CPUs are all busy.
         Links over TLS do not poll.
