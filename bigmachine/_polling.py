@@ -27,7 +27,10 @@ class PollingSelector(selectors.EpollSelector):
         if timeout is not None and timeout <= 0:
             return super().select(timeout)
         start = time.monotonic()
-        self._spin.wait_ready(self.fileno())
+        if self._spin.wait_ready(self.fileno(), -1.0 if timeout is None else timeout):
+            return super().select(0)  # ready at once: no wait to learn from
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.monotonic() - start))
         ready = super().select(timeout)
         self._spin.learn(time.monotonic() - start)
         return ready

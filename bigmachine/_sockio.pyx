@@ -20,8 +20,9 @@ CPU yielded between them) for up to its window before it sleeps, when the
 last wait it timed was shorter than that: a ping whose reply comes in 20 us
 then never puts its thread to sleep, which on a VM also lets the vCPU halt,
 and waking both costs more than the reply took (a sync ping: 80 us sleeping,
-22 us polling). A connection idle for longer than the window polls once, in
-vain, and then sleeps at once until its traffic is dense again.
+22 us polling). A receive that finds data already there teaches nothing, so
+a connection that is idle for longer than the window sleeps at once, and
+polls in vain at most once after a burst of traffic.
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
@@ -113,32 +114,46 @@ cdef class Spin:
         self.window = window
         self.active = False
 
-    def wait_ready(self, int epfd) -> None:
-        """If active, poll the epoll instance epfd until something is ready or the
-        window passes, without taking what is ready (for an event loop's selector)."""
+    def wait_ready(self, int epfd, double timeout) -> bool:
+        """For an event loop's selector: look whether anything is ready on the epoll
+        instance epfd, without taking it, and if active poll until something is,
+        the window passes, or timeout (seconds; < 0: none). True if something was
+        ready at the first look: a wait that teaches nothing (see learn)."""
         cdef epoll_event event
         cdef double end
-        if not self.active:
-            return
-        with nogil:
-            end = _now() + self.window
-            while epoll_wait(epfd, &event, 1, 0) == 0 and _now() < end:
-                sched_yield()
+        cdef int ready
+        cdef object me = PyThread_get_thread_ident()
+        PySet_Add(_waiting, me)  # the profiler sees no frame of this wait
+        try:
+            with nogil:
+                ready = epoll_wait(epfd, &event, 1, 0)
+                if ready == 0 and self.active:
+                    end = _now() + (self.window if timeout < 0 or timeout > self.window else timeout)
+                    while True:
+                        sched_yield()
+                        if epoll_wait(epfd, &event, 1, 0) != 0 or _now() >= end:
+                            break
+        finally:
+            PySet_Discard(_waiting, me)
         PyErr_CheckSignals()
+        return ready != 0
 
     def learn(self, double waited) -> None:
         """The last wait took waited seconds: poll before the next one if that was short."""
         self.active = waited < self.window
 
 
-cdef ssize_t _poll(int fd, msghdr* msg, int flags, double end) noexcept nogil:
-    """Receive without blocking until something comes or the clock passes end:
-    what recvmsg returned, or -2 if the window passed with nothing to read."""
+cdef ssize_t _poll(int fd, msghdr* msg, int flags, double end, bint* at_once) noexcept nogil:
+    """Receive without blocking until something comes or the clock passes end
+    (at least once): what recvmsg returned, or -2 if nothing came by then.
+    at_once: set if the first try received."""
     cdef ssize_t n
+    at_once[0] = True
     while True:
         n = recvmsg(fd, msg, flags | MSG_DONTWAIT)
         if n >= 0 or c_errno.errno != c_errno.EAGAIN:
             return n
+        at_once[0] = False
         if _now() >= end:
             return -2
         sched_yield()  # a peer on this CPU runs at once
@@ -168,7 +183,7 @@ cdef Py_ssize_t _receive(object sock, object buf, int flags, object decoder, Spi
     cdef Py_ssize_t i, count
     cdef object me = None if flags & MSG_DONTWAIT else PyThread_get_thread_ident()
     cdef bint learn = spin is not None and me is not None
-    cdef bint polling = learn and spin.active
+    cdef bint at_once = False
     cdef double start = _now() if learn else 0.0
     PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
     if me is not None:
@@ -186,9 +201,9 @@ cdef Py_ssize_t _receive(object sock, object buf, int flags, object decoder, Spi
         if decoder is not None:
             flags |= MSG_CMSG_CLOEXEC
         n = -2
-        if polling:
+        if learn:  # an inactive spin tries once, to tell data already there from a wait
             with nogil:
-                n = _poll(fd, &msg, flags, start + spin.window)
+                n = _poll(fd, &msg, flags, start + (spin.window if spin.active else 0.0), &at_once)
                 error = c_errno.errno
             if n == -2:
                 # A signal that came while polling interrupted no system call:
@@ -203,7 +218,7 @@ cdef Py_ssize_t _receive(object sock, object buf, int flags, object decoder, Spi
                 error = c_errno.errno
             if n < 0:
                 _raise_unless_interrupted(error)
-        if learn:
+        if learn and not at_once:
             spin.active = _now() - start < spin.window
     finally:
         PyBuffer_Release(&view)

@@ -160,8 +160,8 @@ class SocketRecorder:
         orig_send_buffers = _writer.send_buffers
         rec = self
 
-        def recv_into(sock, buffer, flags=0):
-            n = orig_recv_into(sock, buffer, flags)
+        def recv_into(sock, buffer, flags=0, spin=None):
+            n = orig_recv_into(sock, buffer, flags, spin)
             if n > 0:
                 rec.received.append((address(buffer), n))
             return n
