@@ -89,8 +89,7 @@ class Connection:
                                         map_shm=_shmlink.map_received if self.shm else None)
         # Its threads run sync methods too: named as the node's pool threads are.
         thread_name = f"bigmachine-{node.name}-read-{peer}" if node is not None else f"bigmachine-read-{peer}"
-        # TLS reads go through the ssl module, which does not busy-poll.
-        spin = Spin(node.busy_poll) if node is not None and node.busy_poll and tls is None else None
+        spin = Spin(node.busy_poll) if node is not None and node.busy_poll else None
         self.reader = Reader(sock, loop, tls, self.decoder, peer, thread_name, self._on_event, self._is_closed,
                              self._calls_in_flight, self.fail, self.io_failed, self.writer,
                              recv_into_with_fds if self.shm else None, spin)

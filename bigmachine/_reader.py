@@ -452,7 +452,7 @@ class Reader:
         elif tls is None:
             n = recv_into(self.sock, decoder.get_buffer(), flags, self.spin)
         else:
-            n = tls.read_into(self.sock, decoder.get_buffer())
+            n = tls.read_into(self.sock, decoder.get_buffer(), self.spin)
             if tls.outgoing.pending:
                 self.writer.add_ciphertext(tls.pending_output())
         if n == 0:

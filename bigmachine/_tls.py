@@ -27,6 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ._sockio import Spin, recv_into
 from .errors import AuthError
 
 LIFETIME = 7 * 24 * 3600.0  # seconds a certificate is valid, by default
@@ -263,8 +264,9 @@ class TLSChannel:
 
     # ---- the connection phase: blocking reads on the reader thread -----------
 
-    def read_into(self, sock: socket.socket, view: memoryview) -> int:
-        """Decrypt into view; 0 at the end of the stream. Blocks on the socket."""
+    def read_into(self, sock: socket.socket, view: memoryview, spin: Optional[Spin] = None) -> int:
+        """Decrypt into view; 0 at the end of the stream. Blocks on the socket,
+        busy-polling first as spin says (see _sockio)."""
         while True:
             with self.lock:
                 # Try OpenSSL only with bytes to work on: a read that cannot
@@ -280,7 +282,7 @@ class TLSChannel:
             raw = self.raw
             if raw is None:
                 raw = self.raw = bytearray(RECV_SIZE)
-            n = sock.recv_into(raw)
+            n = recv_into(sock, raw, 0, spin)
             if n == 0:
                 return 0
             self.incoming.write(memoryview(raw)[:n])

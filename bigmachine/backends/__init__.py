@@ -110,7 +110,6 @@ class System(ABC):
         event loop, busy-poll before they sleep, while what they wait for comes that fast:
         a small call's wake-ups cost more than the call (see README
         "Performance"). 0 never polls, for hosts whose CPUs are all busy.
-        Links over TLS do not poll.
     status_addr: "host:port" where the driver serves its status page (None:
         no page); give a loopback host unless others must reach it.
     progress: show progress bars on a terminal (starting machines, large
