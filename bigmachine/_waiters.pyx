@@ -49,10 +49,10 @@ def end_batch(pending: dict) -> None:
     """Wake each loop once with every callback collected for it since begin_batch."""
     _batch.pending = None
     for loop, items in pending.items():
-        if _thread_loop.loop is loop:  # the loop itself read: no wake-up to send
-            loop.call_soon(_run_batch, items)
+        if _thread_loop.loop is loop:  # the loop itself read: run them now, in a callback of its own
+            _run_batch(loop, items)
         else:
-            call_soon_threadsafe(loop, _run_batch, items)
+            call_soon_threadsafe(loop, _run_batch, loop, items)
 
 
 def call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable, *args: Any) -> None:
@@ -71,9 +71,17 @@ def call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable, *a
         pending.setdefault(loop, []).append((callback, args))
 
 
-def _run_batch(items: list) -> None:
+def _run_batch(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    """Run a batch's callbacks on loop; one that raises is reported as the loop
+    reports a callback's error, and the rest still run."""
     for callback, args in items:
-        callback(*args)
+        try:
+            callback(*args)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            loop.call_exception_handler({"message": f"exception in callback {callback!r}",
+                                         "exception": exc})
 
 
 def _wake(fut: asyncio.Future) -> None:

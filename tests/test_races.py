@@ -11,7 +11,7 @@ import time
 import pytest
 
 import bigmachine as bm
-from bigmachine._waiters import Gate
+from bigmachine._waiters import Gate, begin_batch, call_soon_threadsafe, end_batch, mark_loop_thread
 from tests.conftest import poll
 from tests.services import CustomError, Echo, LoopCaller, Relay
 
@@ -97,6 +97,46 @@ def test_gate_passes_on_a_wakeup_its_cancelled_waiter_got():
         await asyncio.wait_for(second, 2)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("reader", ["another thread", "the loop itself"])
+def test_a_batched_wake_up_that_raises_does_not_lose_the_rest_of_its_batch(reader):
+    # A read's loop wake-ups go to the loop as one batch (_waiters.end_batch).
+    # One that raised ended the batch: the wake-ups after it (other calls'
+    # replies) never ran, and their callers waited for ever.
+    errors, woken = [], []
+
+    def fail():
+        raise RuntimeError("a broken callback")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: errors.append(context["exception"]))
+        done = loop.create_future()
+
+        def read():
+            pending = begin_batch()
+            call_soon_threadsafe(loop, woken.append, 1)
+            call_soon_threadsafe(loop, fail)
+            call_soon_threadsafe(loop, woken.append, 2)
+            call_soon_threadsafe(loop, done.set_result, None)
+            end_batch(pending)
+
+        if reader == "the loop itself":
+            mark_loop_thread(loop)
+            try:
+                read()
+            finally:
+                mark_loop_thread(None)
+        else:
+            thread = threading.Thread(target=read)
+            thread.start()
+            thread.join(10)
+        await asyncio.wait_for(done, 10)
+
+    asyncio.run(main())
+    assert woken == [1, 2]
+    assert [str(e) for e in errors] == ["a broken callback"]
 
 
 def test_blocking_call_on_the_io_loop_is_refused_clearly():
