@@ -18,23 +18,17 @@ from ._metrics import Counters, MethodCounter
 from ._serialize import dump_exception, dumps, loads
 from ._service import ASYNC, ASYNC_GENERATOR, GENERATOR, SYNC, Registry
 from ._streams import CANCELLED, Stream
+from ._threadstate import thread_state
 from ._waiters import call_soon_threadsafe
 from ._writer import SMALL_MESSAGE
 from ._wire import MFLAG_STREAM, MTYPE_END, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY
 from .errors import Error, MachineLost, ProtocolError
 
 
-class _Local(threading.local):
-    served: Optional["Served"] = None  # the call the thread serves (a class default: no getattr miss)
-
-
-_local = _Local()
-
-
 def calling_connection() -> Optional[Connection]:
     """The connection whose call the method running in this thread serves (None
     outside a sync method): the Supervisor learns its owner's link from it."""
-    served = _local.served
+    served = thread_state().served
     return served.conn if served is not None else None
 
 
@@ -44,7 +38,7 @@ def cancelled() -> bool:
     Long-running sync methods may poll this and return early; async methods
     are cancelled outright (they see CancelledError).
     """
-    served = _local.served
+    served = thread_state().served
     return served is not None and served.cancelled
 
 
@@ -213,7 +207,8 @@ def _run_sync(served: Served, fn: Any, args: tuple, kwargs: dict) -> Optional[Ca
     would make another thread take over reading); a large reply, whose send
     may wait for room, is sent here.
     """
-    _local.served = served
+    state = thread_state()
+    state.served = served
     stream = served.stream
     try:
         if stream.state is CANCELLED:
@@ -231,12 +226,13 @@ def _run_sync(served: Served, fn: Any, args: tuple, kwargs: dict) -> Optional[Ca
         _send(served.conn, served.sid, mtype, message)
         return None
     finally:
-        _local.served = None
+        state.served = None
         served.finish()
 
 
 def _run_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
-    _local.served = served
+    state = thread_state()
+    state.served = served
     gen = None
     try:
         gen = fn(*args, **kwargs)
@@ -256,7 +252,7 @@ def _run_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
     finally:
         if gen is not None:
             gen.close()
-        _local.served = None
+        state.served = None
         served.finish()
 
 

@@ -23,6 +23,7 @@ from ._auth import Credentials
 from ._connection import Connection
 from ._polling import new_event_loop
 from ._sockopts import BUSY_POLL, SOCKET_BUFFER, configure_socket
+from ._threadstate import thread_state
 from ._waiters import mark_loop_thread
 from ._limits import open_files
 from ._dispatch import Dispatcher
@@ -33,12 +34,6 @@ from .errors import AuthError, Error, MachineLost, ProtocolError
 
 log = logging.getLogger("bigmachine.node")
 
-
-class _Local(threading.local):
-    node: Optional["Node"] = None  # the calling thread's node (a class default: no getattr miss)
-
-
-_local = _Local()
 _default: Optional["Node"] = None
 CONNECT_TIMEOUT = 10.0
 ACCEPT_PAUSE = 0.5     # seconds to stop accepting after accept() fails
@@ -48,13 +43,14 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 def current_node() -> Optional["Node"]:
     """The node of the calling thread, else the process's default (the driver's)."""
-    return _local.node or _default
+    return thread_state().node or _default
 
 
 def swap_current(node: Optional["Node"]) -> Optional["Node"]:
     """Make node the calling thread's node; return the one it replaces."""
-    previous = _local.node
-    _local.node = node
+    state = thread_state()
+    previous = state.node
+    state.node = node
     return previous
 
 
@@ -108,7 +104,7 @@ class Node:
         self._owner = conn
 
     def _enter(self) -> None:
-        _local.node = self
+        thread_state().node = self
 
     # ---- the loop ---------------------------------------------------------
 

@@ -14,42 +14,31 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
-
-class _Batch(threading.local):
-    pending = None   # {loop: [(callback, args)]} while a reader dispatches
-
-
-class _ThreadLoop(threading.local):
-    loop = None      # the IO loop running on this thread
-
-
-# Class defaults, not getattr(local, name, None): a miss raises (and formats)
-# an AttributeError inside getattr, which cost a small call ~0.4 us each time.
-_batch = _Batch()
-_thread_loop = _ThreadLoop()
+from bigmachine._threadstate cimport ThreadState, thread_state
 
 
 def mark_loop_thread(loop: asyncio.AbstractEventLoop) -> None:
     """Record that loop runs on the calling thread (so nothing there blocks on it)."""
-    _thread_loop.loop = loop
+    thread_state().loop = loop
 
 
 def on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
     """True if the calling thread runs loop."""
-    return _thread_loop.loop is loop
+    return thread_state().loop is loop
 
 
 def begin_batch() -> dict:
     """Start collecting loop wake-ups on this thread; pass the result to end_batch."""
-    _batch.pending = pending = {}
+    pending = thread_state().pending = {}
     return pending
 
 
 def end_batch(pending: dict) -> None:
     """Wake each loop once with every callback collected for it since begin_batch."""
-    _batch.pending = None
+    cdef ThreadState state = thread_state()
+    state.pending = None
     for loop, items in pending.items():
-        if _thread_loop.loop is loop:  # the loop itself read: run them now, in a callback of its own
+        if state.loop is loop:  # the loop itself read: run them now, in a callback of its own
             _run_batch(loop, items)
         else:
             call_soon_threadsafe(loop, _run_batch, loop, items)
@@ -61,7 +50,7 @@ def call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable, *a
     One wake-up of a loop then carries every reply and request of a read for
     it, instead of one wake-up (a write to its self-pipe) each.
     """
-    pending = _batch.pending
+    pending = thread_state().pending
     if pending is None:
         try:
             loop.call_soon_threadsafe(callback, *args)
