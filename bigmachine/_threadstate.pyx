@@ -12,7 +12,8 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.pystate cimport PyThreadState_GetDict
 from cpython.ref cimport PyObject
 
-cdef object _KEY = "bigmachine._threadstate"
+# An object no other code can name: nothing else can store under it.
+cdef object _KEY = object()
 
 
 cdef class ThreadState:
@@ -22,7 +23,10 @@ cdef class ThreadState:
 cpdef ThreadState thread_state():
     """The calling thread's state, made on its first use."""
     cdef PyObject* found
-    cdef dict per_thread = <dict>PyThreadState_GetDict()
+    cdef PyObject* d = PyThreadState_GetDict()
+    if d == NULL:  # the thread's dict could not be made
+        raise MemoryError("no per-thread dict for bigmachine's thread state")
+    cdef dict per_thread = <dict>d
     found = PyDict_GetItem(per_thread, _KEY)
     if found != NULL:
         return <ThreadState>found
