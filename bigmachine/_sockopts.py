@@ -10,8 +10,11 @@ import socket
 SOCKET_BUFFER = 1 << 20
 # Seconds a connection's reader busy-polls its socket before it sleeps, while
 # its waits are that short (see _sockio.Spin): a sync ping in 22 us, not 80.
-# At most this much CPU is spent in vain when the traffic stops.
-BUSY_POLL = 100e-6
+# At most this much CPU is spent in vain when the traffic stops. 100 us was
+# enough for a sync ping, but one slow wake-up of an acall's event loop (~100
+# us here) then made every wait longer than the window, and polling stopped
+# for good: an acall ping of 87-200 us instead of 40.
+BUSY_POLL = 300e-6
 
 
 def configure_socket(sock: socket.socket, user_timeout: float, buffer: int = SOCKET_BUFFER) -> None:

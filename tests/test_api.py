@@ -810,12 +810,12 @@ def test_busy_poll_option_reaches_both_ends():
     with bm.start(bm.InProcess(), busy_poll=0) as b:
         m, = b.start(1, services={"Echo": Echo()})
         assert _busy_poll_windows(m) == (None, None)
-    with bm.start(bm.InProcess(tls=True), busy_poll=300e-6) as b:  # TLS links poll too
+    with bm.start(bm.InProcess(tls=True), busy_poll=500e-6) as b:  # TLS links poll too
         m, = b.start(1, services={"Echo": Echo()})
-        assert _busy_poll_windows(m) == (300e-6, 300e-6)
+        assert _busy_poll_windows(m) == (500e-6, 500e-6)
     with bm.start(bm.InProcess()) as b:
         m, = b.start(1, services={"Echo": Echo()})
-        assert _busy_poll_windows(m) == (100e-6, 100e-6)  # the default
+        assert _busy_poll_windows(m) == (300e-6, 300e-6)  # the default
 
 
 @pytest.mark.parametrize("value", [-1e-6, 0.002, float("nan"), float("inf"), True, "1e-4", None])

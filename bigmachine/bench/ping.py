@@ -15,7 +15,7 @@ Measures, in one run and against child processes:
 - call:         ``m.call("Echo.echo", 1)`` (sync method: thread pool on the machine);
 - call_no_poll: the same in a second session started with ``busy_poll=0``:
                 each reader sleeps at once instead of busy-polling its socket
-                for up to 100 us first (what the polling buys, and costs);
+                for up to 300 us first (what the polling buys, and costs);
 - call_async_method: ``m.call("Echo.aecho", 1)`` (async method: runs on the
                 machine's IO loop, no thread-pool hop);
 - acall:        ``await m.acall("Echo.echo", 1)`` from ``asyncio.run``.
