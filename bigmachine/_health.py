@@ -15,6 +15,7 @@ import weakref
 from typing import Any, Optional
 
 from . import _resources
+from ._profile import waiting
 
 log = logging.getLogger("bigmachine.health")
 
@@ -64,7 +65,8 @@ def watch(node: Any) -> MemoryHealth:
 def _run() -> None:
     global _thread
     while True:
-        time.sleep(PERIOD)
+        with waiting():  # time.sleep leaves the profiler no frame to know the wait by
+            time.sleep(PERIOD)
         with _lock:
             if all(node.closed for node in _nodes):
                 _thread = None

@@ -553,3 +553,15 @@ def test_the_profile_sees_a_reader_thread_busy_in_a_compiled_method():
             worker.join(30)
         busy = sum(count for stack, count in stacks if stack[-1].startswith("Thread.run (threading.py"))
         assert busy >= 20, sorted(stacks, key=lambda s: -s[1])[:5]
+
+
+@pytest.mark.timeout(60)
+def test_the_memory_health_thread_sleeping_is_not_profiled_as_work():
+    """The thread that checks memory every second sleeps in time.sleep, a C call
+    with no frame of its own: its samples counted as work (all of them)."""
+    from bigmachine import _profile
+    with bm.start(bm.InProcess()) as b:
+        b.start(1, services={"Echo": Echo()})
+        stacks = _profile.sample(0.5, hz=100)
+    health = sum(count for stack, count in stacks if "(_health.py:" in stack[-1])
+    assert health == 0, sorted(stacks, key=lambda s: -s[1])[:3]
