@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -203,3 +204,37 @@ def test_a_handler_that_raises_ends_the_receive(pair):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
+
+
+def _host_check_script() -> str:
+    """cache.py's CHECK, the script a host runs to see whether the bundle's
+    extensions load there (cache.py runs main() on import, so it is read)."""
+    import ast
+    path = os.path.join(PACKAGE, "backends", "remote", "cache.py")
+    for node in ast.parse(open(path).read()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "CHECK":
+            return ast.literal_eval(node.value)
+    raise AssertionError("no CHECK in cache.py")
+
+
+def test_a_host_whose_compiled_py_modules_load_from_source_builds_them(tmp_path):
+    # A bundle whose .pyx extensions load but whose compiled .py modules have no
+    # extension for this Python (built for another one, or a build that made
+    # only some): they import from source, and the host ran the connection
+    # core as plain Python without a word.
+    compiled_py = {name.rpartition(".")[2] for name in _compiled.compiled_modules()
+                   if os.path.exists(os.path.join(PACKAGE, name.rpartition(".")[2] + ".pxd"))
+                   and os.path.exists(os.path.join(PACKAGE, name.rpartition(".")[2] + ".py"))}
+    assert "_connection" in compiled_py
+
+    def leave_out(folder, names):
+        return [n for n in names if n == "__pycache__" or n.endswith(".c")
+                or (n.endswith(".so") and n.split(".")[0] in compiled_py)]
+
+    shutil.copytree(PACKAGE, tmp_path / "bigmachine", ignore=leave_out)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    check = [sys.executable, "-c", _host_check_script(), "bigmachine._wire", "bigmachine._connection"]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert done.returncode != 0 and "bigmachine._connection is not compiled here" in done.stderr
+    done = subprocess.run(check, capture_output=True, text=True, timeout=120, cwd=os.path.dirname(PACKAGE))
+    assert done.returncode == 0, done.stderr  # the real build passes

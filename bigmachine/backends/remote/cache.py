@@ -200,7 +200,13 @@ def op_check(cache, req):
     return {"missing": missing}
 
 
-CHECK = "import importlib, sys\nfor n in sys.argv[1:]: importlib.import_module(n)"
+# Each must load as an extension: a compiled .py module whose extension is
+# missing (or built for another Python) would import from its source instead.
+CHECK = ("import importlib, importlib.machinery, sys\n"
+         "for n in sys.argv[1:]:\n"
+         "    f = importlib.import_module(n).__file__ or ''\n"
+         "    if not f.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):\n"
+         "        sys.exit(n + ' is not compiled here: it loads from ' + f)\n")
 # The .pyx modules, and the .py modules a .pxd declares, as setup.py builds them.
 BUILD = ("import os, sys\nfrom setuptools import Extension, setup\nfrom Cython.Build import cythonize\n"
          "src = lambda n: n.replace('.', '/') + ('.pyx' if os.path.exists(n.replace('.', '/') + '.pyx') else '.py')\n"
