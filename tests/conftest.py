@@ -12,6 +12,7 @@ session down and checks that its own processes and threads are gone.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 
@@ -132,6 +133,40 @@ def cluster():
         yield b
     finally:
         b.shutdown()
+
+
+@pytest.fixture
+def unix_pair():
+    """Two connected Unix stream sockets, closed after the test."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def profile_while(call, seconds: float, warmup: float = 0.2) -> list:
+    """This process's sampled stacks (_profile.sample) while another thread
+    makes call() over and over (after warmup seconds of it)."""
+    from bigmachine import _profile
+    done = threading.Event()
+
+    def calls():
+        try:
+            while not done.is_set():
+                call()
+        finally:
+            done.set()
+
+    caller = threading.Thread(target=calls)
+    caller.start()
+    try:
+        time.sleep(warmup)
+        return _profile.sample(seconds, hz=100)
+    finally:
+        done.set()
+        caller.join(30)
 
 
 def poll(fn, timeout: float = 5.0, interval: float = 0.02):

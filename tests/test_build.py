@@ -96,16 +96,6 @@ def test_the_sources_of_the_compiled_modules_run_as_pure_python():
 # ---- _sockio ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
-
-
 class FdSink:
     """Stands for the decoder: keeps what add_fds was given."""
 
@@ -116,8 +106,8 @@ class FdSink:
         self.calls.append((fds, truncated))
 
 
-def test_send_buffers_and_recv_into_move_the_bytes(pair):
-    a, b = pair
+def test_send_buffers_and_recv_into_move_the_bytes(unix_pair):
+    a, b = unix_pair
     assert _sockio.send_buffers(a, [b"head", memoryview(b"er-"), bytearray(b"body")], None, 0) == 11
     buf = bytearray(64)
     assert _sockio.recv_into(b, buf) == 11
@@ -127,8 +117,8 @@ def test_send_buffers_and_recv_into_move_the_bytes(pair):
     assert _sockio.recv_into(b, buf) == 64 and _sockio.recv_into(b, buf) == 36
 
 
-def test_descriptors_travel_and_arrive_close_on_exec(pair):
-    a, b = pair
+def test_descriptors_travel_and_arrive_close_on_exec(unix_pair):
+    a, b = unix_pair
     r, w = os.pipe()
     try:
         assert _sockio.send_buffers(a, [b"m"], [r, w], 0) == 1
@@ -151,8 +141,8 @@ def test_descriptors_travel_and_arrive_close_on_exec(pair):
         os.close(w)
 
 
-def test_errors_are_the_socket_modules(pair):
-    a, b = pair
+def test_errors_are_the_socket_modules(unix_pair):
+    a, b = unix_pair
     with pytest.raises(BlockingIOError):
         _sockio.recv_into(b, bytearray(8), socket.MSG_DONTWAIT)
     with pytest.raises(BufferError):
@@ -172,8 +162,8 @@ def test_errors_are_the_socket_modules(pair):
     assert closed.value.errno == 9
 
 
-def test_a_signal_during_a_blocking_receive_runs_its_handler_and_the_receive_goes_on(pair):
-    a, b = pair
+def test_a_signal_during_a_blocking_receive_runs_its_handler_and_the_receive_goes_on(unix_pair):
+    a, b = unix_pair
     caught = []
     previous = signal.signal(signal.SIGALRM, lambda *_: caught.append(True))
     sender = threading.Timer(0.3, a.send, args=(b"late",))
@@ -189,8 +179,8 @@ def test_a_signal_during_a_blocking_receive_runs_its_handler_and_the_receive_goe
         sender.cancel()
 
 
-def test_a_handler_that_raises_ends_the_receive(pair):
-    a, b = pair
+def test_a_handler_that_raises_ends_the_receive(unix_pair):
+    a, b = unix_pair
 
     def interrupt(*_):
         raise KeyboardInterrupt

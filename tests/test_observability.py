@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 import bigmachine as bm
-from tests.conftest import TIMING, Records, poll
+from tests.conftest import TIMING, Records, poll, profile_while
 from tests.obs_services import Chatty, Work
 from tests.services import Echo
 
@@ -531,26 +531,10 @@ def test_the_profile_sees_a_reader_thread_busy_in_a_compiled_method():
     """A connection's reader thread runs sync methods itself; with _reader and
     _dispatch compiled, Thread.run is the leaf frame of a compiled method's work:
     the profile counts it as work (only threads in _profile.WAITING are waiting)."""
-    from bigmachine import _profile
     with bm.start(bm.InProcess()) as b:
         m, = b.start(1, services={"Crunch": Crunch()})
-        done = threading.Event()
-
-        def crunch():
-            try:
-                while not done.is_set():
-                    m.call("Crunch.pbkdf2", "sha256", b"pw", b"salt", 200_000, timeout=30)
-            finally:
-                done.set()
-
-        worker = threading.Thread(target=crunch)
-        worker.start()
-        try:
-            time.sleep(0.2)
-            stacks = _profile.sample(1.0, hz=100)
-        finally:
-            done.set()
-            worker.join(30)
+        stacks = profile_while(
+            lambda: m.call("Crunch.pbkdf2", "sha256", b"pw", b"salt", 200_000, timeout=30), 1.0)
         busy = sum(count for stack, count in stacks if stack[-1].startswith("Thread.run (threading.py"))
         assert busy >= 20, sorted(stacks, key=lambda s: -s[1])[:5]
 

@@ -17,17 +17,8 @@ import pytest
 import bigmachine as bm
 from bigmachine import _profile, _sockio
 from bigmachine._polling import PollingSelector, new_event_loop
+from tests.conftest import profile_while
 from tests.services import Echo
-
-
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def _voluntary_switches() -> int:
@@ -59,8 +50,8 @@ def test_a_spin_window_must_be_a_positive_number_of_seconds():
             _sockio.Spin(window)
 
 
-def test_a_spinning_receive_polls_only_after_a_short_wait(pair):
-    a, b = pair
+def test_a_spinning_receive_polls_only_after_a_short_wait(unix_pair):
+    a, b = unix_pair
     spin = _sockio.Spin(0.2)
     buf = bytearray(8)
     assert not spin.active  # nothing learnt yet: the first receive sleeps at once
@@ -85,8 +76,8 @@ def test_a_spinning_receive_polls_only_after_a_short_wait(pair):
     assert spin.active  # a receive that does not block teaches nothing
 
 
-def test_a_spinning_receive_takes_what_comes_within_its_window_without_sleeping(pair):
-    a, b = pair
+def test_a_spinning_receive_takes_what_comes_within_its_window_without_sleeping(unix_pair):
+    a, b = unix_pair
     buf = bytearray(8)
     spin = _sockio.Spin(1.0)
     _prime(a, b, spin)
@@ -103,8 +94,8 @@ def test_a_spinning_receive_takes_what_comes_within_its_window_without_sleeping(
     assert spin.active
 
 
-def test_a_signal_while_polling_runs_its_handler_before_the_receive_sleeps(pair):
-    a, b = pair
+def test_a_signal_while_polling_runs_its_handler_before_the_receive_sleeps(unix_pair):
+    a, b = unix_pair
     spin = _sockio.Spin(0.3)
     _prime(a, b, spin)
 
@@ -121,8 +112,8 @@ def test_a_signal_while_polling_runs_its_handler_before_the_receive_sleeps(pair)
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_a_spinning_receive_sees_the_peer_close_and_a_closed_socket(pair):
-    a, b = pair
+def test_a_spinning_receive_sees_the_peer_close_and_a_closed_socket(unix_pair):
+    a, b = unix_pair
     spin = _sockio.Spin(0.5)
     _prime(a, b, spin)
     threading.Timer(0.05, a.close).start()
@@ -271,20 +262,7 @@ def test_a_machines_loop_serving_async_calls_is_not_profiled_as_work():
     back to back, profiled. Without busy_poll (=0) no sample lands in its select."""
     with bm.start(bm.InProcess()) as b:
         m, = b.start(1, services={"Echo": Echo()})
-        done = threading.Event()
-
-        def calls():
-            while not done.is_set():
-                m.call("Echo.aecho", 1, timeout=30)
-
-        caller = threading.Thread(target=calls)
-        caller.start()
-        try:
-            time.sleep(0.3)
-            stacks = _profile.sample(1.5, hz=100)
-        finally:
-            done.set()
-            caller.join(30)
+        stacks = profile_while(lambda: m.call("Echo.aecho", 1, timeout=30), 1.5, warmup=0.3)
     assert _polling_samples(stacks) <= 2, sorted(stacks, key=lambda s: -s[1])[:3]
 
 
