@@ -191,12 +191,10 @@ class Connection:
     async def asend(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> None:
         """Send a message from a coroutine; a large one awaits room first (see send).
 
-        The first small one of a turn of the event loop goes out at once (a
-        lone reply or request waits for nothing); the others of that turn go
-        out together, in one sendmsg when the loop turns.
+        Small ones sent in one turn of the event loop go out together, in one
+        sendmsg when the loop turns.
         """
         units, nbytes, fds = self._frames(sid, mtype, mflags, segments, readonly)
-        cork = True
         if nbytes > SMALL_MESSAGE:
             try:
                 await self.writer.await_room()
@@ -205,8 +203,7 @@ class Connection:
                 raise
         elif self.writer.cork():
             asyncio.get_running_loop().call_soon(self.writer.uncork)
-            cork = False
-        self.writer.enqueue(sid, units, nbytes, cork, fds)
+        self.writer.enqueue(sid, units, nbytes, True, fds)
 
     def _frames(self, sid: int, mtype: int, mflags: int, segments: list,
                 readonly: list) -> tuple[list, int, Optional[list]]:

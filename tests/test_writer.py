@@ -1,4 +1,4 @@
-"""The write scheduler (_writer): a thread's corked small messages, and a loop turn's."""
+"""The write scheduler (_writer): a thread's corked small messages."""
 from __future__ import annotations
 
 import asyncio
@@ -68,32 +68,3 @@ def test_a_message_that_cannot_wait_sends_what_was_corked_first(pair):
     assert _arrived(theirs, decoder) == [1, 2]
     writer.uncork()
     assert _arrived(theirs, decoder) == []
-
-
-def test_the_first_small_message_of_a_loop_turn_goes_at_once_and_the_rest_when_it_ends():
-    # A lone async reply (or acall request) used to wait for the loop's next
-    # turn, where the uncork runs: one turn more on every async ping.
-    from bigmachine._connection import Connection
-    from bigmachine._serialize import dumps
-
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    theirs.setblocking(False)
-    decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=1 << 20, max_pending=4 << 20)
-
-    async def main():
-        conn = Connection(ours, asyncio.get_running_loop(), "peer", True,
-                          lambda *args: None, lambda conn: None)
-        try:
-            for sid in (2, 4, 6):
-                await conn.asend(sid, _wire.MTYPE_REPLY, 0, *dumps(sid))
-            in_the_turn = _arrived(theirs, decoder)
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
-            return in_the_turn, _arrived(theirs, decoder)
-        finally:
-            conn.fail(MachineLost("peer", "test over"))
-
-    try:
-        assert asyncio.run(main()) == ([2], [4, 6])
-    finally:
-        theirs.close()
