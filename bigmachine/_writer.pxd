@@ -7,7 +7,8 @@ cdef class Writer:
     cdef public bint closed
     cdef public object _ciphertext, _lock, _drained, _async_drained, _streams
     cdef public bint _armed
-    cdef public object _cork_owner, _corked, _corked_bytes, _corked_count
+    cdef public object _cork_owner, _corked, _corked_bytes, _corked_count, _corked_sids
+    cdef public object _behind_corked
 
     cpdef enqueue(self, sid, units, nbytes, cork=*, fds=*)
     cpdef bint cork(self)

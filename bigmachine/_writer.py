@@ -105,6 +105,10 @@ class Writer:
         self._corked: list = []           # their buffers, in order
         self._corked_bytes = 0
         self._corked_count = 0            # and how many messages they are
+        self._corked_sids: set = set()    # and their streams
+        # Streams with a message in the corked batches' queue: their next ones
+        # queue there too, behind it, not in a queue of their own.
+        self._behind_corked: set = set()
 
     # ---- flow control -----------------------------------------------------
 
@@ -160,10 +164,15 @@ class Writer:
                 raise self.lost()
             owner = self._cork_owner
             if owner is not None and owner == threading.get_ident():
-                if cork and not fds and len(units) == 1 and nbytes <= SMALL_MESSAGE:
+                # Not behind a message of its own stream still queued: the
+                # corked batch has a queue of its own, written in turn with
+                # the streams', and a stream's messages must not overtake.
+                if cork and not fds and len(units) == 1 and nbytes <= SMALL_MESSAGE \
+                        and sid not in self._streams:
                     self._corked.extend(units[0])
                     self._corked_bytes += nbytes
                     self._corked_count += 1
+                    self._corked_sids.add(sid)
                     if self._corked_count < CORK_FLUSH:
                         return
                     error = self._unplug()
@@ -207,12 +216,16 @@ class Writer:
         """With the lock held: send what was corked, as one message."""
         if not self._corked:
             return None
-        buffers, nbytes = self._corked, self._corked_bytes
+        buffers, nbytes, sids = self._corked, self._corked_bytes, self._corked_sids
         self._corked, self._corked_bytes, self._corked_count = [], 0, 0
+        self._corked_sids = set()
         if self.closed:
             return None
         units = [buffers[i:i + IOV_MAX] for i in range(0, len(buffers), IOV_MAX)]
-        return self._send(_CORKED, units, nbytes)
+        error = self._send(_CORKED, units, nbytes)
+        if _CORKED in self._streams:  # queued, not written: its streams wait behind it
+            self._behind_corked |= sids
+        return error
 
     def _send(self, sid: int, units: list, nbytes: int, fds: Optional[list] = None) -> Optional[OSError]:
         """With the lock held: write now if nothing is queued, else queue; the error if one.
@@ -249,6 +262,8 @@ class Writer:
                 return exc
         if out is None:
             out = _Outgoing(units, nbytes, fds)
+        if sid in self._behind_corked:
+            sid = _CORKED
         queue = self._streams.get(sid)
         if queue is None:
             self._streams[sid] = queue = deque()
@@ -406,6 +421,8 @@ class Writer:
                 self.queued -= out.nbytes - out.sent  # whatever framing was not counted
                 if not queue:
                     del self._streams[sid]
+                    if sid == _CORKED:
+                        self._behind_corked.clear()
                     continue
             elif out.index == before:  # the socket is full
                 break
@@ -427,7 +444,9 @@ class Writer:
                 for out in queue:
                     out.release()
             self._streams.clear()
+            self._behind_corked.clear()
             self._corked, self._corked_bytes, self._corked_count = [], 0, 0
+            self._corked_sids = set()
             self.queued = 0
             self._wake_senders()
         try:
