@@ -8,7 +8,7 @@ import time
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from . import _rpc
-from ._metrics import Counters, acounted, acounted_iter, counted, counted_iter
+from ._metrics import Counters, acounted_iter, counted, counted_iter
 from ._connection import Connection
 from ._node import Node, current_node
 from .errors import Error, MachineLost
@@ -263,7 +263,19 @@ class Machine:
             call = _rpc.acall(conn, method, args, kwargs, timeout)
         else:
             call = self._acall(method, args, kwargs, timeout)
-        return await acounted(self.counters(method), call)
+        # Counted here, not by a wrapping coroutine: each await level is passed
+        # through on every resumption of the caller's task.
+        counter = self.counters(method)
+        if counter is None:
+            return await call
+        started = counter.begin()
+        try:
+            result = await call
+        except BaseException:
+            counter.end(started, True)
+            raise
+        counter.end(started, False)
+        return result
 
     async def _acall(self, method: str, args: tuple, kwargs: dict, timeout: Optional[float]) -> Any:
         deadline = _deadline(timeout)

@@ -17,7 +17,7 @@ import os
 import threading
 from collections import deque
 from time import perf_counter_ns
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 ENABLED = os.environ.get("BIGMACHINE_COUNTERS", "1") != "0"
 RECENT = 1024       # latencies kept per method for p50/p99
@@ -99,20 +99,6 @@ def counted(MethodCounter counter, fn: Callable, *args: Any) -> Any:
     started = counter.begin()
     try:
         result = fn(*args)
-    except BaseException:
-        counter.end(started, True)
-        raise
-    counter.end(started, False)
-    return result
-
-
-async def acounted(counter: Optional[MethodCounter], awaitable: Awaitable) -> Any:
-    """The asyncio form of counted."""
-    if counter is None:
-        return await awaitable
-    started = counter.begin()
-    try:
-        result = await awaitable
     except BaseException:
         counter.end(started, True)
         raise

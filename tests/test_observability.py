@@ -549,3 +549,29 @@ def test_the_memory_health_thread_sleeping_is_not_profiled_as_work():
         stacks = _profile.sample(0.5, hz=100)
     health = sum(count for stack, count in stacks if "(_health.py:" in stack[-1])
     assert health == 0, sorted(stacks, key=lambda s: -s[1])[:3]
+
+
+@pytest.mark.timeout(60)
+def test_acalls_are_counted_at_the_caller_with_their_errors_and_cancels():
+    import asyncio
+    from tests.services import CustomError
+    with bm.start(bm.InProcess()) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+
+        async def main():
+            for i in range(3):
+                assert await m.acall("Echo.echo", i) == i
+            with pytest.raises(CustomError):
+                await m.acall("Echo.fail_custom", "no")
+            slow = asyncio.ensure_future(m.acall("Echo.sleep", 5))
+            await asyncio.sleep(0.2)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+
+        asyncio.run(main())
+        counts = {name: (c["count"], c["errors"], c["in_flight"])
+                  for name, c in m.counters.snapshot().items()}
+    assert counts["Echo.echo"] == (3, 0, 0)
+    assert counts["Echo.fail_custom"] == (1, 1, 0)
+    assert counts["Echo.sleep"] == (1, 1, 0)  # cancelled: an error, and no longer in flight
