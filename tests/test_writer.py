@@ -72,12 +72,10 @@ def test_a_message_that_cannot_wait_sends_what_was_corked_first(pair):
     assert _arrived(theirs, decoder) == []
 
 
-def _run_stream_behind_a_backlog(items_then_end_in_one_turn: bool) -> list:
-    """An async generator's replies on stream 7 (as _dispatch._run_async_generator
-    sends them: one item per loop turn, the last item and END in the same turn)
-    while a large reply on stream 99 still waits in the writer's queue (a peer
-    reading slower than we write). Returns stream 7's messages as the peer
-    decodes them: [(mtype, value), ...]."""
+def _stream_7_as_the_peer_reads_it(send) -> list:
+    """Run send(conn) on a Connection's loop while its peer does not read, then read:
+    stream 7's first three messages as the peer decodes them, [(mtype, value)]
+    (a bytes value as its length)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     theirs.setblocking(False)
     decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=64 << 20, max_pending=64 << 20)
@@ -86,110 +84,7 @@ def _run_stream_behind_a_backlog(items_then_end_in_one_turn: bool) -> list:
         loop = asyncio.get_running_loop()
         conn = Connection(ours, loop, "peer", True, lambda *args: None, lambda conn: None)
         try:
-            await conn.asend(99, _wire.MTYPE_REPLY, 0, *dumps(b"x" * (8 << 20)))
-            assert conn.writer.queued > 0, "no backlog: the test does not test anything"
-            # turn 1: item 1 (first of its turn: uncorked, queued behind the backlog)
-            await conn.asend(7, _wire.MTYPE_ITEM, 0, *dumps(1))
-            await asyncio.sleep(0)
-            # turn 2: item 2 (first of its turn), then END in the same turn (corked)
-            await conn.asend(7, _wire.MTYPE_ITEM, 0, *dumps(2))
-            if not items_then_end_in_one_turn:
-                await asyncio.sleep(0)
-            await conn.asend(7, _wire.MTYPE_END, 0, *dumps(None))
-            got = []
-            deadline = loop.time() + 20
-            while loop.time() < deadline and len(got) < 3:
-                try:
-                    n = theirs.recv_into(decoder.get_buffer())
-                except BlockingIOError:
-                    await asyncio.sleep(0.001)
-                    continue
-                for event in decoder.buffer_updated(n):
-                    if event[0] == _wire.KIND_MSG and event[1] == 7:
-                        got.append((event[2], loads(event[4])))
-            return got
-        finally:
-            conn.fail(MachineLost("peer", "test over"))
-
-    try:
-        return asyncio.run(asyncio.wait_for(main(), 30))
-    finally:
-        theirs.close()
-
-
-def test_the_last_item_of_an_async_stream_arrives_before_its_end_behind_a_backlog():
-    # With the first message of a turn sent uncorked (994c6e5, reverted), item 2
-    # joined stream 7's own queue and END the corked batch's; the IO loop drains
-    # queues in turn, so END went out first and the caller dropped item 2.
-    got = _run_stream_behind_a_backlog(items_then_end_in_one_turn=True)
-    assert got == [(_wire.MTYPE_ITEM, 1), (_wire.MTYPE_ITEM, 2), (_wire.MTYPE_END, None)]
-
-
-def test_the_same_stream_with_its_end_in_a_turn_of_its_own():
-    got = _run_stream_behind_a_backlog(items_then_end_in_one_turn=False)
-    assert got == [(_wire.MTYPE_ITEM, 1), (_wire.MTYPE_ITEM, 2), (_wire.MTYPE_END, None)]
-
-
-def test_small_items_after_a_large_one_on_the_same_stream_wait_for_it_to_finish():
-    # A small message corked while a large one of its stream was still queued
-    # went to the corked batch's queue, which the IO loop wrote between the
-    # large one's frames: the peer saw a second message begin on stream 7
-    # (WireError) and the connection failed.
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    theirs.setblocking(False)
-    decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=64 << 20, max_pending=64 << 20)
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        conn = Connection(ours, loop, "peer", True, lambda *args: None, lambda conn: None)
-        try:
-            await conn.asend(7, _wire.MTYPE_ITEM, 0, *dumps(b"x" * (8 << 20)))
-            assert conn.writer.queued > 0
-            await conn.asend(7, _wire.MTYPE_ITEM, 0, *dumps(1))
-            await conn.asend(7, _wire.MTYPE_END, 0, *dumps(None))
-            got = []
-            deadline = loop.time() + 20
-            while loop.time() < deadline and len(got) < 3:
-                try:
-                    n = theirs.recv_into(decoder.get_buffer())
-                except BlockingIOError:
-                    await asyncio.sleep(0.001)
-                    continue
-                for event in decoder.buffer_updated(n):
-                    if event[0] == _wire.KIND_MSG and event[1] == 7:
-                        got.append(event[2])
-            return got
-        finally:
-            conn.fail(MachineLost("peer", "test over"))
-
-    try:
-        got = asyncio.run(asyncio.wait_for(main(), 30))
-    finally:
-        theirs.close()
-    assert got == [_wire.MTYPE_ITEM, _wire.MTYPE_ITEM, _wire.MTYPE_END]
-
-
-def test_a_large_message_waits_behind_its_streams_small_one_in_a_queued_corked_batch():
-    # Stream 7's small item went out in a corked batch that had to queue behind a
-    # backlog, after another batch; its next, large item got a queue of its own,
-    # which the IO loop wrote in turn with the batches': the large item began
-    # before the small one had gone out.
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    theirs.setblocking(False)
-    decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=64 << 20, max_pending=64 << 20)
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        conn = Connection(ours, loop, "peer", True, lambda *args: None, lambda conn: None)
-        try:
-            await conn.asend(99, _wire.MTYPE_REPLY, 0, *dumps(b"x" * (8 << 20)))
-            assert conn.writer.queued > 0, "no backlog: the test does not test anything"
-            await conn.asend(5, _wire.MTYPE_REPLY, 0, *dumps("another stream's"))
-            await asyncio.sleep(0)  # its batch queues behind the backlog
-            await conn.asend(7, _wire.MTYPE_ITEM, 0, *dumps("small"))
-            await asyncio.sleep(0)  # and this one behind it
-            await conn.asend(7, _wire.MTYPE_ITEM, 0, *dumps(b"y" * (2 << 20)))
-            await conn.asend(7, _wire.MTYPE_END, 0, *dumps(None))
+            await send(conn)
             got = []
             deadline = loop.time() + 20
             while loop.time() < deadline and len(got) < 3:
@@ -201,13 +96,72 @@ def test_a_large_message_waits_behind_its_streams_small_one_in_a_queued_corked_b
                 for event in decoder.buffer_updated(n):
                     if event[0] == _wire.KIND_MSG and event[1] == 7:
                         value = loads(event[4])
-                        got.append(len(value) if isinstance(value, bytes) else value)
+                        got.append((event[2], len(value) if isinstance(value, bytes) else value))
             return got
         finally:
             conn.fail(MachineLost("peer", "test over"))
 
     try:
-        got = asyncio.run(asyncio.wait_for(main(), 30))
+        return asyncio.run(asyncio.wait_for(main(), 30))
     finally:
         theirs.close()
-    assert got == ["small", 2 << 20, None]
+
+
+async def _backlog(conn) -> None:
+    """A large reply on stream 99 that waits in the writer's queue (the peer reads
+    slower than we write)."""
+    await conn.asend(99, _wire.MTYPE_REPLY, 0, *dumps(b"x" * (8 << 20)))
+    assert conn.writer.queued > 0, "no backlog: the test does not test anything"
+
+
+ITEM, END = _wire.MTYPE_ITEM, _wire.MTYPE_END
+
+
+@pytest.mark.parametrize("end_in_its_own_turn", [False, True])
+def test_an_async_streams_items_and_end_keep_their_order_behind_a_backlog(end_in_its_own_turn):
+    # As _dispatch._run_async_generator sends them: an item a loop turn, the last
+    # item and END in one turn. With the first message of a turn sent uncorked
+    # (994c6e5, reverted), item 2 joined stream 7's own queue and END the corked
+    # batches' queue; the IO loop drains queues in turn, so END went out first
+    # and the caller, done at END, dropped item 2.
+    async def send(conn):
+        await _backlog(conn)
+        await conn.asend(7, ITEM, 0, *dumps(1))
+        await asyncio.sleep(0)
+        await conn.asend(7, ITEM, 0, *dumps(2))
+        if end_in_its_own_turn:
+            await asyncio.sleep(0)
+        await conn.asend(7, END, 0, *dumps(None))
+
+    assert _stream_7_as_the_peer_reads_it(send) == [(ITEM, 1), (ITEM, 2), (END, None)]
+
+
+def test_small_items_after_a_large_one_on_the_same_stream_wait_for_it_to_finish():
+    # A small message corked while a large one of its stream was still queued
+    # went to the corked batches' queue, which the IO loop wrote between the
+    # large one's frames: the peer saw a second message begin on stream 7
+    # (WireError) and the connection failed.
+    async def send(conn):
+        await conn.asend(7, ITEM, 0, *dumps(b"x" * (8 << 20)))
+        assert conn.writer.queued > 0
+        await conn.asend(7, ITEM, 0, *dumps(1))
+        await conn.asend(7, END, 0, *dumps(None))
+
+    assert _stream_7_as_the_peer_reads_it(send) == [(ITEM, 8 << 20), (ITEM, 1), (END, None)]
+
+
+def test_a_large_message_waits_behind_its_streams_small_one_in_a_queued_corked_batch():
+    # Stream 7's small item went out in a corked batch that had to queue behind a
+    # backlog, after another batch; its next, large item got a queue of its own,
+    # which the IO loop wrote in turn with the batches': the large item began
+    # before the small one had gone out.
+    async def send(conn):
+        await _backlog(conn)
+        await conn.asend(5, _wire.MTYPE_REPLY, 0, *dumps("another stream's"))
+        await asyncio.sleep(0)  # its batch queues behind the backlog
+        await conn.asend(7, ITEM, 0, *dumps("small"))
+        await asyncio.sleep(0)  # and this one behind it
+        await conn.asend(7, ITEM, 0, *dumps(b"y" * (2 << 20)))
+        await conn.asend(7, END, 0, *dumps(None))
+
+    assert _stream_7_as_the_peer_reads_it(send) == [(ITEM, "small"), (ITEM, 2 << 20), (END, None)]
