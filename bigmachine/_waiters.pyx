@@ -38,7 +38,7 @@ def end_batch(pending: dict) -> None:
     cdef ThreadState state = thread_state()
     state.pending = None
     for loop, items in pending.items():
-        if state.loop is loop:  # the loop itself read: run them now, in a callback of its own
+        if state.loop is loop:  # the loop itself read: run them now, within the read's callback
             _run_batch(loop, items)
         else:
             call_soon_threadsafe(loop, _run_batch, loop, items)

@@ -216,9 +216,7 @@ class Writer:
         """With the lock held: send what was corked, as one message."""
         if not self._corked:
             return None
-        buffers, nbytes, sids = self._corked, self._corked_bytes, self._corked_sids
-        self._corked, self._corked_bytes, self._corked_count = [], 0, 0
-        self._corked_sids = set()
+        buffers, nbytes, sids = self._take_corked()
         if self.closed:
             return None
         units = [buffers[i:i + IOV_MAX] for i in range(0, len(buffers), IOV_MAX)]
@@ -226,6 +224,12 @@ class Writer:
         if _CORKED in self._streams:  # queued, not written: its streams wait behind it
             self._behind_corked |= sids
         return error
+
+    def _take_corked(self) -> tuple[list, int, set]:
+        """With the lock held: what is corked (buffers, bytes, streams); the cork empty."""
+        taken = self._corked, self._corked_bytes, self._corked_sids
+        self._corked, self._corked_bytes, self._corked_count, self._corked_sids = [], 0, 0, set()
+        return taken
 
     def _send(self, sid: int, units: list, nbytes: int, fds: Optional[list] = None) -> Optional[OSError]:
         """With the lock held: write now if nothing is queued, else queue; the error if one.
@@ -445,8 +449,7 @@ class Writer:
                     out.release()
             self._streams.clear()
             self._behind_corked.clear()
-            self._corked, self._corked_bytes, self._corked_count = [], 0, 0
-            self._corked_sids = set()
+            self._take_corked()
             self.queued = 0
             self._wake_senders()
         try:
