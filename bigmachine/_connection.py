@@ -189,21 +189,34 @@ class Connection:
         self.writer.enqueue(sid, units, nbytes, cork, fds)
 
     async def asend(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> None:
-        """Send a message from a coroutine; a large one awaits room first (see send).
-
-        Small ones sent in one turn of the event loop go out together, in one
-        sendmsg when the loop turns.
-        """
+        """Send a message from a coroutine; a large one awaits room first (see send),
+        a small one goes as send_in_turn sends it."""
+        if self.send_in_turn(sid, mtype, mflags, segments, readonly):
+            return
         units, nbytes, fds = self._frames(sid, mtype, mflags, segments, readonly)
+        try:
+            await self.writer.await_room()
+        except BaseException:
+            _close_all(fds)
+            raise
+        self.writer.enqueue(sid, units, nbytes, False, fds)
+
+    def send_in_turn(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> bool:
+        """Send a small message from a coroutine without awaiting; False if it is
+        not small (nothing sent: await asend).
+
+        The small messages sent in one turn of the running event loop go out
+        together, in one sendmsg when the turn ends. No coroutine: each await
+        level costs every call that passes through it.
+        """
+        if self.shm and len(segments) > 1:
+            return False  # maybe descriptors to send: asend's way
+        units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
         if nbytes > SMALL_MESSAGE:
-            try:
-                await self.writer.await_room()
-            except BaseException:
-                _close_all(fds)
-                raise
-        elif self.writer.cork():
+            return False
+        if self.writer.enqueue_in_turn(sid, units, nbytes):
             asyncio.get_running_loop().call_soon(self.writer.uncork)
-        self.writer.enqueue(sid, units, nbytes, True, fds)
+        return True
 
     def _frames(self, sid: int, mtype: int, mflags: int, segments: list,
                 readonly: list) -> tuple[list, int, Optional[list]]:

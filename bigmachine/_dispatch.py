@@ -258,7 +258,8 @@ def _run_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
 
 async def _asend(conn: Connection, sid: int, mtype: int, message: tuple) -> None:
     try:
-        await conn.asend(sid, mtype, 0, *message)
+        if not conn.send_in_turn(sid, mtype, 0, *message):
+            await conn.asend(sid, mtype, 0, *message)
     except MachineLost:
         pass
     except Exception as exc:

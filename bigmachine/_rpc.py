@@ -124,8 +124,13 @@ async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
         sid, waiter = conn.new_call()
         try:
             if timeout is None:  # the usual case, without a coroutine more
-                await conn.asend(sid, MTYPE_REQUEST, 0, *message)
-                item = await waiter.aget()
+                if not conn.send_in_turn(sid, MTYPE_REQUEST, 0, *message):
+                    await conn.asend(sid, MTYPE_REQUEST, 0, *message)
+                fut = waiter.arrival()
+                while fut is not None:
+                    await fut
+                    fut = waiter.arrival()
+                item = waiter.items.popleft()
             else:
                 item = await asyncio.wait_for(_exchange(conn, sid, message, waiter), timeout)
         except asyncio.TimeoutError:

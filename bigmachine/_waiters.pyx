@@ -133,15 +133,24 @@ cdef class Waiter:
                 raise TimeoutError
         return self.items.popleft()
 
+    def arrival(self) -> Optional[asyncio.Future]:
+        """None if an item is there to take; else a future of the running loop
+        that put() wakes (await it, then ask again). For callers that must not
+        add a coroutine level (each costs every resumption that passes it)."""
+        if self.items:
+            return None
+        loop = self.loop = asyncio.get_running_loop()
+        fut = self.future = loop.create_future()
+        if self.items:  # put() ran before the future was visible
+            self.future = None
+            return None
+        return fut
+
     async def aget(self) -> Any:
-        while not self.items:
-            self.loop = asyncio.get_running_loop()
-            fut = self.loop.create_future()
-            self.future = fut
-            if self.items:  # put() ran before the future was visible
-                self.future = None
-                break
+        fut = self.arrival()
+        while fut is not None:
             await fut
+            fut = self.arrival()
         return self.items.popleft()
 
 

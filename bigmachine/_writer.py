@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
+from threading import get_ident
 from typing import Any, Callable, Optional
 
 from . import _faults, _wire
@@ -159,33 +160,55 @@ class Writer:
             _close(fds)
             return
         with self._lock:
-            if self.closed:
-                _close(fds)
-                raise self.lost()
-            owner = self._cork_owner
-            if owner is not None and owner == threading.get_ident():
-                # Not behind a message of its own stream still queued: the
-                # corked batch has a queue of its own, written in turn with
-                # the streams', and a stream's messages must not overtake.
-                if cork and not fds and len(units) == 1 and nbytes <= SMALL_MESSAGE \
-                        and sid not in self._streams:
-                    self._corked.extend(units[0])
-                    self._corked_bytes += nbytes
-                    self._corked_count += 1
-                    self._corked_sids.add(sid)
-                    if self._corked_count < CORK_FLUSH:
-                        return
-                    error = self._unplug()
-                else:
-                    error = self._unplug()  # what this thread corked goes first
-                    if error is None:
-                        error = self._send(sid, units, nbytes, fds)
-                    else:
-                        _close(fds)
-            else:
-                error = self._send(sid, units, nbytes, fds)
+            error = self._enqueue(sid, units, nbytes, cork, fds)
         if error is not None:
             raise self.io_failed("write", error)
+
+    def enqueue_in_turn(self, sid: int, units: list, nbytes: int) -> bool:
+        """enqueue a small message corked, corking the writer first if nobody has.
+
+        For an event loop's messages, which go out together when its turn
+        ends: True if this call corked, and the caller must then have
+        uncork() run at the end of the turn. One lock where cork() and
+        enqueue() take two.
+        """
+        if _faults.FAULTS is not None and self._inject(units):
+            return False
+        with self._lock:
+            corked = self._cork_owner is None and not self.closed
+            if corked:
+                self._cork_owner = get_ident()
+            error = self._enqueue(sid, units, nbytes, True, None)
+        if error is not None:
+            raise self.io_failed("write", error)
+        return corked
+
+    def _enqueue(self, sid: int, units: list, nbytes: int, cork: bool,
+                 fds: Optional[list]) -> Optional[OSError]:
+        """With the lock held: enqueue's work; the error if one."""
+        if self.closed:
+            _close(fds)
+            raise self.lost()
+        owner = self._cork_owner
+        if owner is None or owner != get_ident():
+            return self._send(sid, units, nbytes, fds)
+        # Not behind a message of its own stream still queued: the corked
+        # batch has a queue of its own, written in turn with the streams',
+        # and a stream's messages must not overtake.
+        if cork and not fds and len(units) == 1 and nbytes <= SMALL_MESSAGE \
+                and sid not in self._streams:
+            self._corked.extend(units[0])
+            self._corked_bytes += nbytes
+            self._corked_count += 1
+            self._corked_sids.add(sid)
+            if self._corked_count < CORK_FLUSH:
+                return None
+            return self._unplug()
+        error = self._unplug()  # what this thread corked goes first
+        if error is not None:
+            _close(fds)
+            return error
+        return self._send(sid, units, nbytes, fds)
 
     def cork(self) -> bool:
         """Hold this thread's small corkable messages until it calls uncork().
@@ -196,7 +219,7 @@ class Writer:
         with self._lock:
             if self._cork_owner is not None:
                 return False
-            self._cork_owner = threading.get_ident()
+            self._cork_owner = get_ident()
             return True
 
     def uncork(self, anyone: bool = False) -> None:
@@ -205,7 +228,7 @@ class Writer:
         anyone: whichever thread corked (one that runs too long to hold its messages).
         """
         with self._lock:
-            if self._cork_owner is None or not (anyone or self._cork_owner == threading.get_ident()):
+            if self._cork_owner is None or not (anyone or self._cork_owner == get_ident()):
                 return
             self._cork_owner = None
             error = self._unplug()

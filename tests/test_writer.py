@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 
 import pytest
 
 from bigmachine import _buffers, _decoder, _wire
 from bigmachine._connection import Connection
 from bigmachine._serialize import dumps, loads
-from bigmachine._writer import CORK_FLUSH, Writer
+from bigmachine._writer import CORK_FLUSH, SMALL_MESSAGE, Writer
 from bigmachine.errors import MachineLost
 
 pytestmark = pytest.mark.timeout(60)
@@ -70,6 +71,64 @@ def test_a_message_that_cannot_wait_sends_what_was_corked_first(pair):
     assert _arrived(theirs, decoder) == [1, 2]
     writer.uncork()
     assert _arrived(theirs, decoder) == []
+
+
+def test_enqueue_in_turn_corks_once_and_holds_the_turns_messages_until_uncork(pair):
+    writer, theirs, decoder = pair
+    units, nbytes = _wire.message_frames(1, _wire.MTYPE_REQUEST, 0, [b"first"])
+    assert writer.enqueue_in_turn(1, units, nbytes), "the first message of a turn corks the writer"
+    units, nbytes = _wire.message_frames(3, _wire.MTYPE_REQUEST, 0, [b"second"])
+    assert not writer.enqueue_in_turn(3, units, nbytes), "the cork was already this thread's"
+    assert _arrived(theirs, decoder) == []
+    writer.uncork()
+    assert _arrived(theirs, decoder) == [1, 3]
+
+
+def test_enqueue_in_turn_sends_at_once_while_another_thread_holds_the_cork(pair):
+    writer, theirs, decoder = pair
+    took = []
+    thread = threading.Thread(target=lambda: took.append(writer.cork()))
+    thread.start()
+    thread.join(10)
+    assert took == [True]
+    units, nbytes = _wire.message_frames(1, _wire.MTYPE_REQUEST, 0, [b"not held"])
+    assert not writer.enqueue_in_turn(1, units, nbytes)
+    assert _arrived(theirs, decoder) == [1]
+
+
+def test_enqueue_in_turn_on_a_closed_writer_raises_and_takes_no_cork(pair):
+    writer, theirs, decoder = pair
+    writer.close()
+    units, nbytes = _wire.message_frames(1, _wire.MTYPE_REQUEST, 0, [b"late"])
+    with pytest.raises(MachineLost):
+        writer.enqueue_in_turn(1, units, nbytes)
+    assert writer.cork() is True, "the failed send kept the cork"
+
+
+def test_send_in_turn_sends_small_messages_when_the_turn_ends_and_leaves_large_ones_to_asend():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.setblocking(False)
+    decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=1 << 20, max_pending=4 << 20)
+
+    async def main():
+        conn = Connection(ours, asyncio.get_running_loop(), "peer", True, lambda *args: None,
+                          lambda conn: None)
+        try:
+            assert conn.send_in_turn(1, _wire.MTYPE_REQUEST, 0, *dumps("a"))
+            assert conn.send_in_turn(3, _wire.MTYPE_REQUEST, 0, *dumps("b"))
+            assert _arrived(theirs, decoder) == [], "sent before the loop's turn ended"
+            large = dumps(b"x" * (SMALL_MESSAGE + 1))
+            assert not conn.send_in_turn(5, _wire.MTYPE_REQUEST, 0, *large)
+            assert _arrived(theirs, decoder) == [], "a message send_in_turn refused went out"
+            await asyncio.sleep(0)
+            assert _arrived(theirs, decoder) == [1, 3]
+        finally:
+            conn.fail(MachineLost("peer", "test over"))
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        theirs.close()
 
 
 def _stream_7_as_the_peer_reads_it(send) -> list:
