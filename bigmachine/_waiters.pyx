@@ -155,7 +155,14 @@ cdef class Waiter:
 
 
 cdef class Gate:
-    """Counts calls in flight; callers beyond the limit wait their turn."""
+    """Counts calls in flight; callers beyond the limit wait their turn.
+
+    Taking and giving back a place with room to spare takes no lock: with
+    the GIL held, a test and change of a C field that calls no Python code
+    in between cannot be interleaved. The lock is taken only to wait, and by
+    a release that has waiters to wake; a waiter counts itself (waiting, or
+    in async_waiters) before it can let the GIL go, so no release misses it.
+    """
 
     cdef public Py_ssize_t limit
     cdef readonly Py_ssize_t used
@@ -175,50 +182,56 @@ cdef class Gate:
     def acquire(self, timeout: Optional[float]) -> None:
         if self.try_acquire():
             return
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
-            if self.used >= self.limit:
+            while self.used >= self.limit:
                 self.waiting += 1
                 try:
-                    if not self.cond.wait_for(lambda: self.used < self.limit, timeout):
-                        raise TimeoutError("too many calls in flight")
+                    if deadline is None:
+                        self.cond.wait()
+                    else:
+                        wait = deadline - time.monotonic()
+                        if wait <= 0:
+                            raise TimeoutError("too many calls in flight")
+                        self.cond.wait(wait)
                 finally:
                     self.waiting -= 1
             self.used += 1
 
-    def try_acquire(self) -> bool:
+    cpdef bint try_acquire(self):
         """Take a place without waiting, if there is one."""
-        with self.lock:  # the lock, not the condition: no Python-level __enter__
-            if self.used < self.limit:
-                self.used += 1
-                return True
+        if self.used < self.limit:
+            self.used += 1
+            return True
         return False
 
     async def aacquire(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            waiter = (loop, loop.create_future())
             with self.cond:
                 if self.used < self.limit:
                     self.used += 1
                     return
-                loop = asyncio.get_running_loop()
-                fut = loop.create_future()
-                self.async_waiters.append((loop, fut))
+                self.async_waiters.append(waiter)
             try:
-                await fut
+                await waiter[1]
             except asyncio.CancelledError:
                 with self.cond:
-                    if (loop, fut) in self.async_waiters:
-                        self.async_waiters.remove((loop, fut))
+                    if waiter in self.async_waiters:
+                        self.async_waiters.remove(waiter)
                     elif self.used < self.limit:
                         self._wake_next()  # we were handed the turn: pass it on
                 raise
 
     def release(self) -> None:
-        with self.lock:
-            self.used -= 1
-            if self.waiting:
-                self.cond.notify()
-            if self.async_waiters:
-                self._wake_next()
+        self.used -= 1
+        if self.waiting or self.async_waiters:
+            with self.lock:
+                if self.waiting:
+                    self.cond.notify()
+                if self.async_waiters:
+                    self._wake_next()
 
     cdef _wake_next(self):
         """With cond held: wake the first async waiter whose loop still runs."""

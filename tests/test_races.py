@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import socket
+import sys
 import threading
 import time
 
@@ -97,6 +98,67 @@ def test_gate_passes_on_a_wakeup_its_cancelled_waiter_got():
         await asyncio.wait_for(second, 2)
 
     asyncio.run(main())
+
+
+def test_gate_never_lets_more_than_its_limit_in_and_never_strands_a_waiter():
+    # Places are taken and given back without the lock while there is room;
+    # threads and coroutines that wait must still be woken by every release,
+    # and the count must never pass the limit.
+    gate, limit = Gate(3), 3
+    peak, errors = [0], []
+
+    def hold():
+        peak[0] = max(peak[0], gate.used)
+        if gate.used > limit:
+            errors.append(gate.used)
+
+    def thread_worker():
+        try:
+            for i in range(2000):
+                if i % 2 or not gate.try_acquire():
+                    gate.acquire(10)  # a missed wake-up: TimeoutError
+                hold()
+                gate.release()
+        except BaseException as exc:
+            errors.append(exc)
+
+    async def loop_worker():
+        for _ in range(2000):
+            if not gate.try_acquire():
+                await gate.aacquire()
+            hold()
+            await asyncio.sleep(0)
+            gate.release()
+
+    async def main():
+        await asyncio.wait_for(asyncio.gather(*(loop_worker() for _ in range(4))), 60)
+
+    threads = [threading.Thread(target=thread_worker) for _ in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over as often as it will go
+    try:
+        for thread in threads:
+            thread.start()
+        asyncio.run(main())
+        for thread in threads:
+            thread.join(60)
+            assert not thread.is_alive()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and peak[0] == limit
+    assert gate.used == 0 and gate.waiting == 0
+
+
+def test_gate_acquire_times_out_when_no_place_comes_free():
+    gate = Gate(1)
+    gate.acquire(None)
+    t = time.monotonic()
+    with pytest.raises(TimeoutError):
+        gate.acquire(0.05)
+    assert 0.04 < time.monotonic() - t < 5
+    assert gate.used == 1 and gate.waiting == 0
+    gate.release()
+    gate.acquire(0.05)
 
 
 @pytest.mark.parametrize("reader", ["another thread", "the loop itself"])
