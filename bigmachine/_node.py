@@ -46,14 +46,6 @@ def current_node() -> Optional["Node"]:
     return thread_state().node or _default
 
 
-def swap_current(node: Optional["Node"]) -> Optional["Node"]:
-    """Make node the calling thread's node; return the one it replaces."""
-    state = thread_state()
-    previous = state.node
-    state.node = node
-    return previous
-
-
 def set_default(node: Optional["Node"]) -> None:
     global _default
     _default = node

@@ -11,9 +11,9 @@ import time
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from ._connection import Connection
-from ._node import swap_current
 from ._serialize import dumps, load_exception, loads
 from ._streams import Stream
+from ._threadstate import swap_node
 from ._waiters import Waiter, on_loop_thread
 from ._writer import SMALL_MESSAGE
 from ._wire import KIND_CREDIT, MFLAG_STREAM, MTYPE_ERROR, MTYPE_ITEM, MTYPE_REPLY, MTYPE_REQUEST
@@ -51,7 +51,7 @@ def _result(conn: Connection, item: tuple, stream: bool = False) -> Any:
         # Unpickle as a member of the connection's cluster: a Machine in the
         # reply becomes a handle of that cluster, whatever thread asks.
         node = conn.node
-        previous = swap_current(node)
+        previous = swap_node(node)
         try:
             if mtype != MTYPE_ERROR:
                 return loads(payload)
@@ -62,7 +62,7 @@ def _result(conn: Connection, item: tuple, stream: bool = False) -> Any:
             raise Error(f"cannot unpickle a reply from {conn.peer}: {exc}") from exc
         finally:
             if previous is not node:
-                swap_current(previous)
+                swap_node(previous)
         raise error
     if mtype is None:  # the connection failed; payload is why
         raise MachineLost.because(getattr(payload, "addr", conn.peer), payload)

@@ -33,3 +33,11 @@ cpdef ThreadState thread_state():
     state = ThreadState()
     per_thread[_KEY] = state
     return state
+
+
+def swap_node(node: object) -> object:
+    """Make node the calling thread's node (_node.current_node); return the one it replaces."""
+    cdef ThreadState state = thread_state()
+    previous = state.node
+    state.node = node
+    return previous

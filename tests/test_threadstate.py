@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from bigmachine._threadstate import ThreadState, thread_state
+from bigmachine._node import current_node
+from bigmachine._threadstate import ThreadState, swap_node, thread_state
 
 
 def _in_thread(fn):
@@ -91,3 +92,14 @@ def test_thread_state_without_a_thread_dict_raises_instead_of_crashing():
         f"the process died (returncode {child.returncode}): thread_state() dereferenced "
         f"the NULL PyThreadState_GetDict() returns when the dict cannot be made\n{child.stderr[-2000:]}")
     assert child.stdout.strip() in ("['MemoryError']", "['made']")
+
+
+def test_swap_node_makes_a_node_current_on_this_thread_only_and_returns_the_one_before():
+    before = thread_state().node
+    try:
+        assert swap_node("a node") is before
+        assert current_node() == "a node"
+        assert _in_thread(lambda: thread_state().node) is None
+        assert swap_node(before) == "a node"
+    finally:
+        thread_state().node = before
