@@ -1,8 +1,9 @@
 """Build the Cython extensions. Everything else lives in pyproject.toml.
 
 Compiled are the .pyx modules and the .py modules that have a .pxd beside
-them: the connection core, written as plain Python whose classes the .pxd
-declares as extension types (the .py is then also its pure-Python twin).
+them: the connection core and the call path (_rpc, _serialize), written as
+plain Python whose classes the .pxd declares as extension types, if it has
+any (the .py is then also its pure-Python twin).
 """
 import compileall
 import glob
