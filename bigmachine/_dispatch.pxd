@@ -8,12 +8,13 @@ cdef class Served:
     cdef public Connection conn
     cdef public object sid, loop
     cdef public Stream stream
-    cdef public object task, cond, wakeup, counter, started
+    cdef public object task, cond, wakeup, counter, started, reply
     cdef public bint failed
 
+    cpdef send_reply(self)
     cpdef finish(self)
 
 cdef class Dispatcher:
-    cdef public object registry, executor, loop, enter, counters
+    cdef public object registry, executor, loop, node, counters
 
 cpdef _run_sync(Served served, fn, args, kwargs)

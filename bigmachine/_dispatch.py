@@ -46,7 +46,7 @@ class Served:
     """A call this node is serving: its stream state, and the waiting on it."""
 
     __slots__ = ("conn", "sid", "stream", "task", "cond", "wakeup", "loop",
-                 "counter", "started", "failed")
+                 "counter", "started", "failed", "reply")
 
     def __init__(self, conn: Connection, sid: int, loop: asyncio.AbstractEventLoop):
         self.conn = conn
@@ -59,6 +59,7 @@ class Served:
         self.counter: Optional[MethodCounter] = None  # counts the call once it is known
         self.started = 0
         self.failed = False
+        self.reply: Optional[tuple] = None  # (mtype, message) a sync method's small reply, until sent
 
     @property
     def cancelled(self) -> bool:
@@ -107,6 +108,12 @@ class Served:
         with self.cond:  # credit() adds from the reader thread
             self.stream.sent_one()
 
+    def send_reply(self) -> None:
+        """Send the small reply _run_sync made (see there), once."""
+        reply, self.reply = self.reply, None
+        if reply is not None:
+            _send(self.conn, self.sid, reply[0], reply[1])
+
     def finish(self) -> None:
         """The call is over (replied, failed or cancelled): forget it and count it."""
         self.conn.incoming.pop(self.sid, None)
@@ -118,13 +125,13 @@ class Dispatcher:
     """Runs requests against a registry, in an executor or on the IO loop."""
 
     def __init__(self, registry: Registry, executor: Any, loop: asyncio.AbstractEventLoop,
-                 enter: Any = None):
+                 node: Any = None):
         self.registry = registry
         self.executor = executor
         self.loop = loop
-        # Makes the node current on the calling thread, so that what is unpickled
-        # there (a Machine argument) belongs to this node's cluster.
-        self.enter = enter
+        # Made current on the thread that reads a request, so that what is
+        # unpickled there (a Machine argument) belongs to this node's cluster.
+        self.node = node
         self.counters = Counters()  # the calls served here, where the work runs
 
     def on_request(self, conn: Connection, sid: int, mflags: int, segments: list) -> None:
@@ -133,8 +140,8 @@ class Dispatcher:
             conn.fail(ProtocolError(f"{conn.peer} has more than {conn.max_in_flight} calls in flight"))
             return
         served = Served(conn, sid, self.loop)
-        if self.enter is not None:
-            self.enter()
+        if self.node is not None:
+            thread_state().node = self.node
         try:
             method, args, kwargs = loads(segments)
             fn, kind = self.registry.lookup(method)
@@ -182,7 +189,7 @@ def _start_task(served: Served, run: Any, fn: Any, args: tuple, kwargs: dict) ->
 
 def _send(conn: Connection, sid: int, mtype: int, message: tuple) -> None:
     try:
-        conn.send(sid, mtype, 0, *message, cork=True)
+        conn.send(sid, mtype, 0, message[0], message[1], None, True)
     except MachineLost:
         pass  # the caller is gone; there is no one to tell
     except Exception as exc:  # the reply could not be framed: say so instead
@@ -222,7 +229,8 @@ def _run_sync(served: Served, fn: Any, args: tuple, kwargs: dict) -> Optional[Ca
             return None
         segments = message[0]
         if len(segments) == 1 and len(segments[0]) <= SMALL_MESSAGE:
-            return partial(_send, served.conn, served.sid, mtype, message)
+            served.reply = (mtype, message)
+            return served.send_reply
         _send(served.conn, served.sid, mtype, message)
         return None
     finally:

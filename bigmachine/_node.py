@@ -71,7 +71,7 @@ class Node:
         self.loop = new_event_loop(busy_poll)
         self.executor = Pool(workers or max(32, (os.cpu_count() or 1) * 4),
                              f"bigmachine-{name}", initializer=self._enter)
-        self.dispatcher = Dispatcher(self.registry, self.executor, self.loop, self._enter)
+        self.dispatcher = Dispatcher(self.registry, self.executor, self.loop, self)
         self.connections: dict[str, Connection] = {}  # the ones we dialed, by address
         self.accepted: set[Connection] = set()        # the ones peers dialed
         self._owner: Optional[Connection] = None      # the one the owner calls on, if a machine

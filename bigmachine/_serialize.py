@@ -164,6 +164,8 @@ def loads(segments: list) -> Any:
 
     Raises ResourceError if a segment could not be received (see _shmlink).
     """
+    if len(segments) == 1 and type(segments[0]) is not Unreceived:
+        return pickle.loads(segments[0])  # most messages: no buffers, no keyword to parse
     for seg in segments:
         if type(seg) is Unreceived:
             raise seg.error
