@@ -189,11 +189,13 @@ class Connection:
         self.writer.enqueue(sid, units, nbytes, cork, fds)
 
     async def asend(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> None:
-        """Send a message from a coroutine; a large one awaits room first (see send),
-        a small one goes as send_in_turn sends it."""
-        if self.send_in_turn(sid, mtype, mflags, segments, readonly):
-            return
+        """Send a message from a coroutine: a large one awaits room first (see
+        send), a small one goes out with the rest of the loop's turn (see
+        send_in_turn)."""
         units, nbytes, fds = self._frames(sid, mtype, mflags, segments, readonly)
+        if nbytes <= SMALL_MESSAGE:
+            self._send_in_turn(sid, units, nbytes, fds)
+            return
         try:
             await self.writer.await_room()
         except BaseException:
@@ -202,21 +204,24 @@ class Connection:
         self.writer.enqueue(sid, units, nbytes, False, fds)
 
     def send_in_turn(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> bool:
-        """Send a small message from a coroutine without awaiting; False if it is
-        not small (nothing sent: await asend).
+        """Send a small message of one segment from a coroutine without awaiting;
+        False (nothing sent) for any other: await asend.
 
         The small messages sent in one turn of the running event loop go out
         together, in one sendmsg when the turn ends. No coroutine: each await
         level costs every call that passes through it.
         """
-        if self.shm and len(segments) > 1:
-            return False  # maybe descriptors to send: asend's way
+        if len(segments) != 1 or len(segments[0]) > SMALL_MESSAGE:
+            return False
         units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
         if nbytes > SMALL_MESSAGE:
             return False
-        if self.writer.enqueue_in_turn(sid, units, nbytes):
-            asyncio.get_running_loop().call_soon(self.writer.uncork)
+        self._send_in_turn(sid, units, nbytes, None)
         return True
+
+    def _send_in_turn(self, sid: int, units: list, nbytes: int, fds: Optional[list]) -> None:
+        if self.writer.enqueue_in_turn(sid, units, nbytes, fds):
+            asyncio.get_running_loop().call_soon(self.writer.uncork)
 
     def _frames(self, sid: int, mtype: int, mflags: int, segments: list,
                 readonly: list) -> tuple[list, int, Optional[list]]:

@@ -21,13 +21,11 @@ from typing import Any, Iterable, Iterator, Optional
 from .errors import Error
 
 HZ = 100.0
-# Leaf frames (file, function) where a thread waits rather than works. A
-# blocking call waits for its reply in the compiled Waiter.get, which has no
-# frame: the leaf is then the call itself.
+# Leaf frames (file, function) where a thread waits rather than works.
 IDLE = frozenset({
     ("threading.py", "wait"), ("threading.py", "_wait_for_tstate_lock"),
     ("selectors.py", "select"), ("queue.py", "get"), ("socket.py", "accept"),
-    ("thread.py", "_worker"), ("_rpc.py", "call"), ("_rpc.py", "stream"),
+    ("thread.py", "_worker"),
     ("_pool.py", "_work"), ("_reader.py", "_read_once"), ("_reader.py", "_run"),
     ("_standby.py", "_run"), ("_worker.py", "_watch_parent"),
     ("local.py", "_pump"), ("local.py", "_reap_group"), ("_profile.py", "sample"),
@@ -35,7 +33,8 @@ IDLE = frozenset({
 
 # Threads waiting in compiled code, which leaves no frame to know the wait by
 # (the connection core is compiled, see setup.py): a reader's blocking receive
-# (_sockio adds it), a reader thread waiting for the role, the standby's poll.
+# (_sockio adds it), a caller waiting for its reply (_waiters.Waiter.get), a
+# reader thread waiting for the role, the standby's poll.
 WAITING: set = set()
 
 

@@ -14,7 +14,13 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
+from cpython.pythread cimport PyThread_get_thread_ident
+from cpython.set cimport PySet_Add, PySet_Discard
+
+from bigmachine._profile import WAITING
 from bigmachine._threadstate cimport ThreadState, thread_state
+
+cdef set _waiting = WAITING
 
 
 def mark_loop_thread(loop: asyncio.AbstractEventLoop) -> None:
@@ -127,10 +133,15 @@ cdef class Waiter:
         lock.acquire()
         self.lock = lock  # put() releases it from now on; check again for one that came before
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.items:
-            wait = -1 if deadline is None else max(deadline - time.monotonic(), 0)
-            if not lock.acquire(timeout=wait) and not self.items:
-                raise TimeoutError
+        cdef object me = PyThread_get_thread_ident()
+        PySet_Add(_waiting, me)  # the profiler sees no frame of this wait
+        try:
+            while not self.items:
+                wait = -1 if deadline is None else max(deadline - time.monotonic(), 0)
+                if not lock.acquire(timeout=wait) and not self.items:
+                    raise TimeoutError
+        finally:
+            PySet_Discard(_waiting, me)
         return self.items.popleft()
 
     def arrival(self) -> Optional[asyncio.Future]:

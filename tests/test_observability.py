@@ -552,6 +552,30 @@ def test_the_memory_health_thread_sleeping_is_not_profiled_as_work():
 
 
 @pytest.mark.timeout(60)
+def test_a_thread_waiting_for_the_reply_of_a_blocking_call_is_not_profiled_as_work():
+    """A blocking call waits in the compiled Waiter.get, which leaves no frame.
+    _profile.IDLE knew the wait by its leaf frame ("_rpc.py", "call"); with _rpc
+    compiled as well (55e3dc9) the leaf was Machine._call, and every sample of a
+    caller waiting for its reply was counted as work. Waiter.get now puts the
+    thread in _profile.WAITING while it waits."""
+    from bigmachine import _profile
+    with bm.start(bm.InProcess()) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        # A deadline: the caller does not read its reply itself, it waits in Waiter.get.
+        caller = threading.Thread(target=m.call, args=("Echo.sleep", 1.2), kwargs={"timeout": 30})
+        caller.start()
+        try:
+            time.sleep(0.2)
+            stacks = _profile.sample(0.5, hz=100)
+        finally:
+            caller.join(30)
+        assert not caller.is_alive()
+    waiting = [(stack[-1], count) for stack, count in stacks
+               if "(_machine.py:" in stack[-1] or "(_rpc.py:" in stack[-1]]
+    assert waiting == [], waiting
+
+
+@pytest.mark.timeout(60)
 def test_acalls_are_counted_at_the_caller_with_their_errors_and_cancels():
     import asyncio
     from tests.services import CustomError

@@ -224,3 +224,33 @@ def test_a_large_message_waits_behind_its_streams_small_one_in_a_queued_corked_b
         await conn.asend(7, END, 0, *dumps(None))
 
     assert _stream_7_as_the_peer_reads_it(send) == [(ITEM, "small"), (ITEM, 2 << 20), (END, None)]
+
+
+def test_a_small_message_with_a_buffer_does_not_wait_for_room_when_shared_memory_is_on():
+    # Small messages never wait for room (the in-flight gate bounds them). With
+    # shared memory on (a Unix socket between two processes of a host),
+    # send_in_turn refused every message of more than one segment, small or not,
+    # and asend then awaited room for it (1facda9): a 1 KiB reply carrying an
+    # out-of-band buffer waited behind the peer's backlog.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    async def main():
+        conn = Connection(ours, asyncio.get_running_loop(), "peer", True, lambda *args: None,
+                          lambda conn: None, max_queued=1 << 20)
+        try:
+            await conn.asend(99, _wire.MTYPE_REPLY, 0, *dumps(b"x" * (8 << 20)))
+            assert conn.over_room(), "no backlog: the test does not test anything"
+            conn.shm = True  # as a Connection to a machine on this host with shared_memory
+            small = dumps(memoryview(bytearray(1000)))
+            assert len(small[0]) == 2, "the buffer did not travel out of band"
+            try:
+                await asyncio.wait_for(conn.asend(7, ITEM, 0, *small), 2)
+            except asyncio.TimeoutError:
+                pytest.fail("a small message waited for room")
+        finally:
+            conn.fail(MachineLost("peer", "test over"))
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        theirs.close()
