@@ -3,6 +3,7 @@
 
 from bigmachine._connection cimport Connection
 from bigmachine._streams cimport Stream
+from bigmachine._threadstate cimport ThreadState, thread_state
 
 cdef class Served:
     cdef public Connection conn

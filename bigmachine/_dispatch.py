@@ -145,7 +145,8 @@ class Dispatcher:
         try:
             method, args, kwargs = loads(segments)
             fn, kind = self.registry.lookup(method)
-            if bool(mflags & MFLAG_STREAM) != (kind in (GENERATOR, ASYNC_GENERATOR)):
+            streaming = kind is GENERATOR or kind is ASYNC_GENERATOR  # _service's constants
+            if bool(mflags & MFLAG_STREAM) != streaming:
                 how = "stream" if mflags & MFLAG_STREAM else "call"
                 raise Error(f"cannot {how} {method}: it is a {kind} method; use "
                             f"{'call' if how == 'stream' else 'stream'} instead")
@@ -156,16 +157,16 @@ class Dispatcher:
         if served.counter is not None:
             served.started = served.counter.begin()
         conn.incoming[sid] = served
-        if kind in (GENERATOR, ASYNC_GENERATOR):
+        if streaming:
             served.cond = threading.Condition(threading.Lock())
-        if kind == SYNC:
+        if kind is SYNC:
             # The reader runs it once the read is handled (see _reader), or
             # the pool does if reading must go on first.
             conn.reader.defer(self.executor.submit, self._serve_sync, served, fn, args, kwargs)
-        elif kind == GENERATOR:
+        elif kind is GENERATOR:
             self.executor.submit(_run_generator, served, fn, args, kwargs)
         else:
-            run = _run_async if kind == ASYNC else _run_async_generator
+            run = _run_async if kind is ASYNC else _run_async_generator
             call_soon_threadsafe(self.loop, _start_task, served, run, fn, args, kwargs)
             conn.reader.follow()  # the loop reads the next request (see _reader)
 
