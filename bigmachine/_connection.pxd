@@ -20,7 +20,7 @@ cdef class Connection:
     cpdef new_call(self, lead=*)
     cpdef send_control(self, kind, sid, value=*)
     cpdef bint send_in_turn(self, sid, mtype, mflags, segments, readonly)
-    cpdef _send_in_turn(self, sid, units, nbytes, fds)
+    cpdef _send_in_turn(self, sid, mtype, units, nbytes, fds)
     cpdef send(self, sid, mtype, mflags, segments, readonly, deadline=*, cork=*)
     cpdef bint over_room(self)
     cpdef bint _is_closed(self)

@@ -194,7 +194,7 @@ class Connection:
         send_in_turn)."""
         units, nbytes, fds = self._frames(sid, mtype, mflags, segments, readonly)
         if nbytes <= SMALL_MESSAGE:
-            self._send_in_turn(sid, units, nbytes, fds)
+            self._send_in_turn(sid, mtype, units, nbytes, fds)
             return
         try:
             await self.writer.await_room()
@@ -216,11 +216,17 @@ class Connection:
         units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
         if nbytes > SMALL_MESSAGE:
             return False
-        self._send_in_turn(sid, units, nbytes, None)
+        self._send_in_turn(sid, mtype, units, nbytes, None)
         return True
 
-    def _send_in_turn(self, sid: int, units: list, nbytes: int, fds: Optional[list]) -> None:
-        if self.writer.enqueue_in_turn(sid, units, nbytes, fds):
+    def _send_in_turn(self, sid: int, mtype: int, units: list, nbytes: int,
+                      fds: Optional[list]) -> None:
+        # The turn's first answer (reply, item, end, error) goes out at once: the
+        # peer waits for it, and a turn that answers one call makes no more
+        # (an async method's ping: one loop turn less). Requests all wait for the
+        # turn's end: a caller that makes one usually makes more (100 acalls in
+        # flight: -15% calls/s when the first went alone, the peer woken for one).
+        if self.writer.enqueue_in_turn(sid, units, nbytes, fds, mtype != MTYPE_REQUEST):
             asyncio.get_running_loop().call_soon(self.writer.uncork)
 
     def _frames(self, sid: int, mtype: int, mflags: int, segments: list,

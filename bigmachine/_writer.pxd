@@ -11,7 +11,7 @@ cdef class Writer:
     cdef public object _behind_corked
 
     cpdef enqueue(self, sid, units, nbytes, cork=*, fds=*)
-    cpdef bint enqueue_in_turn(self, sid, units, nbytes, fds=*)
+    cpdef bint enqueue_in_turn(self, sid, units, nbytes, fds=*, bint first_now=*)
     cpdef _enqueue(self, sid, units, nbytes, bint cork, fds)
     cpdef bint cork(self)
     cpdef _unplug(self)

@@ -165,23 +165,27 @@ class Writer:
             raise self.io_failed("write", error)
 
     def enqueue_in_turn(self, sid: int, units: list, nbytes: int,
-                        fds: Optional[list] = None) -> bool:
+                        fds: Optional[list] = None, first_now: bool = False) -> bool:
         """enqueue a small message corked, corking the writer first if nobody has.
 
         For an event loop's messages, which go out together when its turn
         ends: True if this call corked, and the caller must then have
         uncork() run at the end of the turn. One lock where cork() and
         enqueue() take two. A message with descriptors is not corked: it
-        goes out at once, after what this thread corked.
+        goes out at once, after what this thread corked. first_now: the
+        message that corks goes out at once (nothing is corked before it),
+        the rest of the turn's wait.
         """
         if _faults.FAULTS is not None and self._inject(units):
             _close(fds)
             return False
         with self._lock:
             corked = self._cork_owner is None and not self.closed
+            if corked and not first_now:
+                self._cork_owner = get_ident()
+            error = self._enqueue(sid, units, nbytes, True, fds)  # uncorked, it is sent
             if corked:
                 self._cork_owner = get_ident()
-            error = self._enqueue(sid, units, nbytes, True, fds)
         if error is not None:
             raise self.io_failed("write", error)
         return corked

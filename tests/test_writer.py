@@ -84,6 +84,18 @@ def test_enqueue_in_turn_corks_once_and_holds_the_turns_messages_until_uncork(pa
     assert _arrived(theirs, decoder) == [1, 3]
 
 
+def test_enqueue_in_turn_first_now_sends_the_turns_first_message_and_holds_the_rest(pair):
+    writer, theirs, decoder = pair
+    units, nbytes = _wire.message_frames(2, _wire.MTYPE_REPLY, 0, [b"first"])
+    assert writer.enqueue_in_turn(2, units, nbytes, None, True)
+    assert _arrived(theirs, decoder) == [2], "the turn's first answer waited"
+    units, nbytes = _wire.message_frames(4, _wire.MTYPE_REPLY, 0, [b"second"])
+    assert not writer.enqueue_in_turn(4, units, nbytes, None, True)
+    assert _arrived(theirs, decoder) == [], "the turn's later answers did not wait for its end"
+    writer.uncork()
+    assert _arrived(theirs, decoder) == [4]
+
+
 def test_enqueue_in_turn_sends_at_once_while_another_thread_holds_the_cork(pair):
     writer, theirs, decoder = pair
     took = []
