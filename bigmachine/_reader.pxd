@@ -1,6 +1,7 @@
 # Compiles _reader.py with its classes as extension types (see setup.py): attributes in
 # C slots, and the methods of every small call's path called directly.
 
+from bigmachine._threadstate cimport ThreadState, thread_state
 from bigmachine._writer cimport Writer
 
 cdef class Reader:

@@ -60,6 +60,7 @@ from typing import Any, Callable, Optional
 from ._profile import waiting
 from ._sockio import Spin, recv_into
 from ._standby import STANDBY
+from ._threadstate import thread_state
 from ._waiters import Waiter, begin_batch, call_soon_threadsafe, end_batch
 from ._decoder import Decoder
 from ._wire import WireError
@@ -377,6 +378,8 @@ class Reader:
 
     def read_until(self, waiter: Waiter) -> None:
         """For the leader: read and handle events until waiter has an item."""
+        state = thread_state()  # a request read here makes its node current (_dispatch)
+        node = state.node
         try:
             while not waiter.items and self._read_once():
                 if self._deferred:  # a caller does not run methods: the pool does
@@ -384,6 +387,8 @@ class Reader:
                     self._deferred = []
         except Exception as exc:
             self._failed(exc)
+        finally:
+            state.node = node
 
     def leave_if_leading(self, waiter: Optional[Waiter]) -> None:
         """The call of waiter is over: if it leads, park the role, or give it to a

@@ -27,8 +27,6 @@ INBAND_MAX = 512
 # Out-of-band buffers one message can carry (segment 0 is the pickle stream).
 MAX_BUFFERS = _wire.MAX_SEGMENTS - 1
 _INBAND_ONLY = [False]  # the readonly flags of a message of one segment (never mutated)
-# Looked up once (compiled, a module global is cached; an attribute is looked up per call).
-_plain_dumps, _plain_loads = pickle.dumps, pickle.loads
 
 
 def dumps(obj: Any) -> tuple[list, list]:
@@ -38,7 +36,7 @@ def dumps(obj: Any) -> tuple[list, list]:
     # stops it before it is copied) and the stream is too short to hold
     # bytes worth lifting.
     try:
-        main = _plain_dumps(obj, 5, buffer_callback=_inband_only)
+        main = pickle.dumps(obj, 5, buffer_callback=_inband_only)
     except Exception:
         main = None
     if main is not None and len(main) < BYTES_OUT_OF_BAND and main.find(b"__main__") < 0:
@@ -167,7 +165,9 @@ def loads(segments: list) -> Any:
     Raises ResourceError if a segment could not be received (see _shmlink).
     """
     if len(segments) == 1 and type(segments[0]) is not Unreceived:
-        return _plain_loads(segments[0])  # most messages: no buffers, no keyword to parse
+        # Most messages: no buffers, no keyword to parse. pickle.loads is looked
+        # up at each call: an audit that wraps it (tests/test_security.py) sees all.
+        return pickle.loads(segments[0])
     for seg in segments:
         if type(seg) is Unreceived:
             raise seg.error

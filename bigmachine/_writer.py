@@ -156,8 +156,7 @@ class Writer:
         writer (never one with descriptors). fds: descriptors to send with the
         message; the writer owns them from now on.
         """
-        if _faults.FAULTS is not None and self._inject(units):
-            _close(fds)
+        if _faults.FAULTS is not None and self._inject(units, fds):
             return
         with self._lock:
             error = self._enqueue(sid, units, nbytes, cork, fds)
@@ -176,8 +175,7 @@ class Writer:
         message that corks goes out at once (nothing is corked before it),
         the rest of the turn's wait.
         """
-        if _faults.FAULTS is not None and self._inject(units):
-            _close(fds)
+        if _faults.FAULTS is not None and self._inject(units, fds):
             return False
         with self._lock:
             corked = self._cork_owner is None and not self.closed
@@ -330,12 +328,15 @@ class Writer:
                 self._ciphertext = memoryview(bytes(self._ciphertext) + data)
                 self._arm()
 
-    def _inject(self, units: list) -> bool:
-        """Apply the fault injector to one message; True if it was consumed."""
+    def _inject(self, units: list, fds: Optional[list]) -> bool:
+        """Apply the fault injector to one message; True if it was consumed. Its
+        descriptors are closed then, and when the fault raises."""
         fault = _faults.FAULTS.choose()
         if fault == _faults.DROP:
+            _close(fds)
             return True
         if fault == _faults.TRUNCATE:
+            _close(fds)
             with self._lock:
                 # Half a header, unless another message is part-written: then
                 # writing anything would corrupt that one, not this one.

@@ -174,3 +174,53 @@ def test_keyboard_interrupt_right_after_taking_the_role_does_not_strand_it():
         finally:
             signal.signal(signal.SIGUSR1, previous)
         assert m.call("Echo.echo", 2, timeout=5) == 2
+
+
+# ---- what a leader's thread belongs to after it read a peer's request ----------------
+
+
+@pytest.mark.timeout(60)
+def test_a_caller_that_leads_and_reads_a_peers_request_keeps_its_own_node():
+    """Dispatcher.on_request makes its node current on the thread that reads a
+    request (for a reader thread, for good) and never gives that thread's own
+    back. A blocking caller that leads reads the peer's requests as well: after
+    its call, the caller's thread belongs to the connection's node
+    (bigmachine.current(), Machines unpickled there), whatever it belonged to
+    before. (As before 5f6d3ca, which only inlined Node._enter.)"""
+    from types import SimpleNamespace
+
+    from bigmachine._dispatch import Dispatcher
+    from bigmachine._pool import Pool
+    from bigmachine._service import Registry
+    from bigmachine._threadstate import thread_state
+
+    connections_node = SimpleNamespace(name="the connection's node")
+    callers_node = SimpleNamespace(name="the caller's node")
+    registry = Registry()
+    registry.add("Echo", Echo())
+    pool = Pool(2, "review-pool")
+    try:
+        with raw_connection() as (conn, peer, requests):
+            conn.on_request = Dispatcher(registry, pool, conn.loop, connections_node).on_request
+            for i in range(3):
+                assert _rpc.call(conn, "echo", (i,), {}, None) == i
+            assert wait_for(lambda: conn.reader._state == "parked", 5), conn.reader._state
+            seen: list = []
+
+            def caller():
+                thread_state().node = callers_node
+                seen.append(_rpc.call(conn, "wait", (), {}, None))  # the raw peer answers only echo
+                seen.append(thread_state().node)
+
+            thread = threading.Thread(target=caller, daemon=True)
+            thread.start()
+            assert wait_for(lambda: conn.reader._leader is not None and conn.calls, 5), "no leader"
+            sid, = conn.calls
+            peer.send(2, _wire.MTYPE_REQUEST, ("Echo.echo", (5,), {}))  # the peer calls us...
+            peer.send(sid, _wire.MTYPE_REPLY, "done")                   # ...then answers the call
+            thread.join(20)
+            assert not thread.is_alive()
+            assert seen[0] == "done"
+            assert seen[1] is callers_node, f"the caller's thread now belongs to {seen[1].name}"
+    finally:
+        pool.shutdown()

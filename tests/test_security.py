@@ -425,6 +425,27 @@ def report(capfd, text: str) -> None:
         print("\n" + text, flush=True)
 
 
+def test_serialize_unpickles_through_pickle_loads_as_looked_up_at_call_time(monkeypatch):
+    """S1's AuditProbe counts a machine's unpickling by wrapping pickle.loads, which
+    _serialize looked up at each call. a640e70 binds it once at import
+    (_plain_loads): the one-segment message of every request goes around the
+    wrapper, the probe counts no loads at all, and S1's calibration ("one loads per
+    request") fails."""
+    from bigmachine import _serialize
+    seen: list = []
+    original = pickle.loads
+
+    def counting_loads(*args, **kwargs):
+        seen.append(None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pickle, "loads", counting_loads)
+    segments, _ = _serialize.dumps(("Echo.echo", (1,), {}))
+    assert len(segments) == 1, "not the one-segment message of a small request"
+    assert _serialize.loads(segments) == ("Echo.echo", (1,), {})
+    assert len(seen) == 1, "_serialize.loads did not go through pickle.loads"
+
+
 def test_nothing_is_unpickled_before_authentication(plain, tmp_path, capfd):
     m = plain.audit
     addr = m.addr
