@@ -118,58 +118,17 @@ def test_enqueue_in_turn_on_a_closed_writer_raises_and_takes_no_cork(pair):
     assert writer.cork() is True, "the failed send kept the cork"
 
 
-def test_send_in_turn_sends_small_messages_when_the_turn_ends_and_leaves_large_ones_to_asend():
+def _on_a_connection(body, **options):
+    """await body(conn, theirs) on a Connection over a Unix socket pair; theirs is
+    the peer's end, non-blocking, read only if body reads it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     theirs.setblocking(False)
-    decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=1 << 20, max_pending=4 << 20)
 
     async def main():
         conn = Connection(ours, asyncio.get_running_loop(), "peer", True, lambda *args: None,
-                          lambda conn: None)
+                          lambda conn: None, **options)
         try:
-            assert conn.send_in_turn(1, _wire.MTYPE_REQUEST, 0, *dumps("a"))
-            assert conn.send_in_turn(3, _wire.MTYPE_REQUEST, 0, *dumps("b"))
-            assert _arrived(theirs, decoder) == [], "sent before the loop's turn ended"
-            large = dumps(b"x" * (SMALL_MESSAGE + 1))
-            assert not conn.send_in_turn(5, _wire.MTYPE_REQUEST, 0, *large)
-            assert _arrived(theirs, decoder) == [], "a message send_in_turn refused went out"
-            await asyncio.sleep(0)
-            assert _arrived(theirs, decoder) == [1, 3]
-        finally:
-            conn.fail(MachineLost("peer", "test over"))
-
-    try:
-        asyncio.run(asyncio.wait_for(main(), 30))
-    finally:
-        theirs.close()
-
-
-def _stream_7_as_the_peer_reads_it(send) -> list:
-    """Run send(conn) on a Connection's loop while its peer does not read, then read:
-    stream 7's first three messages as the peer decodes them, [(mtype, value)]
-    (a bytes value as its length)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    theirs.setblocking(False)
-    decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=64 << 20, max_pending=64 << 20)
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        conn = Connection(ours, loop, "peer", True, lambda *args: None, lambda conn: None)
-        try:
-            await send(conn)
-            got = []
-            deadline = loop.time() + 20
-            while loop.time() < deadline and len(got) < 3:
-                try:
-                    n = theirs.recv_into(decoder.get_buffer())
-                except BlockingIOError:
-                    await asyncio.sleep(0.001)
-                    continue
-                for event in decoder.buffer_updated(n):
-                    if event[0] == _wire.KIND_MSG and event[1] == 7:
-                        value = loads(event[4])
-                        got.append((event[2], len(value) if isinstance(value, bytes) else value))
-            return got
+            return await body(conn, theirs)
         finally:
             conn.fail(MachineLost("peer", "test over"))
 
@@ -177,6 +136,48 @@ def _stream_7_as_the_peer_reads_it(send) -> list:
         return asyncio.run(asyncio.wait_for(main(), 30))
     finally:
         theirs.close()
+
+
+def test_send_in_turn_sends_small_messages_when_the_turn_ends_and_leaves_large_ones_to_asend():
+    decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=1 << 20, max_pending=4 << 20)
+
+    async def body(conn, theirs):
+        assert conn.send_in_turn(1, _wire.MTYPE_REQUEST, 0, *dumps("a"))
+        assert conn.send_in_turn(3, _wire.MTYPE_REQUEST, 0, *dumps("b"))
+        assert _arrived(theirs, decoder) == [], "sent before the loop's turn ended"
+        large = dumps(b"x" * (SMALL_MESSAGE + 1))
+        assert not conn.send_in_turn(5, _wire.MTYPE_REQUEST, 0, *large)
+        assert _arrived(theirs, decoder) == [], "a message send_in_turn refused went out"
+        await asyncio.sleep(0)
+        assert _arrived(theirs, decoder) == [1, 3]
+
+    _on_a_connection(body)
+
+
+def _stream_7_as_the_peer_reads_it(send) -> list:
+    """Run send(conn) on a Connection's loop while its peer does not read, then read:
+    stream 7's first three messages as the peer decodes them, [(mtype, value)]
+    (a bytes value as its length)."""
+    decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=64 << 20, max_pending=64 << 20)
+
+    async def body(conn, theirs):
+        await send(conn)
+        loop = asyncio.get_running_loop()
+        got = []
+        deadline = loop.time() + 20
+        while loop.time() < deadline and len(got) < 3:
+            try:
+                n = theirs.recv_into(decoder.get_buffer())
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+                continue
+            for event in decoder.buffer_updated(n):
+                if event[0] == _wire.KIND_MSG and event[1] == 7:
+                    value = loads(event[4])
+                    got.append((event[2], len(value) if isinstance(value, bytes) else value))
+        return got
+
+    return _on_a_connection(body)
 
 
 async def _backlog(conn) -> None:
@@ -245,28 +246,18 @@ def test_a_small_message_with_a_buffer_does_not_wait_for_room_when_shared_memory
     # send_in_turn refused every message of more than one segment, small or not,
     # and asend then awaited room for it (1facda9): a 1 KiB reply carrying an
     # out-of-band buffer waited behind the peer's backlog.
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-
-    async def main():
-        conn = Connection(ours, asyncio.get_running_loop(), "peer", True, lambda *args: None,
-                          lambda conn: None, max_queued=1 << 20)
+    async def body(conn, theirs):
+        await conn.asend(99, _wire.MTYPE_REPLY, 0, *dumps(b"x" * (8 << 20)))
+        assert conn.over_room(), "no backlog: the test does not test anything"
+        conn.shm = True  # as a Connection to a machine on this host with shared_memory
+        small = dumps(memoryview(bytearray(1000)))
+        assert len(small[0]) == 2, "the buffer did not travel out of band"
         try:
-            await conn.asend(99, _wire.MTYPE_REPLY, 0, *dumps(b"x" * (8 << 20)))
-            assert conn.over_room(), "no backlog: the test does not test anything"
-            conn.shm = True  # as a Connection to a machine on this host with shared_memory
-            small = dumps(memoryview(bytearray(1000)))
-            assert len(small[0]) == 2, "the buffer did not travel out of band"
-            try:
-                await asyncio.wait_for(conn.asend(7, ITEM, 0, *small), 2)
-            except asyncio.TimeoutError:
-                pytest.fail("a small message waited for room")
-        finally:
-            conn.fail(MachineLost("peer", "test over"))
+            await asyncio.wait_for(conn.asend(7, ITEM, 0, *small), 2)
+        except asyncio.TimeoutError:
+            pytest.fail("a small message waited for room")
 
-    try:
-        asyncio.run(asyncio.wait_for(main(), 30))
-    finally:
-        theirs.close()
+    _on_a_connection(body, max_queued=1 << 20)
 
 
 @pytest.mark.parametrize("how", ["enqueue", "enqueue_in_turn"])
