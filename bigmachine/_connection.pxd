@@ -9,7 +9,7 @@ cdef class Connection:
     cdef public object _parity, _sids, calls, incoming, _cancelled_early, gate, max_in_flight
     cdef public object _parked, _parking
     cdef public bint _resuming
-    cdef public object _resumer, error
+    cdef public object _resumer, error, _uncork_on
     cdef public bint closed
     cdef public object _closing, pong_at, keepalive_rtts
     cdef public bint shm
@@ -21,6 +21,7 @@ cdef class Connection:
     cpdef send_control(self, kind, sid, value=*)
     cpdef bint send_in_turn(self, sid, mtype, mflags, segments, readonly)
     cpdef _send_in_turn(self, sid, mtype, units, nbytes, fds)
+    cpdef _uncork(self)
     cpdef send(self, sid, mtype, mflags, segments, readonly, deadline=*, cork=*)
     cpdef bint over_room(self)
     cpdef bint _is_closed(self)

@@ -74,6 +74,7 @@ class Connection:
         self._resuming = False
         self._resumer: Optional[asyncio.Task] = None
         self.error: Optional[BaseException] = None
+        self._uncork_on: Optional[asyncio.AbstractEventLoop] = None  # the loop an uncork is due on
         self.closed = False
         self._closing = threading.Lock()
         self.pong_at = 0.0
@@ -226,8 +227,18 @@ class Connection:
         # (an async method's ping: one loop turn less). Requests all wait for the
         # turn's end: a caller that makes one usually makes more (100 acalls in
         # flight: -15% calls/s when the first went alone, the peer woken for one).
-        if self.writer.enqueue_in_turn(sid, units, nbytes, fds, mtype != MTYPE_REQUEST):
-            asyncio.get_running_loop().call_soon(self.writer.uncork)
+        corked = self.writer.enqueue_in_turn(sid, units, nbytes, fds, mtype != MTYPE_REQUEST)
+        loop = asyncio.get_running_loop()
+        # Also when the cork was already this thread's but no uncork is due on
+        # this loop: a loop closed within its turn never ran the one it was given.
+        if corked or self._uncork_on is not loop:
+            self._uncork_on = loop
+            loop.call_soon(self._uncork)
+
+    def _uncork(self) -> None:
+        """At the end of a loop's turn: send what it corked (see _send_in_turn)."""
+        self._uncork_on = None
+        self.writer.uncork()
 
     def _frames(self, sid: int, mtype: int, mflags: int, segments: list,
                 readonly: list) -> tuple[list, int, Optional[list]]:

@@ -154,6 +154,43 @@ def test_send_in_turn_sends_small_messages_when_the_turn_ends_and_leaves_large_o
     _on_a_connection(body)
 
 
+def test_a_loop_closed_before_its_uncork_ran_does_not_strand_the_next_loops_messages():
+    # send_in_turn corks the writer for the thread and leaves the uncork to the
+    # end of the loop's turn. A loop stopped and closed within that turn never
+    # ran it: the thread kept the cork, and the next loop on the thread corked
+    # its messages under it with no uncork to come (an acall waited for ever).
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.setblocking(False)
+    decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=1 << 20, max_pending=4 << 20)
+    io = asyncio.new_event_loop()
+    conn = Connection(ours, io, "peer", True, lambda *args: None, lambda conn: None)
+    try:
+        async def send_and_stop():
+            assert conn.send_in_turn(1, _wire.MTYPE_REQUEST, 0, *dumps("a"))
+            asyncio.get_running_loop().stop()  # the loop ends with this turn
+
+        first = asyncio.new_event_loop()
+        first.create_task(send_and_stop())
+        first.run_forever()
+        first.close()
+
+        async def send_again():
+            assert conn.send_in_turn(3, _wire.MTYPE_REQUEST, 0, *dumps("b"))
+            got = []
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                got += _arrived(theirs, decoder)
+                if len(got) == 2:
+                    break
+            return got
+
+        assert asyncio.run(asyncio.wait_for(send_again(), 10)) == [1, 3]
+    finally:
+        conn.fail(MachineLost("peer", "test over"))
+        io.close()
+        theirs.close()
+
+
 def _stream_7_as_the_peer_reads_it(send) -> list:
     """Run send(conn) on a Connection's loop while its peer does not read, then read:
     stream 7's first three messages as the peer decodes them, [(mtype, value)]
