@@ -179,11 +179,13 @@ class Writer:
             return False
         with self._lock:
             corked = self._cork_owner is None and not self.closed
-            if corked and not first_now:
+            if corked and first_now:
+                error = self._send(sid, units, nbytes, fds)  # nothing is corked before it
                 self._cork_owner = get_ident()
-            error = self._enqueue(sid, units, nbytes, True, fds)  # uncorked, it is sent
-            if corked:
-                self._cork_owner = get_ident()
+            else:
+                if corked:
+                    self._cork_owner = get_ident()
+                error = self._enqueue(sid, units, nbytes, True, fds)
         if error is not None:
             raise self.io_failed("write", error)
         return corked
