@@ -19,8 +19,8 @@ cdef class Connection:
 
     cpdef new_call(self, lead=*)
     cpdef send_control(self, kind, sid, value=*)
-    cpdef bint send_in_turn(self, sid, mtype, mflags, segments, readonly)
-    cpdef _send_in_turn(self, sid, mtype, units, nbytes, fds)
+    cpdef bint send_in_turn(self, sid, mtype, mflags, segments, readonly, loop=*)
+    cpdef _send_in_turn(self, sid, mtype, units, nbytes, fds, loop=*)
     cpdef _uncork(self)
     cpdef send(self, sid, mtype, mflags, segments, readonly, deadline=*, cork=*)
     cpdef bint over_room(self)

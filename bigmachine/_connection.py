@@ -204,31 +204,35 @@ class Connection:
             raise
         self.writer.enqueue(sid, units, nbytes, False, fds)
 
-    def send_in_turn(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list) -> bool:
+    def send_in_turn(self, sid: int, mtype: int, mflags: int, segments: list, readonly: list,
+                     loop: Optional[asyncio.AbstractEventLoop] = None) -> bool:
         """Send a small message of one segment from a coroutine without awaiting;
         False (nothing sent) for any other: await asend.
 
         The small messages sent in one turn of the running event loop go out
         together, in one sendmsg when the turn ends. No coroutine: each await
-        level costs every call that passes through it.
+        level costs every call that passes through it. loop: the running loop,
+        if the caller has it at hand (on Python 3.11 each
+        asyncio.get_running_loop() is a getpid system call).
         """
         if len(segments) != 1 or len(segments[0]) > SMALL_MESSAGE:
             return False
         units, nbytes = _wire.message_frames(sid, mtype, mflags, segments, readonly)
         if nbytes > SMALL_MESSAGE:
             return False
-        self._send_in_turn(sid, mtype, units, nbytes, None)
+        self._send_in_turn(sid, mtype, units, nbytes, None, loop)
         return True
 
     def _send_in_turn(self, sid: int, mtype: int, units: list, nbytes: int,
-                      fds: Optional[list]) -> None:
+                      fds: Optional[list], loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         # The turn's first answer (reply, item, end, error) goes out at once: the
         # peer waits for it, and a turn that answers one call makes no more
         # (an async method's ping: one loop turn less). Requests all wait for the
         # turn's end: a caller that makes one usually makes more (100 acalls in
         # flight: -15% calls/s when the first went alone, the peer woken for one).
         corked = self.writer.enqueue_in_turn(sid, units, nbytes, fds, mtype != MTYPE_REQUEST)
-        loop = asyncio.get_running_loop()
+        if loop is None:
+            loop = asyncio.get_running_loop()
         # Also when the cork was already this thread's but no uncork is due on
         # this loop: a loop closed within its turn never ran the one it was given.
         if corked or self._uncork_on is not loop:

@@ -265,16 +265,17 @@ def _run_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
         served.finish()
 
 
-async def _asend(conn: Connection, sid: int, mtype: int, message: tuple) -> None:
+async def _asend(served: Served, mtype: int, message: tuple) -> None:
+    conn = served.conn
     try:
-        if not conn.send_in_turn(sid, mtype, 0, *message):
-            await conn.asend(sid, mtype, 0, *message)
+        if not conn.send_in_turn(served.sid, mtype, 0, *message, served.loop):
+            await conn.asend(served.sid, mtype, 0, *message)
     except MachineLost:
         pass
     except Exception as exc:
         if mtype == MTYPE_ERROR:
             raise
-        await _asend(conn, sid, MTYPE_ERROR, dump_exception(Error(f"cannot send the reply: {exc}")))
+        await _asend(served, MTYPE_ERROR, dump_exception(Error(f"cannot send the reply: {exc}")))
 
 
 async def _run_async(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
@@ -290,7 +291,7 @@ async def _run_async(served: Served, fn: Any, args: tuple, kwargs: dict) -> None
     finally:
         served.failed = mtype == MTYPE_ERROR
         served.finish()
-    await _asend(served.conn, served.sid, mtype, message)
+    await _asend(served, mtype, message)
 
 
 async def _run_async_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
@@ -300,16 +301,16 @@ async def _run_async_generator(served: Served, fn: Any, args: tuple, kwargs: dic
         async for item in agen:
             await served.atake_credit()
             mtype, message = _reply(item, MTYPE_ITEM)
-            await _asend(served.conn, served.sid, mtype, message)
+            await _asend(served, mtype, message)
             if mtype == MTYPE_ERROR:
                 served.failed = True
                 return
-        await _asend(served.conn, served.sid, MTYPE_END, dumps(None))
+        await _asend(served, MTYPE_END, dumps(None))
     except asyncio.CancelledError:
         return
     except BaseException as exc:
         served.failed = True
-        await _asend(served.conn, served.sid, MTYPE_ERROR, dump_exception(exc))
+        await _asend(served, MTYPE_ERROR, dump_exception(exc))
     finally:
         if agen is not None:
             await agen.aclose()

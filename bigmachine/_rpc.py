@@ -124,12 +124,13 @@ async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
         sid, waiter = conn.new_call()
         try:
             if timeout is None:  # the usual case, without a coroutine more
-                if not conn.send_in_turn(sid, MTYPE_REQUEST, 0, *message):
+                loop = asyncio.get_running_loop()  # once: a getpid system call on Python 3.11
+                if not conn.send_in_turn(sid, MTYPE_REQUEST, 0, *message, loop):
                     await conn.asend(sid, MTYPE_REQUEST, 0, *message)
-                fut = waiter.arrival()
+                fut = waiter.arrival(loop)
                 while fut is not None:
                     await fut
-                    fut = waiter.arrival()
+                    fut = waiter.arrival(loop)
                 item = waiter.items.popleft()
             else:
                 item = await asyncio.wait_for(_exchange(conn, sid, message, waiter), timeout)

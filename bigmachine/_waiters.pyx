@@ -144,13 +144,16 @@ cdef class Waiter:
             PySet_Discard(_waiting, me)
         return self.items.popleft()
 
-    def arrival(self) -> Optional[asyncio.Future]:
+    def arrival(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> Optional[asyncio.Future]:
         """None if an item is there to take; else a future of the running loop
         that put() wakes (await it, then ask again). For callers that must not
-        add a coroutine level (each costs every resumption that passes it)."""
+        add a coroutine level (each costs every resumption that passes it).
+        loop: the running loop, if the caller has it at hand."""
         if self.items:
             return None
-        loop = self.loop = asyncio.get_running_loop()
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        self.loop = loop
         fut = self.future = loop.create_future()
         if self.items:  # put() ran before the future was visible
             self.future = None
