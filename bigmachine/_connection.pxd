@@ -3,6 +3,8 @@
 
 from bigmachine._writer cimport Writer
 from bigmachine._reader cimport Reader
+from bigmachine._waiters cimport Waiter
+cimport cython
 
 cdef class Connection:
     cdef public object sock, node, addr_key, peer_name, tls, loop, peer, on_request, on_close
@@ -17,7 +19,7 @@ cdef class Connection:
     cdef public object decoder
     cdef public Reader reader
 
-    cpdef new_call(self, lead=*)
+    cpdef new_call(self, lead=*, loop=*)
     cpdef send_control(self, kind, sid, value=*)
     cpdef bint send_in_turn(self, sid, mtype, mflags, segments, readonly, loop=*)
     cpdef _send_in_turn(self, sid, mtype, units, nbytes, fds, loop=*)
@@ -26,5 +28,7 @@ cdef class Connection:
     cpdef bint over_room(self)
     cpdef bint _is_closed(self)
     cpdef bint _calls_in_flight(self)
+    @cython.locals(waiter=Waiter)
+    cpdef bint _calls_all_on(self, loop)
     cpdef _on_event(self, event)
     cpdef fail(self, error)

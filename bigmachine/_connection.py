@@ -92,7 +92,7 @@ class Connection:
         thread_name = f"bigmachine-{node.name}-read-{peer}" if node is not None else f"bigmachine-read-{peer}"
         spin = Spin(node.busy_poll) if node is not None and node.busy_poll else None
         self.reader = Reader(sock, loop, tls, self.decoder, peer, thread_name, self._on_event, self._is_closed,
-                             self._calls_in_flight, self.fail, self.io_failed, self.writer,
+                             self._calls_in_flight, self._calls_all_on, self.fail, self.io_failed, self.writer,
                              recv_into_with_fds if self.shm else None, spin)
         self.reader.start()
 
@@ -125,11 +125,13 @@ class Connection:
 
     # ---- outgoing calls -------------------------------------------------
 
-    def new_call(self, lead: bool = False) -> tuple[int, Waiter]:
+    def new_call(self, lead: bool = False,
+                 loop: Optional[asyncio.AbstractEventLoop] = None) -> tuple[int, Waiter]:
         """Register a call; its replies are delivered to the returned Waiter.
 
         lead: the caller will try to read its reply itself (reader.try_lead);
-        otherwise the reader thread is made to read.
+        otherwise someone is made to read: a reader thread, or the loop the
+        caller awaits on (loop, an asyncio caller's) if it reads already.
         """
         if self.closed:
             raise self._lost()
@@ -142,7 +144,7 @@ class Connection:
             self.calls.pop(sid, None)
             raise self._lost()
         if not lead:
-            self.reader.ensure_reading()
+            self.reader.ensure_reading(loop)
         return sid, waiter
 
     def cancel(self, sid: int) -> None:
@@ -296,6 +298,15 @@ class Connection:
 
     def _calls_in_flight(self) -> bool:
         return bool(self.calls)
+
+    def _calls_all_on(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """True if calls are in flight and an asyncio caller on loop awaits each."""
+        if not self.calls:
+            return False
+        for waiter in self.calls.values():
+            if not waiter.awaits_on(loop):
+                return False
+        return True
 
     def _on_event(self, event: tuple) -> None:
         kind, sid = event[0], event[1]

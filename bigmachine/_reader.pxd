@@ -11,13 +11,14 @@ cdef class Reader:
     cdef public object receive_into, spin, last_recv, bytes_received
     cdef public object _deferred, _batch, _deadline, _lock, _state, _generation
     cdef public bint _lead_wanted
-    cdef public object _leader
+    cdef public object _leader, calls_all_on, _role_loop, _watching
     cdef public object _idle
     cdef public bint _idle_waiting
     cdef public object _threads
-    cdef public bint _follow, _watched, _loop_reading, _loop_looked_at
+    cdef public bint _follow, _recalled, _callers_read, _loop_reading, _loop_looked_at
 
-    cpdef ensure_reading(self)
+    cpdef ensure_reading(self, loop=*)
+    cpdef bint _held_by_other(self, loop)
     cpdef bint _buffered(self)
     cpdef bint _run_deferred(self, generation)
     cpdef bint try_lead(self, waiter)

@@ -42,6 +42,15 @@ call's cost (each a futex wake-up, often of an idle vCPU, and a GIL hand-over):
   nothing came (an idle connection then costs no wake-up at all) or a
   coroutine blocks the loop (which must not hold up sync calls and
   keepalives for longer). Not with TLS.
+- A caller's event loop reads its own replies: a reader thread whose read
+  woke one loop only, not the node's, gives it the role when every call in
+  flight is an ``acall`` (or async stream) awaiting on that loop; the
+  replies then need no hand-off from a thread. It gives the role back when
+  its calls are over (checked a turn after the read, so that the callers it
+  woke can make more), and any other caller takes it back at once (a
+  blocking one, or one on another loop: that loop may stop, or block on the
+  call, before the reply comes), as does the standby after ``LOOP_STALL``.
+  Only one loop watches the socket at a time.
 
 A reader thread that lost or parked the role waits, idle, to be given it
 again; at most one waits per connection, the others end.
@@ -84,12 +93,14 @@ class Reader:
 
     on_event(event) handles one decoded frame event; is_closed() says the
     connection closed; calls_in_flight() whether any call of ours awaits a
-    reply; fail(error) and io_failed(what, exc) close the connection.
+    reply, calls_all_on(loop) whether an asyncio caller on loop awaits each;
+    fail(error) and io_failed(what, exc) close the connection.
     """
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, tls: Any,
                  decoder: Decoder, peer: str, name: str, on_event: Callable[[tuple], None], is_closed: Callable[[], bool],
-                 calls_in_flight: Callable[[], bool], fail: Callable[[BaseException], None],
+                 calls_in_flight: Callable[[], bool], calls_all_on: Callable[[Any], bool],
+                 fail: Callable[[BaseException], None],
                  io_failed: Callable[[str, BaseException], BaseException], writer: Writer,
                  receive_into: Optional[Callable[..., int]] = None, spin: Optional[Spin] = None):
         self.sock = sock
@@ -102,6 +113,7 @@ class Reader:
         self.on_event = on_event
         self.is_closed = is_closed
         self.calls_in_flight = calls_in_flight
+        self.calls_all_on = calls_all_on
         self.fail = fail
         self.io_failed = io_failed
         self.writer = writer              # corked while a batch runs, and for TLS output
@@ -122,7 +134,10 @@ class Reader:
         self._idle_waiting = False
         self._threads = 0                 # reader threads alive
         self._follow = False              # the current read gave work to the loop
-        self._watched = False             # the loop watches the socket (add_reader)
+        self._role_loop = loop            # the loop that holds the role (ON_LOOP)
+        self._watching: Any = None        # the loop watching the socket (add_reader), if one is
+        self._recalled = False            # a caller wants the role back from the loop reading now
+        self._callers_read = True         # callers' loops may take the role (they can watch a socket)
         self._loop_reading = False        # the loop, holding the role, reads now
         self._loop_looked_at = False      # the standby will look at the loop holding the role
 
@@ -144,6 +159,7 @@ class Reader:
     def _to_thread(self) -> None:
         """A reader thread reads now: the idle one if there is one, else a new one."""
         self._state = READING
+        self._role_loop = self.loop
         self._generation += 1
         if self._idle_waiting:
             self._idle_waiting = False
@@ -166,13 +182,32 @@ class Reader:
             if self._state in (BUSY, PARKED) and not self.is_closed():
                 self._to_thread()
 
-    def ensure_reading(self) -> None:
-        """For a caller that will not lead: make a reader thread read if the role is parked."""
-        if self._state == PARKED:
+    def ensure_reading(self, loop: Any = None) -> None:
+        """For a caller that will not lead (loop: the one it awaits on, None for a
+        thread): make a reader thread read if the role is parked, or held by a
+        caller's loop other than loop (which may stop before this call ends)."""
+        if self._state == PARKED or self._held_by_other(loop):
             with self._lock:
                 if self._state == PARKED:
                     STANDBY.disarm(self.fd, self)
                     self._to_thread()
+                elif self._held_by_other(loop):
+                    self._recall()
+
+    def _held_by_other(self, loop: Any) -> bool:
+        """The role is with a caller's loop (not the node's) other than loop."""
+        held = self._role_loop
+        return self._state == ON_LOOP and held is not loop and held is not self.loop
+
+    def _recall(self) -> None:
+        """With the lock held: take the role from the caller's loop that holds it, for
+        a reader thread; at the end of its read if it reads now."""
+        if self._loop_reading:
+            self._recalled = True
+            return
+        loop = self._role_loop
+        self._to_thread()
+        call_soon_threadsafe(loop, self._unwatch, loop)
 
     def close(self) -> None:
         """The connection closed: the idle reader thread ends, the standby forgets us."""
@@ -181,10 +216,12 @@ class Reader:
             if self._idle_waiting:
                 self._idle_waiting = False
                 self._idle.release()
-        try:  # before the writer's release of the socket, also queued on the loop
-            self.loop.call_soon_threadsafe(self._unwatch)
-        except RuntimeError:
-            pass  # the loop is closed: it watches nothing
+        watching = self._watching
+        if watching is not None:
+            try:  # before the writer's release of the socket, also queued on the node's loop
+                watching.call_soon_threadsafe(self._unwatch, watching)
+            except RuntimeError:
+                pass  # the loop is closed: it watches nothing
 
     def _buffered(self) -> bool:
         """Received bytes wait above the socket, where the standby cannot see them."""
@@ -291,19 +328,29 @@ class Reader:
         """From an event handler: this read gave the IO loop work (an async method)."""
         self._follow = True
 
-    def _to_loop(self, generation: int) -> bool:
-        """With the read's loop wake-ups still collecting: give the role to the loop
-        if this read gave it work and left this thread none; True if given."""
+    def _to_loop(self, generation: int, loop: Any) -> bool:
+        """With the read's loop wake-ups still collecting: give the role to loop (the
+        node's, or a caller's that awaits every call in flight) if this read left
+        this thread no work; True if given."""
         if self._deferred or self.tls is not None or self.decoder.pending_bytes:
             return False
         with self._lock:
             if generation != self._generation or self.is_closed():
                 return False
+            if loop is not self.loop and (not self._callers_read or not self.calls_all_on(loop)):
+                return False
+            watching = self._watching
+            if watching is not None and watching is not loop:
+                if not watching.is_closed():
+                    return False  # another loop still watches the socket: not two at once
+                self._watching = None  # a closed loop's selector watches nothing
             self._state = ON_LOOP
+            self._role_loop = loop
+            self._recalled = False
             self._generation += 1  # no reader thread holds it now
             look = not self._loop_looked_at  # else the standby looks already
             self._loop_looked_at = True
-        call_soon_threadsafe(self.loop, self._watch)  # after the work this read gave the loop
+        call_soon_threadsafe(loop, self._watch, loop)  # after the wake-ups this read gave loop
         if look:
             STANDBY.wake_at(self, time.monotonic() + LOOP_STALL)
         return True
@@ -315,44 +362,79 @@ class Reader:
         if self._state == ON_LOOP and not self.is_closed():
             if self._loop_reading or now - self.last_recv < LOOP_STALL:
                 return now + LOOP_STALL
+            loop = self._role_loop
             self._to_thread()
-            call_soon_threadsafe(self.loop, self._unwatch)
+            call_soon_threadsafe(loop, self._unwatch, loop)
         self._loop_looked_at = False
         return 0.0
 
-    def _watch(self) -> None:
-        if not self._watched and self._state == ON_LOOP and not self.is_closed():
-            self._watched = True
-            self.loop.add_reader(self.fd, self._loop_read)
-
-    def _unwatch(self) -> None:
-        if self._watched:
-            self._watched = False
-            self.loop.remove_reader(self.fd)
-
-    def _loop_read(self) -> None:
-        """On the IO loop, the socket readable: read once without blocking, and keep
-        the role unless the read left sync work or a message arriving in pieces."""
+    def _watch(self, loop: Any) -> None:
+        """On loop, given the role: read when the socket is readable."""
         with self._lock:
-            if self._state != ON_LOOP or self.is_closed():
-                self._unwatch()
+            if self._watching is not None or self._state != ON_LOOP or self._role_loop is not loop \
+                    or self.is_closed():
+                return
+            self._watching = loop
+        try:
+            loop.add_reader(self.fd, self._loop_read, loop)
+        except (NotImplementedError, RuntimeError):  # a loop that cannot watch a socket
+            with self._lock:
+                self._watching = None
+                self._callers_read = False  # nor will the next: reader threads read
+                if self._state == ON_LOOP and self._role_loop is loop and not self.is_closed():
+                    self._to_thread()
+
+    def _unwatch(self, loop: Any) -> None:
+        """On loop: stop watching the socket, if it does."""
+        if self._watching is loop:
+            self._watching = None
+            loop.remove_reader(self.fd)
+
+    def _loop_read(self, loop: Any) -> None:
+        """On loop, holding the role, the socket readable: read once without blocking,
+        and keep the role unless the read left sync work or a message arriving in
+        pieces, or (a caller's loop) its calls are over or another caller needs it."""
+        with self._lock:
+            if self._state != ON_LOOP or self._role_loop is not loop or self.is_closed():
+                self._unwatch(loop)
                 return
             self._loop_reading = True  # the standby does not take the role meanwhile
+        # Within the read, the thread runs loop (its wake-ups run at once), and a
+        # request read makes the connection's node current only meanwhile.
+        state = thread_state()
+        node, runs = state.node, state.loop
+        state.loop = loop
         try:
             alive = self._read_once(socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             alive = True
         except Exception as exc:
-            self._unwatch()
+            self._loop_reading = False
+            self._unwatch(loop)
             self._failed(exc)
             return
+        finally:
+            state.node, state.loop = node, runs
         with self._lock:
             self._loop_reading = False
+            recalled, self._recalled = self._recalled, False
             if not alive or self.is_closed():
-                self._unwatch()
-            elif self._deferred or self.decoder.pending_bytes:
-                self._unwatch()
+                self._unwatch(loop)
+            elif self._deferred or self.decoder.pending_bytes or recalled:
+                self._unwatch(loop)
                 self._to_thread()  # which runs the deferred work first
+            elif loop is not self.loop and not self.calls_in_flight():
+                # Its calls are over, unless the callers this read woke make more
+                # (in the loop's next turn, before this): else a reader thread reads.
+                loop.call_soon(self._release, loop)
+
+    def _release(self, loop: Any) -> None:
+        """On a caller's loop that holds the role: give it back if no call is in flight."""
+        with self._lock:
+            if self._state == ON_LOOP and self._role_loop is loop and not self._loop_reading \
+                    and not self.calls_in_flight() and not self.is_closed():
+                self._unwatch(loop)
+                self._to_thread()
 
     # ---- leading ----------------------------------------------------------------
 
@@ -365,8 +447,17 @@ class Reader:
         """
         with self._lock:
             if self._state != PARKED:
-                self._lead_wanted = True
-                return False
+                # A caller's loop holds it for its own calls: it may stop, or
+                # be this very thread's, before this call ends.
+                if self._held_by_other(None) and not self._loop_reading:
+                    loop = self._role_loop
+                    self._role_loop = self.loop
+                    call_soon_threadsafe(loop, self._unwatch, loop)
+                else:
+                    if self._held_by_other(None):
+                        self._recalled = True
+                    self._lead_wanted = True
+                    return False
             self._state = READING  # _take(), inline: every blocking call's path
             STANDBY.disarm(self.fd, self)
             self._leader = waiter
@@ -471,8 +562,13 @@ class Reader:
         try:
             for event in decoder.buffer_updated(n):
                 on_event(event)
-            if self._follow and generation >= 0:
-                self._to_loop(generation)
+            if generation >= 0:
+                if self._follow:
+                    self._to_loop(generation, self.loop)
+                elif len(pending) == 1:  # this read woke one loop only
+                    loop = next(iter(pending))
+                    if loop is not self.loop:  # a caller's: it may read its replies itself
+                        self._to_loop(generation, loop)
         finally:
             end_batch(pending)
         return not self.is_closed()

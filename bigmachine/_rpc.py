@@ -118,13 +118,13 @@ async def acall(conn: Connection, method: str, args: tuple, kwargs: dict,
     decode=False: a reply is not unpickled (None is returned); errors still are.
     """
     message = encode_request(method, args, kwargs)
+    loop = asyncio.get_running_loop()  # once: a getpid system call on Python 3.11
     if not conn.gate.try_acquire():
         await conn.gate.aacquire()
     try:
-        sid, waiter = conn.new_call()
+        sid, waiter = conn.new_call(False, loop)
         try:
             if timeout is None:  # the usual case, without a coroutine more
-                loop = asyncio.get_running_loop()  # once: a getpid system call on Python 3.11
                 if not conn.send_in_turn(sid, MTYPE_REQUEST, 0, *message, loop):
                     await conn.asend(sid, MTYPE_REQUEST, 0, *message)
                 fut = waiter.arrival(loop)
@@ -198,7 +198,7 @@ async def astream(conn: Connection, method: str, args: tuple, kwargs: dict,
     message = encode_request(method, args, kwargs)
     await conn.gate.aacquire()
     try:
-        sid, waiter = conn.new_call()
+        sid, waiter = conn.new_call(False, asyncio.get_running_loop())
         state = Stream(sid)
         try:
             await conn.asend(sid, MTYPE_REQUEST, MFLAG_STREAM, *message)

@@ -6,7 +6,7 @@ or on event loops. Everything here wakes one side from the other as cheaply
 as it can: a plain lock release for a thread, and for a loop one
 ``call_soon_threadsafe`` per read rather than one per message. Compiled:
 every small call makes a Waiter and passes the Gate twice, and a compiled
-class with typed fields costs a fraction of a Python one.
+class with typed fields costs a fraction of a Python one (declared in _waiters.pxd).
 """
 import asyncio
 import threading
@@ -104,11 +104,6 @@ cdef class Waiter:
     ``aget`` on its own loop.
     """
 
-    cdef readonly object items     # a deque
-    cdef object lock               # a threading.Lock, once a thread caller waits
-    cdef object loop
-    cdef object future
-
     def __cinit__(self):
         self.items = deque()
 
@@ -160,6 +155,10 @@ cdef class Waiter:
             return None
         return fut
 
+    cpdef bint awaits_on(self, loop):
+        """True if an asyncio caller on loop awaits this call's replies."""
+        return self.loop is loop and self.lock is None
+
     async def aget(self) -> Any:
         fut = self.arrival()
         while fut is not None:
@@ -177,13 +176,6 @@ cdef class Gate:
     a release that has waiters to wake; a waiter counts itself (waiting, or
     in async_waiters) before it can let the GIL go, so no release misses it.
     """
-
-    cdef public Py_ssize_t limit
-    cdef readonly Py_ssize_t used
-    cdef readonly Py_ssize_t waiting     # threads waiting in acquire
-    cdef object lock
-    cdef object cond
-    cdef object async_waiters
 
     def __init__(self, Py_ssize_t limit):
         self.limit = limit
