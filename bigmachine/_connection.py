@@ -159,6 +159,7 @@ class Connection:
                 self.send_control(KIND_CANCEL, sid)
             except MachineLost:
                 pass  # closed meanwhile: the peer drops the call with the connection
+            self.reader.call_dropped()  # a caller's loop holding the role for it gives it back
 
     # ---- writing ----------------------------------------------------------
 

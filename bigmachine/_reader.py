@@ -199,6 +199,15 @@ class Reader:
         held = self._role_loop
         return self._state == ON_LOOP and held is not loop and held is not self.loop
 
+    def call_dropped(self) -> None:
+        """A call of ours ended unread (cancelled, timed out): if a caller's loop holds
+        the role and no call is in flight any more, a reader thread reads (the loop
+        gives the role back only after a read of its own, which may never come)."""
+        if self._held_by_other(None) and not self.calls_in_flight():
+            with self._lock:
+                if self._held_by_other(None) and not self.calls_in_flight() and not self.is_closed():
+                    self._recall()
+
     def _recall(self) -> None:
         """With the lock held: take the role from the caller's loop that holds it, for
         a reader thread; at the end of its read if it reads now."""
@@ -337,7 +346,8 @@ class Reader:
         with self._lock:
             if generation != self._generation or self.is_closed():
                 return False
-            if loop is not self.loop and (not self._callers_read or not self.calls_all_on(loop)):
+            if loop is not self.loop and (not self._callers_read or not self.calls_all_on(loop)
+                                          or not loop.is_running()):  # a stopped loop cannot read
                 return False
             watching = self._watching
             if watching is not None and watching is not loop:
@@ -408,11 +418,20 @@ class Reader:
             alive = self._read_once(socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             alive = True
-        except Exception as exc:
+        except BaseException as exc:
+            state.node, state.loop = node, runs
             self._loop_reading = False
             self._unwatch(loop)
-            self._failed(exc)
-            return
+            if isinstance(exc, Exception):
+                self._failed(exc)
+                return
+            # A KeyboardInterrupt (in Python code the read ran) stops the loop: a
+            # reader thread reads on, as after a leader's (see leave_if_leading).
+            with self._lock:
+                self._recalled = False
+                if self._state == ON_LOOP and self._role_loop is loop and not self.is_closed():
+                    self._to_thread()
+            raise
         finally:
             state.node, state.loop = node, runs
         with self._lock:

@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from bigmachine import _reader, _rpc
+from bigmachine import _reader, _rpc, _wire
 from tests.rawpeer import raw_connection, wait_for
 
 ON_LOOP = "on loop"
@@ -173,3 +173,110 @@ def test_a_loop_that_cannot_watch_a_socket_leaves_the_reading_to_threads():
         assert out == list(range(1000))
         assert NoReaders.refused == 1  # once: it is not offered the role again
         assert conn.reader._state == "reading"
+
+
+# ---- when the loop must not keep the role -----------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_keyboard_interrupt_while_the_loop_reads_does_not_strand_the_role():
+    """Ctrl-C (a KeyboardInterrupt raised in Python code the read runs, e.g. the
+    loop's call_soon when a reply wakes its caller) while a caller's loop reads:
+    the role must not stay marked as being read by that loop, or no one reads again
+    (the standby and every other caller wait for a read that never ends)."""
+    with raw_connection() as (conn, peer, requests):
+        loop, anchor = stopped_holding_the_role(conn)
+        reader = conn.reader
+        on_event = reader.on_event
+        main = threading.current_thread()
+        raised = []
+
+        def interrupted(event):
+            if not raised and reader._loop_reading and threading.current_thread() is main:
+                raised.append(event)
+                raise KeyboardInterrupt
+            on_event(event)
+
+        reader.on_event = interrupted
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                loop.run_until_complete(_rpc.acall(conn, "echo", ("x",), {}, None))
+        finally:
+            reader.on_event = on_event
+        assert raised
+        # Another caller must get its reply: a thread's call with a deadline, then one without.
+        assert _rpc.call(conn, "echo", ("after",), {}, 5) == "after"
+        result: list = []
+        thread = threading.Thread(target=lambda: result.append(_rpc.call(conn, "echo", ("lead",), {}, None)),
+                                  daemon=True)
+        thread.start()
+        thread.join(5)
+        assert result == ["lead"]
+        loop.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_loop_whose_last_call_is_cancelled_gives_the_role_back():
+    """asyncio.run cancels the tasks left pending (an acall among them) and closes its
+    loop: with no call of its own left, the loop must not keep the role, or what the
+    peer sends (a request, a keepalive) waits for the standby."""
+    with raw_connection() as (conn, peer, requests):
+        async def run():
+            loop = asyncio.get_running_loop()
+            asyncio.ensure_future(_rpc.acall(conn, "wait", (), {}, None))  # left pending
+            await echo_many(conn, 400, 20, [])
+            await asyncio.sleep(0)
+            assert on_loop(conn, loop), conn.reader._state
+            return loop
+
+        loop = asyncio.run(run())
+        assert loop.is_closed() and not conn.calls
+        peer.send(2, _wire.MTYPE_REQUEST, ("Svc.m", (), {}))  # a request of the peer's
+        assert wait_for(lambda: requests, 5), (conn.reader._state, conn.reader._role_loop)
+
+
+@pytest.mark.timeout(60)
+def test_an_acall_timing_out_last_gives_the_role_back():
+    """The loop's last call times out: the loop goes on (here blocked in user code);
+    the role must go back to a reader thread so the peer's request is read."""
+    with raw_connection() as (conn, peer, requests):
+        async def run():
+            loop = asyncio.get_running_loop()
+            waiting = asyncio.ensure_future(_rpc.acall(conn, "wait", (), {}, 0.5))
+            await echo_many(conn, 400, 20, [])
+            await asyncio.sleep(0)
+            assert on_loop(conn, loop), conn.reader._state
+            with pytest.raises(TimeoutError):
+                await waiting
+            assert not conn.calls
+            peer.send(2, _wire.MTYPE_REQUEST, ("Svc.m", (), {}))
+            return bool(wait_for(lambda: requests, 5))  # blocks the loop: user code that computes
+
+        assert asyncio.run(run()), "the peer's request was not read"
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_loop_is_not_given_the_role():
+    """run_until_complete returned with acall tasks still pending: a reply to one of
+    them must not hand the role to the stopped loop, which cannot read."""
+    with raw_connection() as (conn, peer, requests):
+        loop = asyncio.new_event_loop()
+
+        async def start():
+            tasks = [asyncio.ensure_future(_rpc.acall(conn, "wait", (i,), {}, None)) for i in range(2)]
+            await asyncio.sleep(0.05)  # both sent
+            return tasks
+
+        tasks = loop.run_until_complete(start())
+        assert not loop.is_running() and len(conn.calls) == 2
+        first = min(conn.calls)
+        peer.send(first, _wire.MTYPE_REPLY, "late")  # a reply for the stopped loop
+        assert wait_for(lambda: len(conn.calls) == 1, 5)
+        peer.send(2, _wire.MTYPE_REQUEST, ("Svc.m", (), {}))
+        try:
+            assert wait_for(lambda: requests, 5), (conn.reader._state, conn.reader._role_loop is loop)
+        finally:
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.close()
