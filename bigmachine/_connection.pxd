@@ -19,7 +19,7 @@ cdef class Connection:
     cdef public object decoder
     cdef public Reader reader
 
-    cpdef new_call(self, lead=*, loop=*)
+    cpdef new_call(self, lead=*, loop=*, stream=*)
     cpdef send_control(self, kind, sid, value=*)
     cpdef bint send_in_turn(self, sid, mtype, mflags, segments, readonly, loop=*)
     cpdef _send_in_turn(self, sid, mtype, units, nbytes, fds, loop=*)

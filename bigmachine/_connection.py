@@ -125,20 +125,21 @@ class Connection:
 
     # ---- outgoing calls -------------------------------------------------
 
-    def new_call(self, lead: bool = False,
-                 loop: Optional[asyncio.AbstractEventLoop] = None) -> tuple[int, Waiter]:
+    def new_call(self, lead: bool = False, loop: Optional[asyncio.AbstractEventLoop] = None,
+                 stream: bool = False) -> tuple[int, Waiter]:
         """Register a call; its replies are delivered to the returned Waiter.
 
         lead: the caller will try to read its reply itself (reader.try_lead);
         otherwise someone is made to read: a reader thread, or the loop the
         caller awaits on (loop, an asyncio caller's) if it reads already.
+        stream: the call is a stream's (its loop does not read its items).
         """
         if self.closed:
             raise self._lost()
         sid = next(self._sids)
         if sid > _wire.MAX_STREAM_ID:
             raise Error("stream ids exhausted on this connection; dial again")
-        waiter = Waiter()
+        waiter = Waiter(stream)
         self.calls[sid] = waiter
         if self.closed:  # lost the race with fail
             self.calls.pop(sid, None)

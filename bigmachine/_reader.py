@@ -586,7 +586,9 @@ class Reader:
                     self._to_loop(generation, self.loop)
                 elif len(pending) == 1:  # this read woke one loop only
                     loop = next(iter(pending))
-                    if loop is not self.loop:  # a caller's: it may read its replies itself
+                    # A caller's: it may read its replies itself (asked again
+                    # with the lock held; most reads stop here, without it).
+                    if loop is not self.loop and self._callers_read and self.calls_all_on(loop):
                         self._to_loop(generation, loop)
         finally:
             end_batch(pending)

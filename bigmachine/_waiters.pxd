@@ -6,6 +6,7 @@ cdef class Waiter:
     cdef object lock               # a threading.Lock, once a thread caller waits
     cdef object loop               # the loop an asyncio caller awaits on
     cdef object future
+    cdef readonly bint stream      # a stream's: its items come at the producer's pace
 
     cpdef bint awaits_on(self, loop)
 

@@ -104,8 +104,9 @@ cdef class Waiter:
     ``aget`` on its own loop.
     """
 
-    def __cinit__(self):
+    def __cinit__(self, bint stream=False):
         self.items = deque()
+        self.stream = stream
 
     def put(self, item: Any) -> None:
         self.items.append(item)
@@ -156,8 +157,10 @@ cdef class Waiter:
         return fut
 
     cpdef bint awaits_on(self, loop):
-        """True if an asyncio caller on loop awaits this call's replies."""
-        return self.loop is loop and self.lock is None
+        """True if an asyncio caller on loop awaits this call's reply (not a
+        stream's items: a reader thread reading them meanwhile keeps the
+        producer going while the caller's loop is busy with the last ones)."""
+        return self.loop is loop and self.lock is None and not self.stream
 
     async def aget(self) -> Any:
         fut = self.arrival()

@@ -16,8 +16,10 @@ import threading
 
 import pytest
 
+import bigmachine as bm
 from bigmachine import _reader, _rpc, _wire
 from tests.rawpeer import raw_connection, wait_for
+from tests.services import Echo
 
 ON_LOOP = "on loop"
 
@@ -280,3 +282,24 @@ def test_a_stopped_loop_is_not_given_the_role():
                 task.cancel()
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             loop.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_streams_items_are_read_by_a_reader_thread_not_its_loop():
+    """A stream's items come at the producer's pace: a reader thread reading them
+    while the loop handles the last keeps the producer going (the loop reading
+    them cost a fifth of `astream`'s items/s)."""
+    with bm.start(bm.InProcess()) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        reader = m.connection().reader
+
+        async def run():
+            loop, held, items = asyncio.get_running_loop(), 0, []
+            async for item in m.astream("Echo.count", 3000):
+                items.append(item)
+                held += reader._state == ON_LOOP and reader._role_loop is loop
+            return items, held
+
+        items, held = asyncio.run(run())
+        assert items == list(range(3000))
+        assert held == 0
