@@ -23,7 +23,7 @@ import threading
 
 import pytest
 
-from bigmachine import _compiled, _connection, _decoder, _reader, _sockio, _writer
+from bigmachine import _compiled, _connection, _decoder, _reader, _role, _sockio, _writer
 
 PACKAGE = os.path.dirname(_connection.__file__)
 PYX = sorted("bigmachine." + os.path.basename(path)[:-4] for path in glob.glob(os.path.join(PACKAGE, "*.pyx")))
@@ -32,7 +32,7 @@ COMPILED_PY = sorted(set(_compiled.compiled_modules()) - set(PYX))
 
 
 def test_every_compiled_module_is_in_use():
-    assert {"bigmachine._connection", "bigmachine._reader", "bigmachine._writer",
+    assert {"bigmachine._connection", "bigmachine._reader", "bigmachine._role", "bigmachine._writer",
             "bigmachine._dispatch", "bigmachine._standby", "bigmachine._streams"} <= set(COMPILED_PY)
     assert {"bigmachine._wire", "bigmachine._decoder", "bigmachine._sockio"} <= set(PYX)
     assert set(_compiled.compiled_modules()) == set(COMPILED_PY + PYX)
@@ -42,7 +42,7 @@ def test_every_compiled_module_is_in_use():
     assert _compiled.running_as_python() == []
     assert _compiled.describe() == f"all {len(COMPILED_PY + PYX)} compiled modules in use"
     # Extension types: no instance __dict__, attributes in C slots.
-    for cls in (_connection.Connection, _reader.Reader, _writer.Writer):
+    for cls in (_connection.Connection, _role.Role, _reader.Reader, _writer.Writer):
         assert "__dict__" not in dir(cls), cls
     assert type(_decoder.Decoder.feed).__name__ in ("method_descriptor", "cython_function_or_method")
 

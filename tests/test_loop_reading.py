@@ -1,4 +1,4 @@
-"""A caller's event loop reads its own replies (see _reader): once a read by a
+"""A caller's event loop reads its own replies (see _role): once a read by a
 reader thread woke only that loop and every call in flight is its own, the
 loop takes the reading role, so its replies need no thread hand-off; it gives
 the role back when its calls are over, and any other caller (a blocking one,
@@ -17,7 +17,7 @@ import threading
 import pytest
 
 import bigmachine as bm
-from bigmachine import _reader, _rpc, _wire
+from bigmachine import _role, _rpc, _wire
 from tests.rawpeer import raw_connection, wait_for
 from tests.services import Echo
 
@@ -26,7 +26,7 @@ ON_LOOP = "on loop"
 
 @pytest.fixture(autouse=True)
 def no_stall_rescue(monkeypatch):
-    monkeypatch.setattr(_reader, "LOOP_STALL", 60.0)
+    monkeypatch.setattr(_role, "LOOP_STALL", 60.0)
 
 
 async def echo_many(conn, n: int, window: int, seen: list) -> list:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import bigmachine as bm
-from bigmachine import _buffers, _node, _reader, _rpc, _wire, _writer
+from bigmachine import _buffers, _node, _role, _rpc, _wire, _writer
 from bigmachine._connection import Connection
 from bigmachine._serialize import INBAND_MAX, dumps
 from tests.conftest import TIMING, shared, unshare
@@ -156,7 +156,7 @@ class SocketRecorder:
     def __init__(self, monkeypatch):
         self.received: list = []  # (address, bytes written there)
         self.sent: list = []      # (address, bytes taken from there)
-        orig_recv_into = _reader.recv_into
+        orig_recv_into = _role.recv_into
         orig_send_buffers = _writer.send_buffers
         rec = self
 
@@ -179,7 +179,7 @@ class SocketRecorder:
                     left -= size
             return n
 
-        monkeypatch.setattr(_reader, "recv_into", recv_into)
+        monkeypatch.setattr(_role, "recv_into", recv_into)
         monkeypatch.setattr(_writer, "send_buffers", send_buffers)
 
     @staticmethod
