@@ -144,8 +144,8 @@ class Connection:
         if self.closed:  # lost the race with fail
             self.calls.pop(sid, None)
             raise self._lost()
-        if not lead:
-            self.reader.ensure_reading(loop)
+        if not lead:  # a stream's loop does not read its items: nor those of calls beside it
+            self.reader.ensure_reading(None if stream else loop)
         return sid, waiter
 
     def cancel(self, sid: int) -> None:
@@ -305,9 +305,12 @@ class Connection:
         """True if calls are in flight and an asyncio caller on loop awaits each."""
         if not self.calls:
             return False
-        for waiter in self.calls.values():
-            if not waiter.awaits_on(loop):
-                return False
+        try:
+            for waiter in self.calls.values():
+                if not waiter.awaits_on(loop):
+                    return False
+        except RuntimeError:  # a call added meanwhile (only uncompiled): not this time
+            return False
         return True
 
     def _on_event(self, event: tuple) -> None:

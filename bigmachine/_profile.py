@@ -26,7 +26,7 @@ IDLE = frozenset({
     ("threading.py", "wait"), ("threading.py", "_wait_for_tstate_lock"),
     ("selectors.py", "select"), ("queue.py", "get"), ("socket.py", "accept"),
     ("thread.py", "_worker"),
-    ("_pool.py", "_work"), ("_reader.py", "_read_once"), ("_reader.py", "_run"),
+    ("_pool.py", "_work"), ("_role.py", "_read_once"), ("_reader.py", "_run"),
     ("_standby.py", "_run"), ("_worker.py", "_watch_parent"),
     ("local.py", "_pump"), ("local.py", "_reap_group"), ("_profile.py", "sample"),
 })

@@ -219,14 +219,18 @@ class Role:
         with self._lock:
             if generation != self._generation or self.is_closed():
                 return False
-            if loop is not self.loop and (not self._callers_read or not self.calls_all_on(loop)
-                                          or not loop.is_running()):  # a stopped loop cannot read
-                return False
             watching = self._watching
             if watching is not None and watching is not loop:
                 if not watching.is_closed():
                     return False  # another loop still watches the socket: not two at once
                 self._watching = None  # a closed loop's selector watches nothing
+            if loop is not self.loop and (not self._callers_read or not loop.is_running()
+                                          or not self.calls_all_on(loop)):  # (a stopped loop cannot read)
+                return False
+            # Compiled, no Python code runs between the last look at the calls and the change
+            # of state: a caller registering a call meanwhile (new_call, then
+            # ensure_reading without the lock) sees either its call counted or
+            # the role on the loop, which it then takes back.
             self._state = ON_LOOP
             self._role_loop = loop
             self._recalled = False

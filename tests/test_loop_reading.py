@@ -303,3 +303,40 @@ def test_a_streams_items_are_read_by_a_reader_thread_not_its_loop():
         items, held = asyncio.run(run())
         assert items == list(range(3000))
         assert held == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_begun_while_its_loop_holds_the_role_is_read_by_a_reader_thread():
+    """The loop holds the role for its acalls (one still in flight) when it begins a
+    stream: a reader thread reads the stream's items, as when the stream begins
+    alone (the loop keeps the role while any call is in flight, so it would read
+    every item of the stream otherwise)."""
+    with bm.start(bm.InProcess()) as b:
+        m, = b.start(1, services={"Echo": Echo()})
+        reader = m.connection().reader
+
+        async def run():
+            loop = asyncio.get_running_loop()
+            anchor = asyncio.ensure_future(m.acall("Echo.asleep", 5.0))
+            for _ in range(200):
+                await asyncio.gather(*(m.acall("Echo.echo", i) for i in range(20)))
+                if reader._state == ON_LOOP and reader._role_loop is loop:
+                    break
+            assert reader._state == ON_LOOP and reader._role_loop is loop, reader._state
+            held, items, conn = 0, [], m.connection()
+            async for item in m.astream("Echo.count", 3000):
+                items.append(item)
+                in_flight = any(w.stream for w in list(conn.calls.values()))  # not its last items
+                held += in_flight and reader._state == ON_LOOP and reader._role_loop is loop
+            # The stream over, the loop's acalls (the anchor's among them) get the role again.
+            for _ in range(200):
+                await asyncio.gather(*(m.acall("Echo.echo", i) for i in range(20)))
+                if reader._state == ON_LOOP and reader._role_loop is loop:
+                    break
+            assert reader._state == ON_LOOP and reader._role_loop is loop, reader._state
+            await asyncio.wait_for(anchor, 30)
+            return items, held
+
+        items, held = asyncio.run(run())
+        assert items == list(range(3000))
+        assert held == 0, f"the loop held the role, the stream in flight, at {held} of 3000 items"
