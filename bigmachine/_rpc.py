@@ -198,7 +198,7 @@ async def astream(conn: Connection, method: str, args: tuple, kwargs: dict,
     message = encode_request(method, args, kwargs)
     await conn.gate.aacquire()
     try:
-        sid, waiter = conn.new_call(False, asyncio.get_running_loop(), True)
+        sid, waiter = conn.new_call(stream=True)  # (a stream needs no loop here: see new_call)
         state = Stream(sid)
         try:
             await conn.asend(sid, MTYPE_REQUEST, MFLAG_STREAM, *message)
