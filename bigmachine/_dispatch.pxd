@@ -16,6 +16,6 @@ cdef class Served:
     cpdef finish(self)
 
 cdef class Dispatcher:
-    cdef public object registry, executor, loop, node, counters
+    cdef public object registry, executor, loop, node, counters, starting
 
 cpdef _run_sync(Served served, fn, args, kwargs)

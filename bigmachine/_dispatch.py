@@ -8,6 +8,7 @@ task, or sets the flag that ``bigmachine.cancelled()`` reports to sync code.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from functools import partial
 from typing import Any, Callable, Optional
@@ -133,6 +134,7 @@ class Dispatcher:
         # unpickled there (a Machine argument) belongs to this node's cluster.
         self.node = node
         self.counters = Counters()  # the calls served here, where the work runs
+        self.starting: list = []  # Python 3.12+: coroutine methods to start eagerly (see _start)
 
     def on_request(self, conn: Connection, sid: int, mflags: int, segments: list) -> None:
         """On the connection's reader thread: start serving one request."""
@@ -167,7 +169,7 @@ class Dispatcher:
             self.executor.submit(_run_generator, served, fn, args, kwargs)
         else:
             run = _run_async if kind is ASYNC else _run_async_generator
-            call_soon_threadsafe(self.loop, _start_task, served, run, fn, args, kwargs)
+            call_soon_threadsafe(self.loop, self._start, (served, method, run, fn, args, kwargs))
             conn.reader.follow()  # the loop reads the next request (see _reader)
 
     def _serve_sync(self, served: Served, fn: Any, args: tuple, kwargs: dict) -> Optional[Callable[[], None]]:
@@ -179,13 +181,50 @@ class Dispatcher:
             return None
         return _run_sync(served, fn, args, kwargs)
 
+    def _start(self, start: tuple) -> None:
+        """On the IO loop: start a coroutine method's task.
 
-def _start_task(served: Served, run: Any, fn: Any, args: tuple, kwargs: dict) -> None:
-    """On the IO loop: run a coroutine method as a task, unless already cancelled."""
+        Python 3.12+ runs a task's first step as it is made (eager_start): a
+        method that does not wait answers with no loop turn of its own. Not
+        within the read that brought the request, though (this may run at its
+        end): there the loop keeps the reading role, and a method that holds
+        the loop would keep other calls unread (see _role). One loop callback
+        starts a read's methods after it.
+        """
+        if not _EAGER:
+            _start_task(start, False)
+            return
+        if not self.starting:
+            self.loop.call_soon(self._start_eagerly)
+        self.starting.append(start)
+
+    def _start_eagerly(self) -> None:
+        starting, self.starting = self.starting, []
+        for start in starting:
+            _start_task(start, True)
+
+
+_EAGER = sys.version_info >= (3, 12)
+
+
+def _start_task(start: tuple, eager: bool) -> None:
+    """Run a coroutine method as a task named after it, unless already cancelled.
+
+    asyncio.Task itself, not loop.create_task (a Python method) unless a
+    task factory was set; the name spares asyncio making one per task.
+    """
+    served, method, run, fn, args, kwargs = start
     if served.cancelled:
         served.finish()
         return
-    served.task = served.loop.create_task(run(served, fn, args, kwargs))
+    loop = served.loop
+    coro = run(served, fn, args, kwargs)
+    if loop.get_task_factory() is not None:
+        served.task = loop.create_task(coro, name=method)
+    elif eager:
+        served.task = asyncio.Task(coro, loop=loop, name=method, eager_start=True)
+    else:
+        served.task = asyncio.Task(coro, loop=loop, name=method)
 
 
 def _send(conn: Connection, sid: int, mtype: int, message: tuple) -> None:
@@ -265,6 +304,17 @@ def _run_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
         served.finish()
 
 
+def _answer_now(served: Served, mtype: int, message: tuple) -> bool:
+    """Send a small answer from the loop without awaiting: True if done (sent, or
+    the caller is gone), False if it must be awaited (_asend)."""
+    try:
+        return served.conn.send_in_turn(served.sid, mtype, 0, *message, served.loop)
+    except MachineLost:
+        return True
+    except Exception:
+        return False  # _asend tries again, and answers the failure instead
+
+
 async def _asend(served: Served, mtype: int, message: tuple) -> None:
     conn = served.conn
     try:
@@ -291,7 +341,8 @@ async def _run_async(served: Served, fn: Any, args: tuple, kwargs: dict) -> None
     finally:
         served.failed = mtype == MTYPE_ERROR
         served.finish()
-    await _asend(served, mtype, message)
+    if not _answer_now(served, mtype, message):
+        await _asend(served, mtype, message)
 
 
 async def _run_async_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
@@ -301,7 +352,8 @@ async def _run_async_generator(served: Served, fn: Any, args: tuple, kwargs: dic
         async for item in agen:
             await served.atake_credit()
             mtype, message = _reply(item, MTYPE_ITEM)
-            await _asend(served, mtype, message)
+            if not _answer_now(served, mtype, message):
+                await _asend(served, mtype, message)
             if mtype == MTYPE_ERROR:
                 served.failed = True
                 return

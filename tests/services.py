@@ -42,6 +42,7 @@ class Echo:
         self.init_calls = 0
         self.init_machine_addr = None
         self.events: dict = {}
+        self.tasks_made = 0  # by the task factory use_task_factory sets
 
     def init(self, machine):
         self.init_calls += 1
@@ -81,6 +82,20 @@ class Echo:
     async def athread_name(self):
         asyncio.get_running_loop()  # raises unless on a loop
         return threading.current_thread().name
+
+    async def atask(self):
+        """The task this call runs in, as asyncio sees it before any await: its
+        name, whether the loop lists it, and how many tasks a factory made."""
+        task = asyncio.current_task()
+        return task.get_name(), task in asyncio.all_tasks(), self.tasks_made
+
+    async def use_task_factory(self, on):
+        """Set (or unset) a task factory on the machine's loop that counts its tasks."""
+        def factory(loop, coro, **kwargs):
+            self.tasks_made += 1
+            return asyncio.Task(coro, loop=loop, **kwargs)
+        self.tasks_made = 0
+        asyncio.get_running_loop().set_task_factory(factory if on else None)
 
     def environment(self):
         return {"executable": sys.executable, "cwd": os.getcwd(), "path": list(sys.path),

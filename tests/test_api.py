@@ -350,6 +350,24 @@ def test_async_methods_run_on_the_event_loop(m):
     assert elapsed < 0.9, elapsed
 
 
+def test_an_async_method_runs_in_a_task_named_after_it(m):
+    # Before its first await too (the machine starts the task itself, not
+    # through loop.create_task): what asyncio.timeout() and friends rely on.
+    name, listed, made = m.call("Echo.atask", timeout=10)
+    assert (name, listed, made) == ("Echo.atask", True, 0)
+
+
+def test_a_task_factory_set_on_the_machines_loop_makes_its_tasks(m):
+    m.call("Echo.use_task_factory", True, timeout=10)
+    try:
+        assert m.call("Echo.atask", timeout=10) == ("Echo.atask", True, 1)
+        assert m.call("Echo.aecho", 5, timeout=10) == 5
+        assert m.call("Echo.atask", timeout=10) == ("Echo.atask", True, 3)
+    finally:
+        m.call("Echo.use_task_factory", False, timeout=10)
+    assert m.call("Echo.atask", timeout=10) == ("Echo.atask", True, 0)
+
+
 def test_remote_exception_is_reraised_with_remote_traceback(m):
     with pytest.raises(ValueError, match="boom 7") as info:
         m.call("Echo.fail_value", "boom 7", timeout=10)
