@@ -142,14 +142,35 @@ def test_send_in_turn_sends_small_messages_when_the_turn_ends_and_leaves_large_o
     decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=1 << 20, max_pending=4 << 20)
 
     async def body(conn, theirs):
-        assert conn.send_in_turn(1, _wire.MTYPE_REQUEST, 0, *dumps("a"))
-        assert conn.send_in_turn(3, _wire.MTYPE_REQUEST, 0, *dumps("b"))
+        loop = asyncio.get_running_loop()
+        sids = [conn.new_call(False, loop)[0] for _ in range(3)]  # calls in flight
+        assert conn.send_in_turn(sids[0], _wire.MTYPE_REQUEST, 0, *dumps("a"))
+        assert conn.send_in_turn(sids[1], _wire.MTYPE_REQUEST, 0, *dumps("b"))
         assert _arrived(theirs, decoder) == [], "sent before the loop's turn ended"
         large = dumps(b"x" * (SMALL_MESSAGE + 1))
-        assert not conn.send_in_turn(5, _wire.MTYPE_REQUEST, 0, *large)
+        assert not conn.send_in_turn(sids[2], _wire.MTYPE_REQUEST, 0, *large)
         assert _arrived(theirs, decoder) == [], "a message send_in_turn refused went out"
         await asyncio.sleep(0)
-        assert _arrived(theirs, decoder) == [1, 3]
+        assert _arrived(theirs, decoder) == sids[:2]
+
+    _on_a_connection(body)
+
+
+def test_send_in_turn_sends_the_request_of_a_call_made_alone_at_once():
+    # One call at a time (a ping from a coroutine): no other request will join
+    # it this turn, so it does not wait for the turn's end.
+    decoder = _decoder.Decoder(alloc=_buffers.aligned, max_message=1 << 20, max_pending=4 << 20)
+
+    async def body(conn, theirs):
+        loop = asyncio.get_running_loop()
+        sid, _ = conn.new_call(False, loop)
+        assert conn.send_in_turn(sid, _wire.MTYPE_REQUEST, 0, *dumps("alone"))
+        assert _arrived(theirs, decoder) == [sid], "a call made alone waited for the turn's end"
+        more, _ = conn.new_call(False, loop)  # the first still in flight: this one waits
+        assert conn.send_in_turn(more, _wire.MTYPE_REQUEST, 0, *dumps("second"))
+        assert _arrived(theirs, decoder) == []
+        await asyncio.sleep(0)
+        assert _arrived(theirs, decoder) == [more]
 
     _on_a_connection(body)
 
