@@ -219,12 +219,21 @@ def _start_task(start: tuple, eager: bool) -> None:
         return
     loop = served.loop
     coro = run(served, fn, args, kwargs)
-    if loop.get_task_factory() is not None:
-        served.task = loop.create_task(coro, name=method)
-    elif eager:
-        served.task = asyncio.Task(coro, loop=loop, name=method, eager_start=True)
-    else:
-        served.task = asyncio.Task(coro, loop=loop, name=method)
+    try:
+        if loop.get_task_factory() is not None:
+            served.task = loop.create_task(coro, name=method)
+        elif eager:
+            served.task = asyncio.Task(coro, loop=loop, name=method, eager_start=True)
+        else:
+            served.task = asyncio.Task(coro, loop=loop, name=method)
+    except Exception as exc:  # a task factory the service set failed: say so, not hang
+        coro.close()
+        served.failed = True
+        served.finish()
+        message = dump_exception(Error(f"cannot start {method}: the loop's task factory "
+                                       f"raised {type(exc).__name__}: {exc}"))
+        if not _answer_now(served, MTYPE_ERROR, message):
+            _send(served.conn, served.sid, MTYPE_ERROR, message)
 
 
 def _send(conn: Connection, sid: int, mtype: int, message: tuple) -> None:

@@ -89,10 +89,13 @@ class Echo:
         task = asyncio.current_task()
         return task.get_name(), task in asyncio.all_tasks(), self.tasks_made
 
-    async def use_task_factory(self, on):
-        """Set (or unset) a task factory on the machine's loop that counts its tasks."""
+    async def use_task_factory(self, on, fail=0):
+        """Set (or unset) a task factory on the machine's loop that counts its
+        tasks; the first `fail` times it raises instead of making one."""
         def factory(loop, coro, **kwargs):
             self.tasks_made += 1
+            if self.tasks_made <= fail:
+                raise CustomError("no tasks today")
             return asyncio.Task(coro, loop=loop, **kwargs)
         self.tasks_made = 0
         asyncio.get_running_loop().set_task_factory(factory if on else None)

@@ -368,6 +368,26 @@ def test_a_task_factory_set_on_the_machines_loop_makes_its_tasks(m):
     assert m.call("Echo.atask", timeout=10) == ("Echo.atask", True, 0)
 
 
+def test_a_task_factory_that_fails_fails_the_call_not_the_others(m):
+    # It fails the next 3 tasks, then makes them: the 3 calls fail at once
+    # (they used to wait for ever), the rest of their batch is served.
+    m.call("Echo.use_task_factory", True, 3, timeout=10)
+    try:
+        async def batch():
+            return await asyncio.gather(*(m.acall("Echo.aecho", i, timeout=10) for i in range(5)),
+                                        m.acall("Echo.echo", 5, timeout=10),
+                                        return_exceptions=True)
+        results = asyncio.run(batch())
+        for exc in results[:3]:  # requests are read, and their tasks made, in order
+            assert isinstance(exc, bm.Error), results
+            assert "cannot start Echo.aecho: the loop's task factory raised CustomError: " \
+                   "no tasks today" in str(exc)
+        assert results[3:] == [3, 4, 5]
+    finally:
+        m.call("Echo.use_task_factory", False, timeout=10)
+    assert m.call("Echo.aecho", 6, timeout=10) == 6
+
+
 def test_remote_exception_is_reraised_with_remote_traceback(m):
     with pytest.raises(ValueError, match="boom 7") as info:
         m.call("Echo.fail_value", "boom 7", timeout=10)
