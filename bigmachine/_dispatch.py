@@ -73,8 +73,15 @@ class Served:
         self._notify()
 
     def _cancel_task(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        task = self.task
+        if task is not None and task.cancel():
+            # A task cancelled before its first step never runs its coroutine's
+            # body, whose finally ends the call: end it then.
+            task.add_done_callback(self._end_unended)
+
+    def _end_unended(self, task: asyncio.Task) -> None:
+        if self.conn.incoming.get(self.sid) is self:
+            self.finish()
 
     def credit(self, n: int) -> None:
         if self.cond is None:
@@ -200,8 +207,19 @@ class Dispatcher:
 
     def _start_eagerly(self) -> None:
         starting, self.starting = self.starting, []
-        for start in starting:
-            _start_task(start, True)
+        for i, start in enumerate(starting):
+            try:
+                _start_task(start, True)
+            except (SystemExit, KeyboardInterrupt):
+                rest = starting[i + 1:]  # they start on the loop's next turn
+                if rest:
+                    if not self.starting:
+                        self.loop.call_soon(self._start_eagerly)
+                    self.starting[:0] = rest
+                raise
+            except BaseException as exc:  # as a loop callback's: reported, the rest start
+                self.loop.call_exception_handler({"message": f"cannot start {start[1]}",
+                                                  "exception": exc})
 
 
 _EAGER = sys.version_info >= (3, 12)
@@ -226,7 +244,7 @@ def _start_task(start: tuple, eager: bool) -> None:
             served.task = asyncio.Task(coro, loop=loop, name=method, eager_start=True)
         else:
             served.task = asyncio.Task(coro, loop=loop, name=method)
-    except Exception as exc:  # a task factory the service set failed: say so, not hang
+    except BaseException as exc:  # a task factory the service set failed: say so, not hang
         coro.close()
         served.failed = True
         served.finish()
@@ -234,6 +252,8 @@ def _start_task(start: tuple, eager: bool) -> None:
                                        f"raised {type(exc).__name__}: {exc}"))
         if not _answer_now(served, MTYPE_ERROR, message):
             _send(served.conn, served.sid, MTYPE_ERROR, message)
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise
 
 
 def _send(conn: Connection, sid: int, mtype: int, message: tuple) -> None:
@@ -313,6 +333,12 @@ def _run_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:
         served.finish()
 
 
+def _cancelled_here() -> tuple:
+    """The error that answers a method whose task was cancelled, not by its caller."""
+    return dump_exception(Error("the method's task was cancelled on the machine "
+                                "(not by its caller)"))
+
+
 def _answer_now(served: Served, mtype: int, message: tuple) -> bool:
     """Send a small answer from the loop without awaiting: True if done (sent, or
     the caller is gone), False if it must be awaited (_asend)."""
@@ -344,7 +370,9 @@ async def _run_async(served: Served, fn: Any, args: tuple, kwargs: dict) -> None
             await served.conn.await_room()
         mtype, message = _reply(await fn(*args, **kwargs))
     except asyncio.CancelledError:
-        return
+        if served.cancelled:  # the caller gave up, or the connection closed: no one waits
+            return
+        mtype, message = MTYPE_ERROR, _cancelled_here()  # its own task was cancelled: say so
     except BaseException as exc:
         mtype, message = MTYPE_ERROR, dump_exception(exc)
     finally:
@@ -368,6 +396,9 @@ async def _run_async_generator(served: Served, fn: Any, args: tuple, kwargs: dic
                 return
         await _asend(served, MTYPE_END, dumps(None))
     except asyncio.CancelledError:
+        if not served.cancelled:  # its own task was cancelled, not by the caller: say so
+            served.failed = True
+            await _asend(served, MTYPE_ERROR, _cancelled_here())
         return
     except BaseException as exc:
         served.failed = True

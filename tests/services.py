@@ -89,13 +89,29 @@ class Echo:
         task = asyncio.current_task()
         return task.get_name(), task in asyncio.all_tasks(), self.tasks_made
 
-    async def use_task_factory(self, on, fail=0):
+    async def acancel_self(self, first_step=True):
+        """Cancel its own task (not its caller): in its first step or after an await."""
+        if not first_step:
+            await asyncio.sleep(0)
+        asyncio.current_task().cancel()
+        await asyncio.sleep(0)
+        return "not reached"
+
+    async def acount_then_cancel_self(self, n):
+        """An async generator that yields n items, then cancels its own task."""
+        for i in range(n):
+            yield i
+        asyncio.current_task().cancel()
+        await asyncio.sleep(0)
+
+    async def use_task_factory(self, on, fail=0, cancelled=False):
         """Set (or unset) a task factory on the machine's loop that counts its
-        tasks; the first `fail` times it raises instead of making one."""
+        tasks; the first `fail` times it raises instead of making one (CustomError,
+        or asyncio.CancelledError, a BaseException, if cancelled)."""
         def factory(loop, coro, **kwargs):
             self.tasks_made += 1
             if self.tasks_made <= fail:
-                raise CustomError("no tasks today")
+                raise asyncio.CancelledError("no tasks today") if cancelled else CustomError("no tasks today")
             return asyncio.Task(coro, loop=loop, **kwargs)
         self.tasks_made = 0
         asyncio.get_running_loop().set_task_factory(factory if on else None)

@@ -351,8 +351,7 @@ def test_async_methods_run_on_the_event_loop(m):
 
 
 def test_an_async_method_runs_in_a_task_named_after_it(m):
-    # Before its first await too (the machine starts the task itself, not
-    # through loop.create_task): what asyncio.timeout() and friends rely on.
+    # Before its first await too: what asyncio.timeout() and friends rely on.
     name, listed, made = m.call("Echo.atask", timeout=10)
     assert (name, listed, made) == ("Echo.atask", True, 0)
 
@@ -386,6 +385,41 @@ def test_a_task_factory_that_fails_fails_the_call_not_the_others(m):
     finally:
         m.call("Echo.use_task_factory", False, timeout=10)
     assert m.call("Echo.aecho", 6, timeout=10) == 6
+
+
+def test_a_task_factory_that_raises_a_base_exception_fails_the_call_not_the_others(m):
+    # asyncio.CancelledError is a BaseException: the call it fails must still be
+    # answered, and (Python 3.12+, one loop callback starts a read's methods)
+    # the methods read with it must still start.
+    m.call("Echo.use_task_factory", True, 1, True, timeout=10)
+    try:
+        async def batch():
+            return await asyncio.gather(*(m.acall("Echo.aecho", i, timeout=5) for i in range(3)),
+                                        return_exceptions=True)
+        results = asyncio.run(batch())
+        assert isinstance(results[0], bm.Error), results
+        assert "cannot start Echo.aecho: the loop's task factory raised CancelledError" in str(results[0])
+        assert results[1:] == [1, 2]
+    finally:
+        m.call("Echo.use_task_factory", False, timeout=10)
+
+
+@pytest.mark.parametrize("first_step", [True, False])
+def test_an_async_method_cancelled_by_itself_fails_the_call_instead_of_hanging(m, first_step):
+    # Only a cancel from the caller (or the connection's loss) goes unanswered:
+    # a method whose own task is cancelled (by itself here, in its first step
+    # or later; or by code it runs) must still answer its caller.
+    with pytest.raises(bm.Error, match="cancelled"):
+        m.call("Echo.acancel_self", first_step, timeout=5)
+    assert m.call("Echo.aecho", 1, timeout=10) == 1
+
+
+def test_an_async_generator_cancelled_by_itself_fails_the_stream_instead_of_hanging(m):
+    got = []
+    with pytest.raises(bm.Error, match="cancelled"):
+        for item in m.stream("Echo.acount_then_cancel_self", 2, timeout=5):
+            got.append(item)
+    assert got == [0, 1]
 
 
 def test_remote_exception_is_reraised_with_remote_traceback(m):

@@ -201,6 +201,33 @@ def test_a_batched_wake_up_that_raises_does_not_lose_the_rest_of_its_batch(reade
     assert [str(e) for e in errors] == ["a broken callback"]
 
 
+def test_a_call_cancelled_before_its_task_first_ran_is_ended():
+    """The caller's cancel may reach the loop between the last look at the call
+    before its task is made and the task's first step: the task is cancelled
+    unstarted, and its body, whose finally ends the call, never runs. The call
+    must end all the same, or it stays counted in flight (and max_in_flight
+    such calls fail the connection)."""
+    from bigmachine import _dispatch
+    from tests.rawpeer import raw_connection, wait_for
+
+    async def method():
+        return 1
+
+    done = threading.Event()
+    with raw_connection() as (conn, peer, requests):
+        def start_then_cancel():
+            served = _dispatch.Served(conn, 41, conn.loop)
+            conn.incoming[41] = served
+            _dispatch._start_task((served, "T.method", _dispatch._run_async, method, (), {}), False)
+            served.stream.cancel()  # read on a reader thread just now...
+            served._cancel_task()   # ...and its callback ran before the task's first step
+            done.set()
+
+        conn.loop.call_soon_threadsafe(start_then_cancel)
+        assert done.wait(5)
+        assert wait_for(lambda: 41 not in conn.incoming, 5), "the cancelled call never ended"
+
+
 def test_blocking_call_on_the_io_loop_is_refused_clearly():
     with bm.start(bm.InProcess()) as b:
         m0, m1 = b.start(2, services={"Echo": Echo(), "LoopCaller": LoopCaller(), "Relay": Relay()})
