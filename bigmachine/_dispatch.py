@@ -379,7 +379,13 @@ async def _run_async(served: Served, fn: Any, args: tuple, kwargs: dict) -> None
         served.failed = mtype == MTYPE_ERROR
         served.finish()
     if not _answer_now(served, mtype, message):
-        await _asend(served, mtype, message)
+        try:
+            await _asend(served, mtype, message)  # a large reply awaits the writer's room
+        except asyncio.CancelledError:
+            if served.cancelled:  # the caller gave up, or the connection closed
+                return
+            # its own task was cancelled while the reply waited (nothing of it was sent): say so
+            await _asend(served, MTYPE_ERROR, _cancelled_here())
 
 
 async def _run_async_generator(served: Served, fn: Any, args: tuple, kwargs: dict) -> None:

@@ -330,3 +330,49 @@ def test_an_idle_machine_is_quiet_after_async_calls():
         woken = _voluntary_switches(pid) - before
         assert woken < 10, f"an idle machine's threads were woken {woken} times in 2 s"
         assert m.call("Echo.aecho", 1, timeout=5) == 1
+
+
+def test_a_cancel_of_its_own_task_while_its_reply_waits_for_room_still_answers():
+    """Review of d4525ff: a method whose own task is cancelled must answer its caller.
+    Here the cancel (a watchdog the method left set) lands after the method
+    returned, while its large reply waits for the writer's room: the reply is
+    not sent, and the call must still be answered (with an error), not left
+    hanging."""
+    from bigmachine import _dispatch, _wire
+    from bigmachine._serialize import dumps
+    from tests.rawpeer import raw_connection, wait_for
+
+    answers = []
+
+    class Recording:  # the raw peer's decoder, noting what arrives for sid 41
+        def __init__(self, decoder):
+            self.decoder = decoder
+
+        def get_buffer(self):
+            return self.decoder.get_buffer()
+
+        def buffer_updated(self, n):
+            events = self.decoder.buffer_updated(n)
+            answers.extend(e[2] for e in events if e[0] == _wire.KIND_MSG and e[1] == 41)
+            return events
+
+    with raw_connection(max_queued=1) as (conn, peer, requests):
+        peer.decoder = Recording(peer.decoder)
+        peer.reading.clear()  # the caller is slow to read what we send it
+
+        async def method():
+            conn.send(99, _wire.MTYPE_REPLY, 0, *dumps(b"x" * (8 << 20)))  # others' replies
+            assert conn.over_room()
+            asyncio.get_running_loop().call_later(0.2, asyncio.current_task().cancel)
+            return b"y" * 100_000  # large: its send awaits room
+
+        def start():
+            served = _dispatch.Served(conn, 41, conn.loop)
+            conn.incoming[41] = served
+            _dispatch._start_task((served, "T.method", _dispatch._run_async, method, (), {}), False)
+
+        conn.loop.call_soon_threadsafe(start)
+        time.sleep(0.6)  # the watchdog has fired
+        peer.reading.set()
+        assert wait_for(lambda: answers, 10), "the call was never answered"
+        assert answers[0] in (_wire.MTYPE_ERROR, _wire.MTYPE_REPLY), answers
