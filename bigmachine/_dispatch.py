@@ -69,8 +69,14 @@ class Served:
     def cancel(self) -> None:
         """From any thread: the caller gave up (or the connection closed)."""
         self.stream.cancel()
-        self.loop.call_soon_threadsafe(self._cancel_task)
+        self._on_loop(self._cancel_task)
         self._notify()
+
+    def _on_loop(self, callback: Callable[[], None]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback)
+        except RuntimeError:
+            pass  # the node's loop is closed: none of its tasks or waiters is left to wake
 
     def _cancel_task(self) -> None:
         task = self.task
@@ -94,7 +100,7 @@ class Served:
         if self.cond is not None:
             with self.cond:
                 self.cond.notify_all()
-        self.loop.call_soon_threadsafe(self._wake)
+        self._on_loop(self._wake)
 
     def _wake(self) -> None:
         if self.wakeup is not None and not self.wakeup.done():

@@ -228,6 +228,23 @@ def test_a_call_cancelled_before_its_task_first_ran_is_ended():
         assert wait_for(lambda: 41 not in conn.incoming, 5), "the cancelled call never ended"
 
 
+def test_a_connection_failing_after_a_served_calls_loop_closed_cancels_every_call():
+    """Connection.fail cancels each call it serves; one whose node's loop has
+    already closed (a connection failing late in a shutdown) must not raise
+    there, leaving the calls after it uncancelled (a generator's thread
+    waiting for credit for ever)."""
+    from bigmachine import _dispatch
+    from tests.rawpeer import raw_connection
+
+    closed = asyncio.new_event_loop()
+    closed.close()
+    with raw_connection() as (conn, peer, requests):
+        first = conn.incoming[41] = _dispatch.Served(conn, 41, closed)
+        second = conn.incoming[43] = _dispatch.Served(conn, 43, conn.loop)
+        conn.fail(bm.MachineLost("rawpeer", "shutting down"))
+        assert first.cancelled and second.cancelled
+
+
 def test_blocking_call_on_the_io_loop_is_refused_clearly():
     with bm.start(bm.InProcess()) as b:
         m0, m1 = b.start(2, services={"Echo": Echo(), "LoopCaller": LoopCaller(), "Relay": Relay()})
